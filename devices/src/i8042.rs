@@ -1,0 +1,62 @@
+//! The i8042 keyboard controller, only for its CPU reset line (vm-superio).
+//!
+//! Guests reboot by writing 0xfe to port 0x64; cgsvmm treats that as a
+//! request to end the VM cleanly.
+
+use std::sync::Mutex;
+
+use vm_superio::I8042Device;
+
+use crate::{BusDevice, EventFdTrigger};
+
+/// Data port of the i8042; the command port is 4 above it.
+pub const I8042_PORT_BASE: u64 = 0x60;
+/// Ports decoded: 0x60 (data) to 0x64 (command/status).
+pub const I8042_PORT_LEN: u64 = 5;
+
+/// The i8042 on the bus.
+pub struct I8042 {
+    dev: Mutex<I8042Device<EventFdTrigger>>,
+}
+
+impl I8042 {
+    /// An i8042 that signals `reset` when the guest pulses the reset line.
+    pub fn new(reset: EventFdTrigger) -> Self {
+        Self { dev: Mutex::new(I8042Device::new(reset)) }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let mut dev = self.dev.lock().expect("i8042 lock poisoned");
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = dev.read(offset as u8);
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut dev = self.dev.lock().expect("i8042 lock poisoned");
+        if let Some(&b) = data.first() {
+            if let Err(e) = dev.write(offset as u8, b) {
+                log::warn!("i8042 reset signal failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn reset_command_fires_the_reset_event() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(EventFdTrigger(evt.try_clone().unwrap()));
+        dev.write(4, &[0x20]); // read command byte: not a reset
+        assert!(evt.read().is_err());
+        dev.write(4, &[0xfe]);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+}

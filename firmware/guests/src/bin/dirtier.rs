@@ -1,0 +1,86 @@
+//! `dirtier`: the lab guest every migration test runs.
+//!
+//! Each main vCPU owns the slice of guest RAM its parameter block names and,
+//! in endless passes, writes the pass number into the first word of every
+//! 4 KiB page of the slice and fills the rest with a pattern of (gpa, pass).
+//! Before each write it checks that the page still holds what the previous
+//! pass wrote, so a page that comes back stale after a migration is caught.
+#![no_std]
+#![no_main]
+
+use cgsvmm_guests::{abi, guest_image, lab_command, rdtsc, sprint};
+
+guest_image!(abi::IMAGE_KIND_LAB, main);
+
+const PAGE_SIZE: u64 = 4096;
+const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
+
+/// Prints a failure and reports it to the VMM; never returns.
+fn memory_error(vcpu: u32, gpa: u64, expected: u64, found: u64) -> ! {
+    sprint!("dirtier: MEMORY-ERROR vcpu={vcpu} gpa={gpa:#x} expected={expected} found={found}\n");
+    lab_command(abi::LAB_CMD_FAIL);
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Checks the page against `pass - 1` (nothing to check on pass 1) and
+/// rewrites it for `pass`.
+#[inline(always)]
+fn visit_page(vcpu: u32, gpa: u64, pass: u64) {
+    let page = gpa as *mut u64;
+    if pass > 1 {
+        let prev = pass - 1;
+        // SAFETY: the VMM gave this vCPU exclusive use of the slice, which is
+        // identity mapped guest RAM; volatile because the page is shared with
+        // the host's migration code.
+        let (first, last) = unsafe {
+            (
+                page.read_volatile(),
+                page.add(WORDS_PER_PAGE as usize - 1).read_volatile(),
+            )
+        };
+        if first != prev {
+            memory_error(vcpu, gpa, prev, first);
+        }
+        let want = abi::dirtier_pattern(gpa, prev, WORDS_PER_PAGE - 1);
+        if last != want {
+            memory_error(vcpu, gpa + PAGE_SIZE - 8, want, last);
+        }
+    }
+    for i in 1..WORDS_PER_PAGE {
+        // SAFETY: as above, i < WORDS_PER_PAGE stays inside the page.
+        unsafe { page.add(i as usize).write_volatile(abi::dirtier_pattern(gpa, pass, i)) };
+    }
+    // SAFETY: as above. The pass word goes last: a page whose pass word is
+    // current has its whole pattern current too.
+    unsafe { page.write_volatile(pass) };
+}
+
+extern "C" fn main(params: &abi::LabParams) -> ! {
+    let params = *params;
+    let vcpu = params.vcpu_index;
+    if params.magic != abi::PARAMS_MAGIC || params.range_count as usize > abi::LAB_MAX_RANGES {
+        sprint!("dirtier: vcpu {vcpu} bad parameter block\n");
+        lab_command(abi::LAB_CMD_FAIL);
+    }
+    // Print at least twice a second (the VMM passes the TSC rate).
+    let report_every = params.tsc_khz.max(1) * 1000 / 2;
+    let mut last_report = rdtsc();
+    let mut pass: u64 = 1;
+    loop {
+        for range in &params.ranges[..params.range_count as usize] {
+            let mut gpa = range.start;
+            while gpa + PAGE_SIZE <= range.end {
+                visit_page(vcpu, gpa, pass);
+                gpa += PAGE_SIZE;
+            }
+        }
+        let now = rdtsc();
+        if pass == 1 || now.wrapping_sub(last_report) >= report_every {
+            sprint!("dirtier: vcpu {vcpu} pass {pass} ok\n");
+            last_report = now;
+        }
+        pass += 1;
+    }
+}

@@ -1,0 +1,172 @@
+//! Runtime shared by cgsvmm's bare-metal guest images.
+//!
+//! Owns what every image needs and `core` does not give: the image header
+//! and entry stub ([`guest_image!`]), the memory functions the compiler
+//! calls, port I/O, serial output, the TSC clock and the panic handler. It
+//! runs at CPL3 in 64-bit mode on page tables the VMM built; it has no
+//! interrupt handlers and never executes a privileged instruction.
+
+#![no_std]
+
+use core::fmt;
+
+pub use cgsvmm_fw_abi as abi;
+
+/// Emits the image header (first bytes of the image) and the entry stub that
+/// aligns the stack and calls `$main(params)`.
+#[macro_export]
+macro_rules! guest_image {
+    ($kind:expr, $main:path) => {
+        core::arch::global_asm!(
+            ".pushsection .header, \"a\"",
+            ".ascii \"CGSVFW01\"",
+            ".long {version}",
+            ".long {kind}",
+            ".quad __load_addr",
+            ".quad _start",
+            ".quad __image_end",
+            ".popsection",
+            ".pushsection .text.entry, \"ax\"",
+            ".global _start",
+            "_start:",
+            "and rsp, -16",
+            "call {main}",
+            "ud2",
+            ".popsection",
+            version = const $crate::abi::IMAGE_HEADER_VERSION,
+            kind = const $kind,
+            main = sym $main,
+        );
+    };
+}
+
+/// Writes one byte to an I/O port (allowed at CPL3 by the TSS I/O bitmap).
+#[inline(always)]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects in this address space; the VMM
+    // grants every port through the TSS bitmap.
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+/// Writes one 32-bit value to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) };
+}
+
+/// Reads the time-stamp counter (the host's TSC: not virtualised at CPL3).
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: RDTSC only reads the counter; CR4.TSD is clear.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Asks the VMM to do something (`LAB_CMD_*`) through the lab control port.
+pub fn lab_command(cmd: u32) {
+    outl(abi::LAB_PORT, cmd);
+}
+
+/// Writes text to COM1, one `out` per byte.
+pub struct Serial;
+
+impl fmt::Write for Serial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            outb(abi::SERIAL_PORT, b);
+        }
+        Ok(())
+    }
+}
+
+/// Prints to the serial port like `print!`.
+#[macro_export]
+macro_rules! sprint {
+    ($($arg:tt)*) => {{
+        let _ = core::fmt::Write::write_fmt(&mut $crate::Serial, format_args!($($arg)*));
+    }};
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // No IDT: the undefined opcode becomes a triple fault, which the VMM
+    // sees as a shutdown exit and reports.
+    loop {
+        // SAFETY: deliberately faults; nothing after it runs.
+        unsafe { core::arch::asm!("ud2", options(noreturn)) };
+    }
+}
+
+// The compiler lowers copies and fills to calls to these symbols and there is
+// no libc to provide them. `rep movsb`/`rep stosb` keep the compiler from
+// turning a loop back into a call to the very function being defined.
+
+/// # Safety
+/// As C `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid and disjoint.
+    unsafe {
+        core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _,
+            inout("rsi") src => _, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C `memmove`: `dst` and `src` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
+        // SAFETY: a forward copy is correct when dst is below src or past it.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    // SAFETY: overlapping with dst above src: copy backwards with DF set,
+    // cleared again before returning as the ABI requires.
+    unsafe {
+        core::arch::asm!("std", "rep movsb", "cld", inout("rcx") n => _,
+            inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+            options(nostack));
+    }
+    dst
+}
+
+/// # Safety
+/// As C `memset`: `dst` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees the range is valid.
+    unsafe {
+        core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _,
+            in("al") value as u8, options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// As C `memcmp`: `a` and `b` valid for `n` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < n and the caller guarantees n readable bytes; volatile
+        // keeps the loop from being recognised as a call to memcmp.
+        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+/// As C `bcmp`.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
