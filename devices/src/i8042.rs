@@ -5,9 +5,9 @@
 
 use std::sync::Mutex;
 
-use vm_superio::I8042Device;
+use vm_superio::{I8042Device, Trigger};
 
-use crate::{BusDevice, EventFdTrigger};
+use crate::BusDevice;
 
 /// Data port of the i8042; the command port is 4 above it.
 pub const I8042_PORT_BASE: u64 = 0x60;
@@ -15,18 +15,21 @@ pub const I8042_PORT_BASE: u64 = 0x60;
 pub const I8042_PORT_LEN: u64 = 5;
 
 /// The i8042 on the bus.
-pub struct I8042 {
-    dev: Mutex<I8042Device<EventFdTrigger>>,
+pub struct I8042<T: Trigger> {
+    dev: Mutex<I8042Device<T>>,
 }
 
-impl I8042 {
-    /// An i8042 that signals `reset` when the guest pulses the reset line.
-    pub fn new(reset: EventFdTrigger) -> Self {
+impl<T: Trigger> I8042<T> {
+    /// An i8042 that fires `reset` when the guest pulses the reset line.
+    pub fn new(reset: T) -> Self {
         Self { dev: Mutex::new(I8042Device::new(reset)) }
     }
 }
 
-impl BusDevice for I8042 {
+impl<T: Trigger + Send> BusDevice for I8042<T>
+where
+    T::E: std::fmt::Debug,
+{
     fn read(&self, offset: u64, data: &mut [u8]) {
         let mut dev = self.dev.lock().expect("i8042 lock poisoned");
         data.fill(0);
@@ -39,7 +42,7 @@ impl BusDevice for I8042 {
         let mut dev = self.dev.lock().expect("i8042 lock poisoned");
         if let Some(&b) = data.first() {
             if let Err(e) = dev.write(offset as u8, b) {
-                log::warn!("i8042 reset signal failed: {e}");
+                log::warn!("i8042 reset signal failed: {e:?}");
             }
         }
     }
@@ -48,6 +51,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EventFdTrigger;
     use vmm_sys_util::eventfd::EventFd;
 
     #[test]

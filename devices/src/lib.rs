@@ -29,3 +29,16 @@ impl vm_superio::Trigger for EventFdTrigger {
         self.0.write(1)
     }
 }
+
+/// A closure as the trigger of a vm-superio device (e.g. the i8042 reset
+/// line asking the VMM to stop).
+pub struct CallbackTrigger(pub Box<dyn Fn() + Send + Sync>);
+
+impl vm_superio::Trigger for CallbackTrigger {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        (self.0)();
+        Ok(())
+    }
+}

@@ -1,6 +1,30 @@
 //! cgsvmm: a minimal KVM VMM that runs confidential guests and live-migrates
-//! them between two instances. The library does all the work; `main.rs` only
-//! turns the command line into a [`config::VmmConfig`].
+//! them between two instances.
+//!
+//! The library does the work and every front end (the `cgsvmm` binary, the
+//! QMP socket, tests) drives it: a [`config::VmmConfig`] becomes a
+//! [`vmm::Vmm`] (`Vmm::try_from`), whose [`control::Controller`] pauses and
+//! resumes the guest's vCPUs while the mirror vCPUs keep running.
+//!
+//! Module map: `config` (what to build) → `memory`, `vm`, `boot`, `x86`
+//! (how the VM and its first instructions are set up) → `vcpu` (threads) →
+//! `control` + `qmp` (control API) → `vmm` (assembly and event loop).
+//! Devices live in the `cgsvmm-devices` crate, migration in
+//! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
+
 pub mod boot;
+pub mod config;
+pub mod control;
+pub mod device_manager;
+pub mod exit;
+pub mod lab;
 pub mod memory;
+pub mod mirror;
+pub mod qmp;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
 pub mod x86;
+
+pub use config::VmmConfig;
+pub use vmm::{Vmm, VmmError};

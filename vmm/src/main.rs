@@ -1,1 +1,117 @@
-fn main(){}
+//! The `cgsvmm` command: parses the command line into a `VmmConfig` and hands
+//! it to the library. Nothing else lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use cgsvmm::boot::linux::LinuxConfig;
+use cgsvmm::config::{self, BootConfig, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm::Vmm;
+
+#[derive(Parser)]
+#[command(name = "cgsvmm", version, about = "A minimal KVM VMM that live-migrates confidential guests")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until it powers off, `quit` over QMP, or Ctrl-C.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GuestArg {
+    /// Writes and checks every page in endless passes (default).
+    Dirtier,
+    /// Prints one line and powers off.
+    Hello,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest RAM: a number of MiB or a size with K/M/G/T.
+    #[arg(long, default_value = "256M", value_parser = config::parse_memory)]
+    memory: u64,
+    /// Number of vCPUs the guest sees.
+    #[arg(long, default_value_t = 1)]
+    cpus: usize,
+    /// Number of mirror vCPUs (never seen by the guest).
+    #[arg(long = "mirror-cpus", default_value_t = 1)]
+    mirror_cpus: usize,
+    /// Embedded lab guest to run (when no kernel or firmware is given).
+    #[arg(long, value_enum, conflicts_with_all = ["kernel", "firmware"])]
+    guest: Option<GuestArg>,
+    /// Linux kernel (bzImage or ELF vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, requires = "kernel", default_value = "console=ttyS0 reboot=k panic=1")]
+    cmdline: String,
+    /// Firmware image (e.g. OVMF.fd), mapped to end at 4 GiB.
+    #[arg(long)]
+    firmware: Option<PathBuf>,
+    /// QMP control socket: unix:PATH.
+    #[arg(long, value_parser = config::parse_qmp)]
+    qmp: Option<PathBuf>,
+    /// Serial port: stdio, null or file:PATH.
+    #[arg(long, default_value = "stdio", value_parser = config::parse_serial)]
+    serial: SerialConfig,
+}
+
+impl From<RunArgs> for VmmConfig {
+    fn from(a: RunArgs) -> Self {
+        let linux = a.kernel.map(|kernel| LinuxConfig { kernel, initrd: a.initrd, cmdline: a.cmdline });
+        let boot = match (a.firmware, linux, a.guest) {
+            (Some(path), kernel, _) => BootConfig::Firmware { path, kernel },
+            (None, Some(linux), _) => BootConfig::Linux(linux),
+            (None, None, Some(GuestArg::Hello)) => BootConfig::Lab(LabGuest::Hello),
+            (None, None, _) => BootConfig::Lab(LabGuest::Dirtier),
+        };
+        VmmConfig { memory: a.memory, cpus: a.cpus, mirror_cpus: a.mirror_cpus, boot, qmp: a.qmp, serial: a.serial }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            let config = VmmConfig::from(args);
+            let result = Vmm::try_from(config).and_then(Vmm::run);
+            match result {
+                Ok(reason) => {
+                    if reason.exit_code() != 0 {
+                        eprintln!("cgsvmm: stopped: {reason:?}");
+                    }
+                    ExitCode::from(reason.exit_code() as u8)
+                }
+                Err(e) => {
+                    eprintln!("cgsvmm: error: {}", one_line(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

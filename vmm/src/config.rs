@@ -1,0 +1,327 @@
+//! What a VM is made of, as plain data, validated once.
+//!
+//! Front ends (the CLI, tests) build a [`VmmConfig`]; [`VmmConfig::validate`]
+//! rejects impossible configurations with one clear message before any KVM
+//! call is made.
+
+use std::path::PathBuf;
+
+use crate::boot::linux::LinuxConfig;
+use crate::boot::mptable;
+use crate::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
+
+/// Where the guest's serial port goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    /// The VMM's stdin/stdout.
+    #[default]
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// The embedded lab guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabGuest {
+    /// Writes and checks every page, forever (the migration test guest).
+    #[default]
+    Dirtier,
+    /// Prints a line and powers off.
+    Hello,
+}
+
+impl LabGuest {
+    /// The guest's name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabGuest::Dirtier => "dirtier",
+            LabGuest::Hello => "hello",
+        }
+    }
+}
+
+/// What the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootConfig {
+    /// An embedded lab guest, entered at CPL3.
+    Lab(LabGuest),
+    /// A Linux kernel loaded directly.
+    Linux(LinuxConfig),
+    /// A firmware image at the top of 4 GiB; an optional kernel reaches it
+    /// through fw_cfg.
+    Firmware {
+        /// The image.
+        path: PathBuf,
+        /// Kernel for the firmware to boot.
+        kernel: Option<LinuxConfig>,
+    },
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig::Lab(LabGuest::default())
+    }
+}
+
+/// A whole VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmConfig {
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Main vCPUs.
+    pub cpus: usize,
+    /// Mirror vCPUs.
+    pub mirror_cpus: usize,
+    /// What to boot.
+    pub boot: BootConfig,
+    /// QMP socket path.
+    pub qmp: Option<PathBuf>,
+    /// Serial port destination.
+    pub serial: SerialConfig,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            memory: 256 * MIB,
+            cpus: 1,
+            mirror_cpus: 1,
+            boot: BootConfig::default(),
+            qmp: None,
+            serial: SerialConfig::default(),
+        }
+    }
+}
+
+/// Most main vCPUs (the MP table's room, the lab boot area's room).
+pub const MAX_CPUS: usize = mptable::MAX_CPUS;
+/// Most mirror vCPUs.
+pub const MAX_MIRROR_CPUS: usize = cgsvmm_fw_abi::MAX_MIRROR_VCPUS;
+
+/// Configuration errors; each message is the whole story for the user.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size that does not parse.
+    #[error("invalid memory size '{0}' (expected e.g. 256M, 2G or a number of MiB)")]
+    MemorySyntax(String),
+    /// Too little or misaligned memory.
+    #[error("--memory must be at least {min} MiB and a multiple of {granule} MiB, got {got} bytes")]
+    MemorySize {
+        /// Minimum in MiB.
+        min: u64,
+        /// Granule in MiB.
+        granule: u64,
+        /// What was asked for.
+        got: u64,
+    },
+    /// More memory than the host has.
+    #[error("--memory {asked} MiB does not fit this host ({host} MiB of RAM)")]
+    MemoryTooLarge {
+        /// MiB asked.
+        asked: u64,
+        /// MiB the host has.
+        host: u64,
+    },
+    /// vCPU count out of range.
+    #[error("--{flag} must be between 1 and {max}, got {got}")]
+    CpuCount {
+        /// Which flag.
+        flag: &'static str,
+        /// Maximum.
+        max: usize,
+        /// What was asked for.
+        got: usize,
+    },
+    /// A file that does not exist or cannot be read.
+    #[error("{flag} {path}: {why}")]
+    File {
+        /// Which flag.
+        flag: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A malformed --qmp or --serial value.
+    #[error("invalid {flag} '{value}': {why}")]
+    Syntax {
+        /// Which flag.
+        flag: &'static str,
+        /// The value.
+        value: String,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+/// Parses a memory size: a number with an optional K/M/G/T suffix (binary
+/// units, optional "iB"/"B"); a bare number is MiB, as QEMU's `-m` has it.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::MemorySyntax(s.to_string());
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let shift = match unit {
+        "" | "M" | "m" => 20,
+        "K" | "k" => 10,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(err()),
+    };
+    n.checked_mul(1 << shift).ok_or_else(err)
+}
+
+/// Parses `unix:PATH` (QEMU's `server`/`nowait` options are accepted and
+/// are what cgsvmm does anyway).
+pub fn parse_qmp(s: &str) -> Result<PathBuf, ConfigError> {
+    let err = |why| ConfigError::Syntax { flag: "--qmp", value: s.to_string(), why };
+    let rest = s.strip_prefix("unix:").ok_or_else(|| err("only unix:PATH sockets are supported"))?;
+    let mut parts = rest.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| err("missing socket path"))?;
+    for opt in parts {
+        if !matches!(opt, "server" | "server=on" | "nowait" | "wait=off") {
+            return Err(err("unknown option (only server and nowait/wait=off)"));
+        }
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Parses `stdio`, `null` or `file:PATH`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
+    match s {
+        "stdio" => Ok(SerialConfig::Stdio),
+        "null" | "none" => Ok(SerialConfig::Null),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Syntax { flag: "--serial", value: s.to_string(), why: "expected stdio, null or file:PATH" }),
+        },
+    }
+}
+
+/// The host's physical RAM in bytes (MemTotal), if it can be read.
+pub fn host_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn check_file(flag: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
+    let fail = |why: String| ConfigError::File { flag, path: path.clone(), why };
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    std::fs::File::open(path).map(drop).map_err(|e| fail(e.to_string()))
+}
+
+impl VmmConfig {
+    /// Checks everything that can be checked without KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with_host_memory(host_memory())
+    }
+
+    /// [`VmmConfig::validate`] against a given host RAM size.
+    pub fn validate_with_host_memory(&self, host: Option<u64>) -> Result<(), ConfigError> {
+        if self.memory < MIN_MEMORY || self.memory % MEMORY_GRANULE != 0 {
+            return Err(ConfigError::MemorySize { min: MIN_MEMORY / MIB, granule: MEMORY_GRANULE / MIB, got: self.memory });
+        }
+        if let Some(host) = host {
+            if self.memory > host {
+                return Err(ConfigError::MemoryTooLarge { asked: self.memory / MIB, host: host / MIB });
+            }
+        }
+        if !(1..=MAX_CPUS).contains(&self.cpus) {
+            return Err(ConfigError::CpuCount { flag: "cpus", max: MAX_CPUS, got: self.cpus });
+        }
+        if !(1..=MAX_MIRROR_CPUS).contains(&self.mirror_cpus) {
+            return Err(ConfigError::CpuCount { flag: "mirror-cpus", max: MAX_MIRROR_CPUS, got: self.mirror_cpus });
+        }
+        let check_linux = |l: &LinuxConfig| -> Result<(), ConfigError> {
+            check_file("--kernel", &l.kernel)?;
+            if let Some(initrd) = &l.initrd {
+                check_file("--initrd", initrd)?;
+            }
+            Ok(())
+        };
+        match &self.boot {
+            BootConfig::Lab(_) => {}
+            BootConfig::Linux(l) => check_linux(l)?,
+            BootConfig::Firmware { path, kernel } => {
+                check_file("--firmware", path)?;
+                if let Some(l) = kernel {
+                    check_linux(l)?;
+                }
+            }
+        }
+        if let SerialConfig::File(path) = &self.serial {
+            if path.is_dir() {
+                return Err(ConfigError::File { flag: "--serial", path: path.clone(), why: "is a directory".into() });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory("256M"), Ok(256 << 20));
+        assert_eq!(parse_memory("256"), Ok(256 << 20));
+        assert_eq!(parse_memory("2G"), Ok(2 << 30));
+        assert_eq!(parse_memory("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_memory("512MB"), Ok(512 << 20));
+        assert_eq!(parse_memory("65536K"), Ok(64 << 20));
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999T", "1GG"] {
+            assert!(parse_memory(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn qmp_and_serial_syntax() {
+        assert_eq!(parse_qmp("unix:/tmp/q.sock"), Ok(PathBuf::from("/tmp/q.sock")));
+        assert_eq!(parse_qmp("unix:/tmp/q,server,nowait"), Ok(PathBuf::from("/tmp/q")));
+        assert!(parse_qmp("tcp:127.0.0.1:4444").is_err());
+        assert!(parse_qmp("unix:").is_err());
+        assert!(parse_qmp("unix:/x,bogus").is_err());
+        assert_eq!(parse_serial("stdio"), Ok(SerialConfig::Stdio));
+        assert_eq!(parse_serial("null"), Ok(SerialConfig::Null));
+        assert_eq!(parse_serial("file:/tmp/s"), Ok(SerialConfig::File("/tmp/s".into())));
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let ok = VmmConfig::default();
+        assert_eq!(ok.validate_with_host_memory(Some(1 << 30)), Ok(()));
+        let c = VmmConfig { cpus: 0, ..ok.clone() };
+        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::CpuCount { flag: "cpus", .. })));
+        let c = VmmConfig { cpus: MAX_CPUS + 1, ..ok.clone() };
+        assert!(c.validate_with_host_memory(None).is_err());
+        let c = VmmConfig { mirror_cpus: 0, ..ok.clone() };
+        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::CpuCount { flag: "mirror-cpus", .. })));
+        let c = VmmConfig { memory: 8 * MIB, ..ok.clone() };
+        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::MemorySize { .. })));
+        let c = VmmConfig { memory: 17 * MIB, ..ok.clone() };
+        assert!(c.validate_with_host_memory(None).is_err());
+        let c = VmmConfig { memory: 64 << 30, ..ok.clone() };
+        assert_eq!(
+            c.validate_with_host_memory(Some(24 << 30)),
+            Err(ConfigError::MemoryTooLarge { asked: 64 << 10, host: 24 << 10 })
+        );
+        let missing = LinuxConfig { kernel: "/nonexistent/vmlinuz".into(), initrd: None, cmdline: String::new() };
+        let c = VmmConfig { boot: BootConfig::Linux(missing), ..ok.clone() };
+        let err = c.validate_with_host_memory(None).unwrap_err();
+        assert!(err.to_string().starts_with("--kernel /nonexistent/vmlinuz: "), "{err}");
+        let c = VmmConfig { boot: BootConfig::Firmware { path: "/".into(), kernel: None }, ..ok };
+        assert!(c.validate_with_host_memory(None).unwrap_err().to_string().contains("not a regular file"));
+    }
+}

@@ -1,0 +1,193 @@
+//! What the control API can do to a running VM: the run state (running or
+//! paused), pausing and resuming the main vCPUs while the mirror vCPUs keep
+//! running, quitting, and the queries. QMP (`qmp.rs`) and tests drive it.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use crate::exit::{ExitHandle, ExitReason};
+use crate::memory::Memory;
+use crate::mirror;
+use crate::qmp::{no_args, QmpBackend, QmpError};
+use crate::vcpu::{VcpuError, VcpuGroup};
+
+/// The VM's run state, as `query-status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Main vCPUs run.
+    Running,
+    /// Main vCPUs are paused (`stop`).
+    Paused,
+}
+
+impl RunState {
+    /// QEMU's RunState name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+        }
+    }
+}
+
+/// One mirror vCPU, as the debug query reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MirrorInfo {
+    /// Mirror vCPU index.
+    pub index: usize,
+    /// Its loop counter (increases while it runs).
+    pub counter: u64,
+    /// The guest-RAM word it last read.
+    pub probe: u64,
+    /// Its thread.
+    pub thread_id: i32,
+}
+
+/// The VM as the control API sees it.
+pub struct Controller {
+    main: VcpuGroup,
+    mirror: VcpuGroup,
+    memory: Arc<Memory>,
+    exit: ExitHandle,
+    state: RunState,
+    events: Vec<(String, Value)>,
+}
+
+/// The commands the backend knows (for `query-commands`).
+const COMMANDS: [&str; 10] = [
+    "qmp_capabilities",
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "query-cpus-fast",
+    "query-version",
+    "query-commands",
+    "x-query-mirror",
+    "system_powerdown",
+];
+
+impl Controller {
+    /// A controller for started (paused) vCPU groups.
+    pub fn new(main: VcpuGroup, mirror: VcpuGroup, memory: Arc<Memory>, exit: ExitHandle) -> Self {
+        Self { main, mirror, memory, exit, state: RunState::Paused, events: Vec::new() }
+    }
+
+    /// Starts both groups for the first time.
+    pub fn start(&mut self) -> Result<(), VcpuError> {
+        self.mirror.resume()?;
+        self.main.resume()?;
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// The run state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Pauses the main vCPUs only; the mirror keeps running.
+    pub fn stop(&mut self) -> Result<(), VcpuError> {
+        if self.state == RunState::Running {
+            self.main.pause()?;
+            self.state = RunState::Paused;
+            self.events.push(("STOP".into(), json!({})));
+        }
+        Ok(())
+    }
+
+    /// Resumes the main vCPUs.
+    pub fn cont(&mut self) -> Result<(), VcpuError> {
+        if self.state == RunState::Paused {
+            self.main.resume()?;
+            self.state = RunState::Running;
+            self.events.push(("RESUME".into(), json!({})));
+        }
+        Ok(())
+    }
+
+    /// The main vCPU group.
+    pub fn main_vcpus(&self) -> &VcpuGroup {
+        &self.main
+    }
+
+    /// What every mirror vCPU last published.
+    pub fn mirror_info(&self) -> Vec<MirrorInfo> {
+        self.mirror
+            .handles()
+            .iter()
+            .map(|h| {
+                let s = mirror::read_status(&self.memory, h.index());
+                MirrorInfo { index: h.index(), counter: s.counter, probe: s.probe_value, thread_id: h.thread_id() }
+            })
+            .collect()
+    }
+
+    /// Ends every vCPU thread (mirror last, so it outlives the guest).
+    pub fn shutdown(&mut self) {
+        std::mem::take(&mut self.main).finish();
+        std::mem::take(&mut self.mirror).finish();
+    }
+
+    fn cpus_fast(&self) -> Value {
+        let cpus: Vec<Value> = self
+            .main
+            .handles()
+            .iter()
+            .map(|h| {
+                json!({
+                    "cpu-index": h.index(),
+                    "qom-path": format!("/machine/unattached/device[{}]", h.index()),
+                    "thread-id": h.thread_id(),
+                    "target": "x86_64",
+                    "props": {"socket-id": h.index(), "core-id": 0, "thread-id": 0},
+                })
+            })
+            .collect();
+        Value::Array(cpus)
+    }
+}
+
+fn vcpu_error(e: VcpuError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+impl QmpBackend for Controller {
+    fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let known = COMMANDS.contains(&command);
+        if known {
+            no_args(args)?;
+        }
+        match command {
+            "query-status" => {
+                Ok(json!({"status": self.state.name(), "running": self.state == RunState::Running, "singlestep": false}))
+            }
+            "stop" => self.stop().map(|_| json!({})).map_err(vcpu_error),
+            "cont" => self.cont().map(|_| json!({})).map_err(vcpu_error),
+            "quit" => {
+                self.exit.request(ExitReason::Quit);
+                Ok(json!({}))
+            }
+            // No ACPI here: powering down is powering off.
+            "system_powerdown" => {
+                self.exit.request(ExitReason::PowerOff);
+                Ok(json!({}))
+            }
+            "query-cpus-fast" => Ok(self.cpus_fast()),
+            "query-version" => Ok(crate::qmp::greeting()["QMP"]["version"].clone()),
+            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "x-query-mirror" => Ok(Value::Array(
+                self.mirror_info()
+                    .iter()
+                    .map(|m| json!({"cpu-index": m.index, "counter": m.counter, "probe": m.probe, "thread-id": m.thread_id}))
+                    .collect(),
+            )),
+            _ => Err(QmpError::not_found(format!("The command {command} has not been found"))),
+        }
+    }
+
+    fn take_events(&mut self) -> Vec<(String, Value)> {
+        std::mem::take(&mut self.events)
+    }
+}

@@ -1,0 +1,114 @@
+//! Why the VMM stops, and the one place every thread reports it.
+//!
+//! vCPU threads, devices, the QMP `quit` command and signal handling all call
+//! [`ExitHandle::request`]; the first reason wins, and the event loop wakes
+//! on the handle's `EventFd` to shut down and exit with the reason's code.
+
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (lab port).
+    PowerOff,
+    /// The guest reset the machine (i8042); cgsvmm does not reboot.
+    Reset,
+    /// QMP `quit`.
+    Quit,
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    /// A lab guest reported a failure on its serial port.
+    GuestFailure,
+    /// A vCPU faulted or KVM failed.
+    Fault(String),
+}
+
+impl ExitReason {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => 0,
+            ExitReason::Fault(_) => 1,
+            ExitReason::GuestFailure => 2,
+        }
+    }
+
+    /// The `reason` of QMP's SHUTDOWN event (QEMU's ShutdownCause names).
+    pub fn shutdown_cause(&self) -> &'static str {
+        match self {
+            ExitReason::PowerOff => "guest-shutdown",
+            ExitReason::Reset => "guest-reset",
+            ExitReason::Quit => "host-qmp-quit",
+            ExitReason::Signal(_) => "host-signal",
+            ExitReason::GuestFailure => "guest-panic",
+            ExitReason::Fault(_) => "host-error",
+        }
+    }
+
+    /// Whether the guest itself asked to stop.
+    pub fn guest_initiated(&self) -> bool {
+        matches!(self, ExitReason::PowerOff | ExitReason::Reset | ExitReason::GuestFailure)
+    }
+}
+
+struct Inner {
+    evt: EventFd,
+    reason: Mutex<Option<ExitReason>>,
+}
+
+/// Shared by every thread that may end the VM.
+#[derive(Clone)]
+pub struct ExitHandle(Arc<Inner>);
+
+impl ExitHandle {
+    /// A handle with no reason yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self(Arc::new(Inner { evt: EventFd::new(libc::EFD_NONBLOCK)?, reason: Mutex::new(None) })))
+    }
+
+    /// Asks the VMM to stop; later requests are logged and ignored.
+    pub fn request(&self, reason: ExitReason) {
+        let mut slot = self.0.reason.lock().expect("exit lock poisoned");
+        if slot.is_none() {
+            log::info!("Stopping: {reason:?}");
+            *slot = Some(reason);
+            if let Err(e) = self.0.evt.write(1) {
+                log::error!("Cannot wake the event loop: {e}");
+            }
+        } else {
+            log::debug!("Already stopping; ignored {reason:?}");
+        }
+    }
+
+    /// The reason, once one was requested.
+    pub fn reason(&self) -> Option<ExitReason> {
+        self.0.reason.lock().expect("exit lock poisoned").clone()
+    }
+
+    /// Readable when a reason was requested.
+    pub fn event(&self) -> &EventFd {
+        &self.0.evt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_wakes_the_loop() {
+        let exit = ExitHandle::new().unwrap();
+        assert_eq!(exit.reason(), None);
+        exit.clone().request(ExitReason::PowerOff);
+        exit.request(ExitReason::Fault("late".into()));
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(exit.event().read().unwrap(), 1);
+        assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+        assert_eq!(ExitReason::GuestFailure.exit_code(), 2);
+        assert_eq!(ExitReason::Fault(String::new()).exit_code(), 1);
+        assert!(ExitReason::Reset.guest_initiated());
+        assert!(!ExitReason::Quit.guest_initiated());
+    }
+}

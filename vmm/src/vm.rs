@@ -1,0 +1,114 @@
+//! KVM VMs: the main VM the guest runs in and the mirror VM beside it.
+//!
+//! Both register the same memslots over the same host memory (LAB.md: plain
+//! KVM, same `userspace_addr`). The main VM gets the in-kernel irqchip and
+//! PIT; the mirror VM gets neither, since its vCPUs take no interrupts. With
+//! SEV the mirror would also share the encryption context
+//! (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM); the `none` backend needs nothing more.
+
+use kvm_bindings::{kvm_mp_state, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::boot::VcpuBoot;
+use crate::memory::{MemSlot, MemoryError};
+use crate::x86::vcpu_setup::{self, VcpuSetupError};
+
+/// KVM's identity-map page and real-mode TSS (3 pages after it), as QEMU
+/// places them: below the firmware window, above the LAPIC page.
+pub const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+/// See [`IDENTITY_MAP_ADDR`].
+pub const TSS_ADDR: usize = 0xfeff_d000;
+
+/// Errors of creating VMs and vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("Cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// Memory slot registration failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    VcpuSetup(#[from] VcpuSetupError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(VmError::OpenKvm)
+}
+
+/// KVM's supported CPUID list.
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Creates the main VM: irqchip, PIT, and the memslots.
+pub fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for slot in slots {
+        slot.register(&vm, false)?;
+    }
+    Ok(vm)
+}
+
+/// Creates the mirror VM over the same memslots.
+pub fn create_mirror_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM (mirror)"))?;
+    vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    for slot in slots {
+        slot.register(&vm, false)?;
+    }
+    Ok(vm)
+}
+
+/// What every vCPU of a VM is set up with.
+pub struct VcpuSetup<'a> {
+    /// KVM's supported CPUID.
+    pub cpuid: &'a CpuId,
+    /// vCPUs in the VM.
+    pub count: usize,
+    /// Whether the VM has the in-kernel irqchip (then LINT0/1 are wired).
+    pub irqchip: bool,
+}
+
+/// Creates vCPU `index` and gives it CPUID, MSRs, FPU, XCR0 and `boot`.
+pub fn create_vcpu(vm: &VmFd, index: usize, setup: &VcpuSetup, boot: &VcpuBoot) -> Result<VcpuFd, VmError> {
+    let fd = vm.create_vcpu(index as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    vcpu_setup::set_cpuid(&fd, setup.cpuid, index as u32, setup.count as u32)?;
+    vcpu_setup::set_boot_msrs(&fd)?;
+    vcpu_setup::set_fpu(&fd)?;
+    vcpu_setup::set_xcr0(&fd, setup.cpuid)?;
+    if setup.irqchip {
+        vcpu_setup::set_lint(&fd)?;
+    }
+    if let VcpuBoot::State { regs, sregs } = boot {
+        let mut s = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        sregs(&mut s);
+        fd.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
+        fd.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        // With the in-kernel irqchip only vCPU 0 starts runnable; the others
+        // would wait for INIT-SIPI, which a directly-entered guest never sends.
+        let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+        fd.set_mp_state(runnable).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    }
+    Ok(fd)
+}

@@ -1,0 +1,294 @@
+//! The VMM: builds a VM from a [`VmmConfig`] and runs its event loop.
+//!
+//! `Vmm::try_from(config)` does, in order: validate the config; map guest
+//! memory and the mirror region; create the main VM (irqchip, PIT, devices)
+//! and the mirror VM over the same memslots; put the boot payload in place
+//! (lab guest, Linux or firmware) and the mirror payload in the mirror
+//! region; create every vCPU with its boot state and start its thread
+//! paused. [`Vmm::run`] starts the vCPUs and serves the event loop (QMP,
+//! serial input, signals) until something asks the VM to stop, then tears
+//! the vCPUs down and returns why it stopped.
+
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{Kvm, VmFd};
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::register_signal_handler;
+
+use cgsvmm_devices::serial::SerialDevice;
+
+use crate::boot::cpl3::{self, LAB_LAYOUT};
+use crate::boot::firmware::{self, Firmware};
+use crate::boot::{images, linux, BootError, VcpuBoot};
+use crate::config::{BootConfig, ConfigError, SerialConfig, VmmConfig};
+use crate::control::Controller;
+use crate::device_manager::{self, DeviceError};
+use crate::exit::{ExitHandle, ExitReason};
+use crate::memory::{slots_of, Memory, MemoryError};
+use crate::qmp::{QmpServer, QmpServerError};
+use crate::vcpu::{msr_index_list, Vcpu, VcpuError, VcpuGroup, VcpuRole};
+use crate::vm::{self, VcpuSetup, VmError};
+use crate::{lab, mirror};
+
+/// How often the event loop wakes up without events (to notice a stop).
+const LOOP_TIMEOUT_MS: i32 = 100;
+/// TSC rate the lab guests assume when KVM cannot tell (only their print
+/// cadence depends on it).
+const FALLBACK_TSC_KHZ: u64 = 2_000_000;
+
+/// Errors of building or running a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is impossible.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A KVM VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Devices could not be set up.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The boot payload could not be put in place.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU threads failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The QMP socket could not be opened.
+    #[error(transparent)]
+    Qmp(#[from] QmpServerError),
+    /// The event loop failed.
+    #[error("Event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// An eventfd or signal handler could not be set up.
+    #[error("Cannot set up {0}: {1}")]
+    Setup(&'static str, std::io::Error),
+}
+
+/// A built VM, vCPUs created and paused.
+pub struct Vmm {
+    config: VmmConfig,
+    controller: Arc<Mutex<Controller>>,
+    memory: Arc<Memory>,
+    exit: ExitHandle,
+    serial: Arc<SerialDevice>,
+    // Kept alive for as long as the vCPUs run.
+    _main_vm: VmFd,
+    _mirror_vm: VmFd,
+    _firmware: Option<Firmware>,
+    _kvm: Kvm,
+}
+
+impl TryFrom<VmmConfig> for Vmm {
+    type Error = VmmError;
+
+    fn try_from(config: VmmConfig) -> Result<Self, VmmError> {
+        config.validate()?;
+        let kvm = vm::open_kvm()?;
+        let memory = Arc::new(Memory::new(config.memory)?);
+        let firmware = match &config.boot {
+            BootConfig::Firmware { path, .. } => Some(firmware::load(path)?),
+            _ => None,
+        };
+        let mut slots = memory.slots();
+        if let Some(fw) = &firmware {
+            let next = slots.len() as u32;
+            slots.extend(slots_of(&fw.memory, next, true));
+        }
+        let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
+        let main_vm = vm::create_main_vm(&kvm, &slots)?;
+        let mirror_vm = vm::create_mirror_vm(&kvm, &slots)?;
+        let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
+        let mirror_bus = device_manager::mirror_devices(&exit)?;
+
+        let main_boots = match &config.boot {
+            BootConfig::Lab(guest) => {
+                let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
+                let entry = image.load(&memory.ram)?;
+                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &memory.layout.ram_ranges(), config.cpus, entry)?
+            }
+            BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, config.cpus)?,
+            BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; config.cpus],
+        };
+        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus)?;
+
+        let cpuid = vm::supported_cpuid(&kvm)?;
+        let msrs = Arc::new(msr_index_list(&kvm));
+        let create = |vm_fd: &VmFd, boots: &[VcpuBoot], role, bus: &Arc<cgsvmm_devices::Bus>| {
+            let setup = VcpuSetup { cpuid: &cpuid, count: boots.len(), irqchip: role == VcpuRole::Main };
+            boots
+                .iter()
+                .enumerate()
+                .map(|(i, boot)| {
+                    let fd = vm::create_vcpu(vm_fd, i, &setup, boot)?;
+                    Ok(Vcpu::new(fd, i, role, bus.clone(), exit.clone(), msrs.clone()))
+                })
+                .collect::<Result<Vec<_>, VmmError>>()
+        };
+        let main_vcpus = create(&main_vm, &main_boots, VcpuRole::Main, &devices.bus)?;
+        let mirror_vcpus = create(&mirror_vm, &mirror_boots, VcpuRole::Mirror, &mirror_bus)?;
+
+        if matches!(config.boot, BootConfig::Lab(_)) {
+            let tsc_khz = main_vcpus[0].fd().get_tsc_khz().map(u64::from).unwrap_or(FALLBACK_TSC_KHZ);
+            lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
+        }
+
+        let start = |vcpus: Vec<Vcpu>| vcpus.into_iter().map(Vcpu::start).collect::<Result<Vec<_>, _>>();
+        let main = VcpuGroup::new(start(main_vcpus)?);
+        let mirror = VcpuGroup::new(start(mirror_vcpus)?);
+        let controller = Controller::new(main, mirror, memory.clone(), exit.clone());
+        Ok(Self {
+            config,
+            controller: Arc::new(Mutex::new(controller)),
+            memory,
+            exit,
+            serial: devices.serial,
+            _main_vm: main_vm,
+            _mirror_vm: mirror_vm,
+            _firmware: firmware,
+            _kvm: kvm,
+        })
+    }
+}
+
+/// The eventfd SIGINT/SIGTERM write to, and the last signal seen.
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn handle_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    LAST_SIGNAL.store(num, Ordering::SeqCst);
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live local.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// Turns the exit request and stop signals into loop wake-ups.
+struct StopWatcher {
+    exit: ExitHandle,
+    exit_evt: EventFd,
+    signal_evt: EventFd,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in [&self.exit_evt, &self.signal_evt] {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::error!("Cannot watch stop events: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.signal_evt.as_raw_fd() {
+            let _ = self.signal_evt.read();
+            self.exit.request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
+        } else {
+            let _ = self.exit_evt.read();
+        }
+    }
+}
+
+/// Forwards stdin to the guest's serial port.
+struct SerialInput {
+    serial: Arc<SerialDevice>,
+    stdin: std::io::Stdin,
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.stdin, EventSet::IN)) {
+            log::debug!("Not reading stdin: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        match self.stdin.lock().read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = ops.remove(Events::new(&self.stdin, EventSet::IN));
+            }
+            Ok(n) => {
+                let taken = self.serial.enqueue_input(&buf[..n]);
+                if taken < n {
+                    log::warn!("Serial input FIFO full: dropped {} bytes", n - taken);
+                }
+            }
+        }
+    }
+}
+
+impl Vmm {
+    /// The control API.
+    pub fn controller(&self) -> Arc<Mutex<Controller>> {
+        self.controller.clone()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
+    }
+
+    /// Where stop requests go.
+    pub fn exit_handle(&self) -> &ExitHandle {
+        &self.exit
+    }
+
+    /// Starts the mirror and the main vCPUs.
+    pub fn start(&self) -> Result<(), VmmError> {
+        Ok(self.controller.lock().expect("controller lock poisoned").start()?)
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn shutdown(&self) {
+        self.controller.lock().expect("controller lock poisoned").shutdown();
+    }
+
+    /// Starts the VM and serves the event loop until it stops; returns why.
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(VmmError::EventLoop)?;
+        let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("signal eventfd", e))?;
+        SIGNAL_FD.store(signal_evt.as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            register_signal_handler(sig, handle_stop_signal).map_err(|e| VmmError::Setup("signal handler", e.into()))?;
+        }
+        let exit_evt = self.exit.event().try_clone().map_err(|e| VmmError::Setup("exit eventfd", e))?;
+        manager.add_subscriber(Arc::new(Mutex::new(StopWatcher { exit: self.exit.clone(), exit_evt, signal_evt })));
+        if self.config.serial == SerialConfig::Stdio {
+            manager.add_subscriber(Arc::new(Mutex::new(SerialInput { serial: self.serial.clone(), stdin: std::io::stdin() })));
+        }
+        let qmp = match &self.config.qmp {
+            Some(path) => {
+                let server = Arc::new(Mutex::new(QmpServer::bind(path, self.controller.clone())?));
+                manager.add_subscriber(server.clone());
+                Some(server)
+            }
+            None => None,
+        };
+
+        self.start()?;
+        let reason = loop {
+            manager.run_with_timeout(LOOP_TIMEOUT_MS).map_err(VmmError::EventLoop)?;
+            if let Some(reason) = self.exit.reason() {
+                break reason;
+            }
+        };
+        if let Some(server) = &qmp {
+            let data = json!({"guest": reason.guest_initiated(), "reason": reason.shutdown_cause()});
+            server.lock().expect("qmp lock poisoned").broadcast("SHUTDOWN", data);
+        }
+        self.shutdown();
+        SIGNAL_FD.store(-1, Ordering::SeqCst);
+        Ok(reason)
+    }
+}
