@@ -1,0 +1,287 @@
+//! End-to-end tests: real `cgsvmm` processes, driven through their command
+//! line, serial output, signals and QMP socket, as a user would.
+//!
+//! They need /dev/kvm; without it they print `SKIPPED: <reason>` and return.
+//! Tests that need hardware this host lacks live in `hardware.rs`.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::{kvm_available, last_pass, one_vm, tmp_path, Qmp, Vm};
+
+#[test]
+fn dirtier_runs_on_both_vcpus_until_quit() {
+    let _one = one_vm();
+    if !kvm_available() {
+        return;
+    }
+    let sock = tmp_path("quit.sock");
+    let mut vm = Vm::start(&[
+        "--memory",
+        "256M",
+        "--cpus",
+        "2",
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+    ]);
+    let start = Instant::now();
+    for vcpu in 0..2 {
+        let want = format!("dirtier: vcpu {vcpu} pass ");
+        let line = vm.wait_for_line(
+            Duration::from_secs(5).saturating_sub(start.elapsed()),
+            |l| l.starts_with(&want),
+        );
+        assert!(
+            line.is_some(),
+            "no pass line from vcpu {vcpu} within 5 s: {:?} {}",
+            vm.lines(),
+            vm.stderr.lock().unwrap()
+        );
+    }
+    println!("both vCPUs printed within {:?}", start.elapsed());
+    // The socket is private to its owner.
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let mut qmp = Qmp::negotiate(&sock);
+    assert_eq!(qmp.cmd("query-status")["status"], "running");
+    qmp.cmd("quit");
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        vm.stderr.lock().unwrap()
+    );
+    let shutdown = qmp.read();
+    assert_eq!(shutdown["event"], "SHUTDOWN");
+    assert_eq!(shutdown["data"]["reason"], "host-qmp-quit");
+    assert!(!vm.lines().iter().any(|l| l.contains("MEMORY-ERROR")));
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn ctrl_c_exits_cleanly() {
+    let _one = one_vm();
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = Vm::start(&["--cpus", "1"]);
+    assert!(vm
+        .wait_for_line(Duration::from_secs(5), |l| l
+            .starts_with("dirtier: vcpu 0 pass"))
+        .is_some());
+    vm.signal(libc::SIGINT);
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        vm.stderr.lock().unwrap()
+    );
+}
+
+#[test]
+fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
+    let _one = one_vm();
+    if !kvm_available() {
+        return;
+    }
+    let sock = tmp_path("stop.sock");
+    let vm = Vm::start(&[
+        "--memory",
+        "256M",
+        "--cpus",
+        "2",
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+    ]);
+    for vcpu in 0..2 {
+        let want = format!("dirtier: vcpu {vcpu} pass");
+        assert!(
+            vm.wait_for_line(Duration::from_secs(5), |l| l.starts_with(&want))
+                .is_some(),
+            "{:?}",
+            vm.lines()
+        );
+    }
+    let mut qmp = Qmp::negotiate(&sock);
+
+    qmp.cmd("stop");
+    assert_eq!(
+        qmp.events.last().map(|e| e["event"].clone()),
+        Some(json!("STOP"))
+    );
+    let status = qmp.cmd("query-status");
+    assert_eq!(
+        (status["status"].as_str(), status["running"].as_bool()),
+        (Some("paused"), Some(false))
+    );
+    // Let lines already in the pipe arrive, then watch for new ones.
+    std::thread::sleep(Duration::from_millis(200));
+    let paused_lines = vm.lines().len();
+    let mirror_before = qmp.cmd("x-query-mirror")[0]["counter"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mirror_after = qmp.cmd("x-query-mirror")[0]["counter"].as_u64().unwrap();
+    assert_eq!(
+        vm.lines().len(),
+        paused_lines,
+        "pass lines while paused: {:?}",
+        &vm.lines()[paused_lines..]
+    );
+    assert!(
+        mirror_after > mirror_before,
+        "mirror did not count while paused: {mirror_before} -> {mirror_after}"
+    );
+    println!(
+        "mirror counted {} iterations in 1.5 s while the guest was paused",
+        mirror_after - mirror_before
+    );
+
+    let before = (
+        last_pass(&vm.lines(), 0).unwrap(),
+        last_pass(&vm.lines(), 1).unwrap(),
+    );
+    qmp.cmd("cont");
+    assert_eq!(
+        qmp.events.last().map(|e| e["event"].clone()),
+        Some(json!("RESUME"))
+    );
+    assert_eq!(qmp.cmd("query-status")["status"], "running");
+    let resumed = vm.wait_for_line(Duration::from_secs(5), |_| {
+        let lines = vm.lines();
+        last_pass(&lines, 0) > Some(before.0) && last_pass(&lines, 1) > Some(before.1)
+    });
+    assert!(resumed.is_some(), "passes did not resume: {:?}", vm.lines());
+    std::thread::sleep(Duration::from_millis(500));
+    // Every line is whole: vCPUs never interleave their output.
+    for line in vm.lines() {
+        let ok = line
+            .strip_prefix("dirtier: vcpu ")
+            .and_then(|r| r.strip_suffix(" ok"))
+            .and_then(|r| {
+                let (vcpu, pass) = r.split_once(" pass ")?;
+                Some(vcpu.parse::<u32>().is_ok() && pass.parse::<u64>().is_ok())
+            });
+        assert_eq!(ok, Some(true), "malformed serial line {line:?}");
+    }
+    let cpus = qmp.cmd("query-cpus-fast");
+    assert_eq!(cpus.as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn qmp_survives_malformed_input() {
+    let _one = one_vm();
+    if !kvm_available() {
+        return;
+    }
+    let sock = tmp_path("bad.sock");
+    let mut vm = Vm::start(&[
+        "--guest",
+        "dirtier",
+        "--serial",
+        "null",
+        "--qmp",
+        &format!("unix:{},server,nowait", sock.display()),
+    ]);
+    let mut qmp = Qmp::connect(&sock);
+    let early = qmp.send_raw("{\"execute\": \"stop\"}\n");
+    assert_eq!(early["error"]["class"], "CommandNotFound");
+    qmp.cmd("qmp_capabilities");
+    for bad in [
+        "{\"execute\": ",
+        "}\n",
+        "[]\n",
+        "{\"execute\": \"stop\", \"arguments\": {\"now\": 1}}\n",
+        "{\"execute\": \"nope\", \"id\": 9}\n",
+    ] {
+        if bad == "{\"execute\": " {
+            qmp.stream.write_all(bad.as_bytes()).unwrap();
+            continue;
+        }
+        let reply = qmp.send_raw(bad);
+        assert!(reply.get("error").is_some(), "{bad:?}: {reply}");
+    }
+    // A second client works alongside, and a client that vanishes is fine.
+    drop(UnixStream::connect(&sock).unwrap());
+    let mut other = Qmp::negotiate(&sock);
+    assert_eq!(other.cmd("query-status")["status"], "running");
+    assert_eq!(qmp.cmd("query-status")["running"], true);
+    qmp.cmd("quit");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn hello_exits_zero_after_its_line() {
+    let _one = one_vm();
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = Vm::start(&["--guest", "hello"]);
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        vm.stderr.lock().unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        vm.lines(),
+        vec!["hello: cgsvmm lab guest on 1 vcpu(s)".to_string()]
+    );
+}
+
+#[test]
+fn bad_arguments_fail_with_one_clear_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--cpus", "0"], "--cpus must be between 1 and 32, got 0"),
+        (
+            &["--mirror-cpus", "99"],
+            "--mirror-cpus must be between 1 and 16",
+        ),
+        (&["--memory", "12X"], "invalid memory size '12X'"),
+        (&["--memory", "8M"], "--memory must be at least 16 MiB"),
+        (&["--memory", "100T"], "does not fit this host"),
+        (
+            &["--kernel", "/nonexistent/bzImage"],
+            "--kernel /nonexistent/bzImage: No such file",
+        ),
+        (
+            &["--firmware", "/nonexistent/OVMF.fd"],
+            "--firmware /nonexistent/OVMF.fd",
+        ),
+        (
+            &["--qmp", "tcp:localhost:4444"],
+            "only unix:PATH sockets are supported",
+        ),
+        (&["--serial", "pty"], "expected stdio, null or file:PATH"),
+        (
+            &["--guest", "dirtier", "--kernel", "/boot/vmlinuz"],
+            "cannot be used with",
+        ),
+        (&["--initrd", "/tmp/x"], "--kernel"),
+        (&["--guest", "nosuch"], "invalid value 'nosuch'"),
+        (&["--bogus"], "unexpected argument '--bogus'"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+            .arg("run")
+            .args(*args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: wanted {want:?} in {stderr:?}"
+        );
+        let errors = stderr.lines().filter(|l| l.contains("error")).count();
+        assert_eq!(errors, 1, "{args:?}: not one error line: {stderr:?}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+    }
+}

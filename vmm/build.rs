@@ -29,9 +29,17 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let target_dir = out_dir.join("guests-target");
 
-    for dir in ["guests/src", "guests/Cargo.toml", "guests/Cargo.lock", "guests/build.rs",
-        "guests/image.ld", "guests/lab.ld", "guests/mirror.ld", "abi/src", "abi/Cargo.toml"]
-    {
+    for dir in [
+        "guests/src",
+        "guests/Cargo.toml",
+        "guests/Cargo.lock",
+        "guests/build.rs",
+        "guests/image.ld",
+        "guests/lab.ld",
+        "guests/mirror.ld",
+        "abi/src",
+        "abi/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", firmware.join(dir).display());
     }
 
@@ -48,13 +56,24 @@ fn main() {
         .env("CARGO_ENCODED_RUSTFLAGS", GUEST_RUSTFLAGS.join("\x1f"));
     // Nothing of the outer build (clippy's wrapper, host flags, its target
     // dir) may leak into the guest build.
-    for var in ["RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET", "CARGO_BUILD_RUSTFLAGS", "CARGO_MAKEFLAGS", "CARGO_PRIMARY_PACKAGE",
-        "CARGO_ENCODED_RUSTDOCFLAGS", "RUSTDOCFLAGS", "CARGO_PROFILE_RELEASE_DEBUG"]
-    {
+    for var in [
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_MAKEFLAGS",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_ENCODED_RUSTDOCFLAGS",
+        "RUSTDOCFLAGS",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+    ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("cannot run cargo to build firmware/guests");
+    let status = cmd
+        .status()
+        .expect("cannot run cargo to build firmware/guests");
     assert!(status.success(), "building firmware/guests failed");
 
     let bin_dir = target_dir.join(TARGET).join("release");

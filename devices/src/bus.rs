@@ -55,7 +55,12 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: Arc<dyn BusDevice>, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        device: Arc<dyn BusDevice>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -146,12 +151,30 @@ mod tests {
         let mut bus = Bus::new();
         let dev: Arc<dyn BusDevice> = Arc::new(Recorder::default());
         bus.insert(dev.clone(), 0x10, 0x10).unwrap();
-        assert_eq!(bus.insert(dev.clone(), 0x18, 1), Err(BusError::Overlap { base: 0x18, len: 1 }));
-        assert_eq!(bus.insert(dev.clone(), 0x8, 0x9), Err(BusError::Overlap { base: 0x8, len: 0x9 }));
-        assert_eq!(bus.insert(dev.clone(), 0x0, 0x20), Err(BusError::Overlap { base: 0, len: 0x20 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x18, 1),
+            Err(BusError::Overlap { base: 0x18, len: 1 })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0x8, 0x9),
+            Err(BusError::Overlap {
+                base: 0x8,
+                len: 0x9
+            })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0x0, 0x20),
+            Err(BusError::Overlap { base: 0, len: 0x20 })
+        );
         assert!(bus.insert(dev.clone(), 0x8, 0x8).is_ok());
         assert!(bus.insert(dev.clone(), 0x20, 1).is_ok());
-        assert_eq!(bus.insert(dev.clone(), 0x30, 0), Err(BusError::InvalidRange { base: 0x30, len: 0 }));
-        assert!(matches!(bus.insert(dev, u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x30, 0),
+            Err(BusError::InvalidRange { base: 0x30, len: 0 })
+        );
+        assert!(matches!(
+            bus.insert(dev, u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
     }
 }

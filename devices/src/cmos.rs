@@ -103,12 +103,19 @@ impl Cmos {
     /// `above_4g` above it, with the clock reading the host's wall clock.
     pub fn new(below_4g: u64, above_4g: u64) -> Self {
         Self::with_clock(below_4g, above_4g, || {
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
         })
     }
 
     /// As [`Cmos::new`] with a clock of the caller's (seconds since the epoch).
-    pub fn with_clock(below_4g: u64, above_4g: u64, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+    pub fn with_clock(
+        below_4g: u64,
+        above_4g: u64,
+        clock: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Self {
         let mut ram = [0u8; 128];
         ram[STATUS_A] = STATUS_A_DEFAULT;
         ram[STATUS_B] = STATUS_B_24H;
@@ -125,7 +132,10 @@ impl Cmos {
         // Memory above 4 GiB, in 64 KiB units (24 bits).
         let above_64k = (above_4g / (64 * KIB)).min(0xff_ffff) as u32;
         ram[0x5b..0x5e].copy_from_slice(&above_64k.to_le_bytes()[..3]);
-        Self { state: Mutex::new(State { index: 0, ram }), clock: Box::new(clock) }
+        Self {
+            state: Mutex::new(State { index: 0, ram }),
+            clock: Box::new(clock),
+        }
     }
 
     fn read_register(&self, state: &State) -> u8 {
@@ -192,12 +202,28 @@ mod tests {
     fn civil_dates() {
         assert_eq!(
             DateTime::from_unix(0),
-            DateTime { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0, weekday: 5 }
+            DateTime {
+                year: 1970,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0,
+                weekday: 5
+            }
         );
         // 2000-02-29 12:34:56 UTC, a Tuesday.
         assert_eq!(
             DateTime::from_unix(951_827_696),
-            DateTime { year: 2000, month: 2, day: 29, hour: 12, minute: 34, second: 56, weekday: 3 }
+            DateTime {
+                year: 2000,
+                month: 2,
+                day: 29,
+                hour: 12,
+                minute: 34,
+                second: 56,
+                weekday: 3
+            }
         );
         // 2026-11-22 00:00:00 UTC, a Sunday.
         let d = DateTime::from_unix(1_795_305_600);
@@ -226,12 +252,20 @@ mod tests {
         assert_eq!(word(0x15), 640);
         assert_eq!(word(0x17), 0xffff);
         assert_eq!(word(0x34), ((3 * 1024 - 16) * 16) as u16);
-        let above = u32::from(read(&cmos, 0x5b)) | u32::from(read(&cmos, 0x5c)) << 8 | u32::from(read(&cmos, 0x5d)) << 16;
+        let above = u32::from(read(&cmos, 0x5b))
+            | u32::from(read(&cmos, 0x5c)) << 8
+            | u32::from(read(&cmos, 0x5d)) << 16;
         assert_eq!(above, 2 * 1024 * 16);
         // Small guests.
         let small = Cmos::with_clock(32 * MIB, 0, || 0);
-        assert_eq!(u16::from(read(&small, 0x17)) | u16::from(read(&small, 0x18)) << 8, 31 * 1024);
-        assert_eq!(u16::from(read(&small, 0x34)) | u16::from(read(&small, 0x35)) << 8, 256);
+        assert_eq!(
+            u16::from(read(&small, 0x17)) | u16::from(read(&small, 0x18)) << 8,
+            31 * 1024
+        );
+        assert_eq!(
+            u16::from(read(&small, 0x34)) | u16::from(read(&small, 0x35)) << 8,
+            256
+        );
     }
 
     #[test]

@@ -28,7 +28,11 @@ impl DebugPort {
                 line.push(b);
             }
             if b == b'\n' || line.len() >= MAX_LINE {
-                done.push(String::from_utf8_lossy(&line).trim_end_matches('\r').to_string());
+                done.push(
+                    String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_string(),
+                );
                 line.clear();
             }
         }
@@ -56,7 +60,10 @@ mod tests {
     fn splits_lines_and_bounds_them() {
         let port = DebugPort::default();
         assert!(port.push(b"abc").is_empty());
-        assert_eq!(port.push(b"d\r\nef\n"), vec!["abcd".to_string(), "ef".to_string()]);
+        assert_eq!(
+            port.push(b"d\r\nef\n"),
+            vec!["abcd".to_string(), "ef".to_string()]
+        );
         let long = vec![b'x'; MAX_LINE + 3];
         let lines = port.push(&long);
         assert_eq!(lines.len(), 1);

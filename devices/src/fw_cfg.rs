@@ -119,7 +119,11 @@ impl FwCfg {
         let mut dev = Self {
             items,
             files: Vec::new(),
-            state: Mutex::new(State { selector: 0, offset: 0, dma_high: 0 }),
+            state: Mutex::new(State {
+                selector: 0,
+                offset: 0,
+                dma_high: 0,
+            }),
             memory,
         };
         dev.rebuild_directory();
@@ -169,13 +173,17 @@ impl FwCfg {
 
     /// The bytes of the selected item from `offset` on (empty when unknown).
     fn item_tail(&self, selector: u16, offset: usize) -> &[u8] {
-        self.items.get(&selector).map_or(&[], |d| d.get(offset..).unwrap_or(&[]))
+        self.items
+            .get(&selector)
+            .map_or(&[], |d| d.get(offset..).unwrap_or(&[]))
     }
 
     /// Runs the DMA request whose descriptor is at `addr`; returns the
     /// control word to write back.
     fn dma(&self, state: &mut State, addr: u64) -> u32 {
-        let Some(mem) = self.memory.as_ref() else { return DMA_CTL_ERROR };
+        let Some(mem) = self.memory.as_ref() else {
+            return DMA_CTL_ERROR;
+        };
         let mut desc = [0u8; 16];
         if mem.read_slice(&mut desc, GuestAddress(addr)).is_err() {
             return DMA_CTL_ERROR;
@@ -208,7 +216,10 @@ impl FwCfg {
             0
         };
         // Write back the control word (0 = done, or ERROR).
-        if mem.write_slice(&result.to_be_bytes(), GuestAddress(addr)).is_err() {
+        if mem
+            .write_slice(&result.to_be_bytes(), GuestAddress(addr))
+            .is_err()
+        {
             log::warn!("fw_cfg: cannot complete DMA descriptor at {addr:#x}");
         }
         result
@@ -221,7 +232,11 @@ impl BusDevice for FwCfg {
         match offset {
             DATA_OFFSET => {
                 for b in data.iter_mut() {
-                    *b = self.item_tail(state.selector, state.offset).first().copied().unwrap_or(0);
+                    *b = self
+                        .item_tail(state.selector, state.offset)
+                        .first()
+                        .copied()
+                        .unwrap_or(0);
                     state.offset = state.offset.saturating_add(1);
                 }
             }
@@ -253,7 +268,10 @@ impl BusDevice for FwCfg {
                 self.dma(&mut state, addr);
             }
             // Writes to the data port are ignored (items are read-only).
-            _ => log::debug!("fw_cfg: ignored {}-byte write at offset {offset}", data.len()),
+            _ => log::debug!(
+                "fw_cfg: ignored {}-byte write at offset {offset}",
+                data.len()
+            ),
         }
     }
 }
@@ -295,9 +313,17 @@ mod tests {
         select(&dev, keys::ID);
         assert_eq!(read_bytes(&dev, 4), FEATURE_TRADITIONAL.to_le_bytes());
         dev.add_file("etc/zz", vec![1, 2, 3]).unwrap();
-        let k = dev.add_file("etc/e820", e820_file(&[(0, 0x9fc00, 1)])).unwrap();
-        assert_eq!(dev.add_file("etc/e820", vec![]), Err(FwCfgError::Duplicate("etc/e820".into())));
-        assert!(matches!(dev.add_file(&"x".repeat(56), vec![]), Err(FwCfgError::InvalidName(_))));
+        let k = dev
+            .add_file("etc/e820", e820_file(&[(0, 0x9fc00, 1)]))
+            .unwrap();
+        assert_eq!(
+            dev.add_file("etc/e820", vec![]),
+            Err(FwCfgError::Duplicate("etc/e820".into()))
+        );
+        assert!(matches!(
+            dev.add_file(&"x".repeat(56), vec![]),
+            Err(FwCfgError::InvalidName(_))
+        ));
         select(&dev, keys::FILE_DIR);
         let dir = read_bytes(&dev, 4 + 2 * 64);
         assert_eq!(u32::from_be_bytes(dir[0..4].try_into().unwrap()), 2);

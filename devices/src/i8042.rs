@@ -22,7 +22,9 @@ pub struct I8042<T: Trigger> {
 impl<T: Trigger> I8042<T> {
     /// An i8042 that fires `reset` when the guest pulses the reset line.
     pub fn new(reset: T) -> Self {
-        Self { dev: Mutex::new(I8042Device::new(reset)) }
+        Self {
+            dev: Mutex::new(I8042Device::new(reset)),
+        }
     }
 }
 

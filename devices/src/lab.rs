@@ -41,7 +41,9 @@ pub struct LabPort {
 impl LabPort {
     /// A port that calls `on_request` for each request.
     pub fn new(on_request: impl Fn(LabRequest) + Send + Sync + 'static) -> Self {
-        Self { on_request: Box::new(on_request) }
+        Self {
+            on_request: Box::new(on_request),
+        }
     }
 }
 
@@ -52,7 +54,10 @@ impl BusDevice for LabPort {
 
     fn write(&self, offset: u64, data: &[u8]) {
         if offset != 0 || data.len() != 4 {
-            log::warn!("Lab port: ignored {}-byte write at offset {offset}", data.len());
+            log::warn!(
+                "Lab port: ignored {}-byte write at offset {offset}",
+                data.len()
+            );
             return;
         }
         let value = u32::from_le_bytes(data.try_into().expect("length checked"));
@@ -78,7 +83,12 @@ mod tests {
         port.write(2, &[1, 0]);
         assert_eq!(
             *seen.lock().unwrap(),
-            vec![LabRequest::PowerOff, LabRequest::Fail, LabRequest::Yield, LabRequest::Unknown(9)]
+            vec![
+                LabRequest::PowerOff,
+                LabRequest::Fail,
+                LabRequest::Yield,
+                LabRequest::Unknown(9)
+            ]
         );
     }
 }

@@ -25,7 +25,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: Mutex::new(Serial::new(irq, out)) }
+        Self {
+            uart: Mutex::new(Serial::new(irq, out)),
+        }
     }
 
     /// Queues bytes for the guest to read; returns how many fit the FIFO.
@@ -85,7 +87,10 @@ mod tests {
     fn guest_output_reaches_the_writer_and_input_raises_the_irq() {
         let out = Shared::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dev = SerialDevice::new(EventFdTrigger(irq.try_clone().unwrap()), Box::new(out.clone()));
+        let dev = SerialDevice::new(
+            EventFdTrigger(irq.try_clone().unwrap()),
+            Box::new(out.clone()),
+        );
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }

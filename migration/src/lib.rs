@@ -1,1 +1,12 @@
-//! placeholder
+//! cgsvmm's live migration.
+//!
+//! Owns, as the migration issues land: the stream format, the RAM sender and
+//! receiver (dirty rounds, shared vs private pages), the migration-helper
+//! mailbox client, vCPU and device state records, transports and the
+//! convergence policy. It depends on the firmware ABI crate and never on
+//! `vmm`: the VMM hands it memory and state, it hands back bytes.
+//!
+//! Today it holds the piece the VMM core already needs to reason about
+//! dirty memory: turning KVM's dirty bitmaps into page ranges ([`dirty`]).
+
+pub mod dirty;

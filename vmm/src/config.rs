@@ -107,7 +107,9 @@ pub enum ConfigError {
     #[error("invalid memory size '{0}' (expected e.g. 256M, 2G or a number of MiB)")]
     MemorySyntax(String),
     /// Too little or misaligned memory.
-    #[error("--memory must be at least {min} MiB and a multiple of {granule} MiB, got {got} bytes")]
+    #[error(
+        "--memory must be at least {min} MiB and a multiple of {granule} MiB, got {got} bytes"
+    )]
     MemorySize {
         /// Minimum in MiB.
         min: u64,
@@ -161,7 +163,10 @@ pub enum ConfigError {
 pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
     let err = || ConfigError::MemorySyntax(s.to_string());
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let n: u64 = digits.parse().map_err(|_| err())?;
@@ -178,10 +183,19 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
 /// Parses `unix:PATH` (QEMU's `server`/`nowait` options are accepted and
 /// are what cgsvmm does anyway).
 pub fn parse_qmp(s: &str) -> Result<PathBuf, ConfigError> {
-    let err = |why| ConfigError::Syntax { flag: "--qmp", value: s.to_string(), why };
-    let rest = s.strip_prefix("unix:").ok_or_else(|| err("only unix:PATH sockets are supported"))?;
+    let err = |why| ConfigError::Syntax {
+        flag: "--qmp",
+        value: s.to_string(),
+        why,
+    };
+    let rest = s
+        .strip_prefix("unix:")
+        .ok_or_else(|| err("only unix:PATH sockets are supported"))?;
     let mut parts = rest.split(',');
-    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| err("missing socket path"))?;
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| err("missing socket path"))?;
     for opt in parts {
         if !matches!(opt, "server" | "server=on" | "nowait" | "wait=off") {
             return Err(err("unknown option (only server and nowait/wait=off)"));
@@ -197,7 +211,11 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
         "null" | "none" => Ok(SerialConfig::Null),
         _ => match s.strip_prefix("file:") {
             Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
-            _ => Err(ConfigError::Syntax { flag: "--serial", value: s.to_string(), why: "expected stdio, null or file:PATH" }),
+            _ => Err(ConfigError::Syntax {
+                flag: "--serial",
+                value: s.to_string(),
+                why: "expected stdio, null or file:PATH",
+            }),
         },
     }
 }
@@ -211,12 +229,18 @@ pub fn host_memory() -> Option<u64> {
 }
 
 fn check_file(flag: &'static str, path: &PathBuf) -> Result<(), ConfigError> {
-    let fail = |why: String| ConfigError::File { flag, path: path.clone(), why };
+    let fail = |why: String| ConfigError::File {
+        flag,
+        path: path.clone(),
+        why,
+    };
     let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
     if !meta.is_file() {
         return Err(fail("not a regular file".into()));
     }
-    std::fs::File::open(path).map(drop).map_err(|e| fail(e.to_string()))
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| fail(e.to_string()))
 }
 
 impl VmmConfig {
@@ -228,18 +252,33 @@ impl VmmConfig {
     /// [`VmmConfig::validate`] against a given host RAM size.
     pub fn validate_with_host_memory(&self, host: Option<u64>) -> Result<(), ConfigError> {
         if self.memory < MIN_MEMORY || self.memory % MEMORY_GRANULE != 0 {
-            return Err(ConfigError::MemorySize { min: MIN_MEMORY / MIB, granule: MEMORY_GRANULE / MIB, got: self.memory });
+            return Err(ConfigError::MemorySize {
+                min: MIN_MEMORY / MIB,
+                granule: MEMORY_GRANULE / MIB,
+                got: self.memory,
+            });
         }
         if let Some(host) = host {
             if self.memory > host {
-                return Err(ConfigError::MemoryTooLarge { asked: self.memory / MIB, host: host / MIB });
+                return Err(ConfigError::MemoryTooLarge {
+                    asked: self.memory / MIB,
+                    host: host / MIB,
+                });
             }
         }
         if !(1..=MAX_CPUS).contains(&self.cpus) {
-            return Err(ConfigError::CpuCount { flag: "cpus", max: MAX_CPUS, got: self.cpus });
+            return Err(ConfigError::CpuCount {
+                flag: "cpus",
+                max: MAX_CPUS,
+                got: self.cpus,
+            });
         }
         if !(1..=MAX_MIRROR_CPUS).contains(&self.mirror_cpus) {
-            return Err(ConfigError::CpuCount { flag: "mirror-cpus", max: MAX_MIRROR_CPUS, got: self.mirror_cpus });
+            return Err(ConfigError::CpuCount {
+                flag: "mirror-cpus",
+                max: MAX_MIRROR_CPUS,
+                got: self.mirror_cpus,
+            });
         }
         let check_linux = |l: &LinuxConfig| -> Result<(), ConfigError> {
             check_file("--kernel", &l.kernel)?;
@@ -260,7 +299,11 @@ impl VmmConfig {
         }
         if let SerialConfig::File(path) = &self.serial {
             if path.is_dir() {
-                return Err(ConfigError::File { flag: "--serial", path: path.clone(), why: "is a directory".into() });
+                return Err(ConfigError::File {
+                    flag: "--serial",
+                    path: path.clone(),
+                    why: "is a directory".into(),
+                });
             }
         }
         Ok(())
@@ -279,21 +322,38 @@ mod tests {
         assert_eq!(parse_memory("2GiB"), Ok(2 << 30));
         assert_eq!(parse_memory("512MB"), Ok(512 << 20));
         assert_eq!(parse_memory("65536K"), Ok(64 << 20));
-        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999T", "1GG"] {
+        for bad in [
+            "",
+            "M",
+            "12X",
+            "-1G",
+            "1.5G",
+            "99999999999999999999T",
+            "1GG",
+        ] {
             assert!(parse_memory(bad).is_err(), "{bad} should be rejected");
         }
     }
 
     #[test]
     fn qmp_and_serial_syntax() {
-        assert_eq!(parse_qmp("unix:/tmp/q.sock"), Ok(PathBuf::from("/tmp/q.sock")));
-        assert_eq!(parse_qmp("unix:/tmp/q,server,nowait"), Ok(PathBuf::from("/tmp/q")));
+        assert_eq!(
+            parse_qmp("unix:/tmp/q.sock"),
+            Ok(PathBuf::from("/tmp/q.sock"))
+        );
+        assert_eq!(
+            parse_qmp("unix:/tmp/q,server,nowait"),
+            Ok(PathBuf::from("/tmp/q"))
+        );
         assert!(parse_qmp("tcp:127.0.0.1:4444").is_err());
         assert!(parse_qmp("unix:").is_err());
         assert!(parse_qmp("unix:/x,bogus").is_err());
         assert_eq!(parse_serial("stdio"), Ok(SerialConfig::Stdio));
         assert_eq!(parse_serial("null"), Ok(SerialConfig::Null));
-        assert_eq!(parse_serial("file:/tmp/s"), Ok(SerialConfig::File("/tmp/s".into())));
+        assert_eq!(
+            parse_serial("file:/tmp/s"),
+            Ok(SerialConfig::File("/tmp/s".into()))
+        );
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("pty").is_err());
     }
@@ -302,26 +362,80 @@ mod tests {
     fn validation() {
         let ok = VmmConfig::default();
         assert_eq!(ok.validate_with_host_memory(Some(1 << 30)), Ok(()));
-        let c = VmmConfig { cpus: 0, ..ok.clone() };
-        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::CpuCount { flag: "cpus", .. })));
-        let c = VmmConfig { cpus: MAX_CPUS + 1, ..ok.clone() };
+        let c = VmmConfig {
+            cpus: 0,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            c.validate_with_host_memory(None),
+            Err(ConfigError::CpuCount { flag: "cpus", .. })
+        ));
+        let c = VmmConfig {
+            cpus: MAX_CPUS + 1,
+            ..ok.clone()
+        };
         assert!(c.validate_with_host_memory(None).is_err());
-        let c = VmmConfig { mirror_cpus: 0, ..ok.clone() };
-        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::CpuCount { flag: "mirror-cpus", .. })));
-        let c = VmmConfig { memory: 8 * MIB, ..ok.clone() };
-        assert!(matches!(c.validate_with_host_memory(None), Err(ConfigError::MemorySize { .. })));
-        let c = VmmConfig { memory: 17 * MIB, ..ok.clone() };
+        let c = VmmConfig {
+            mirror_cpus: 0,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            c.validate_with_host_memory(None),
+            Err(ConfigError::CpuCount {
+                flag: "mirror-cpus",
+                ..
+            })
+        ));
+        let c = VmmConfig {
+            memory: 8 * MIB,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            c.validate_with_host_memory(None),
+            Err(ConfigError::MemorySize { .. })
+        ));
+        let c = VmmConfig {
+            memory: 17 * MIB,
+            ..ok.clone()
+        };
         assert!(c.validate_with_host_memory(None).is_err());
-        let c = VmmConfig { memory: 64 << 30, ..ok.clone() };
+        let c = VmmConfig {
+            memory: 64 << 30,
+            ..ok.clone()
+        };
         assert_eq!(
             c.validate_with_host_memory(Some(24 << 30)),
-            Err(ConfigError::MemoryTooLarge { asked: 64 << 10, host: 24 << 10 })
+            Err(ConfigError::MemoryTooLarge {
+                asked: 64 << 10,
+                host: 24 << 10
+            })
         );
-        let missing = LinuxConfig { kernel: "/nonexistent/vmlinuz".into(), initrd: None, cmdline: String::new() };
-        let c = VmmConfig { boot: BootConfig::Linux(missing), ..ok.clone() };
+        let missing = LinuxConfig {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let c = VmmConfig {
+            boot: BootConfig::Linux(missing),
+            ..ok.clone()
+        };
         let err = c.validate_with_host_memory(None).unwrap_err();
-        assert!(err.to_string().starts_with("--kernel /nonexistent/vmlinuz: "), "{err}");
-        let c = VmmConfig { boot: BootConfig::Firmware { path: "/".into(), kernel: None }, ..ok };
-        assert!(c.validate_with_host_memory(None).unwrap_err().to_string().contains("not a regular file"));
+        assert!(
+            err.to_string()
+                .starts_with("--kernel /nonexistent/vmlinuz: "),
+            "{err}"
+        );
+        let c = VmmConfig {
+            boot: BootConfig::Firmware {
+                path: "/".into(),
+                kernel: None,
+            },
+            ..ok
+        };
+        assert!(c
+            .validate_with_host_memory(None)
+            .unwrap_err()
+            .to_string()
+            .contains("not a regular file"));
     }
 }

@@ -71,7 +71,14 @@ const COMMANDS: [&str; 10] = [
 impl Controller {
     /// A controller for started (paused) vCPU groups.
     pub fn new(main: VcpuGroup, mirror: VcpuGroup, memory: Arc<Memory>, exit: ExitHandle) -> Self {
-        Self { main, mirror, memory, exit, state: RunState::Paused, events: Vec::new() }
+        Self {
+            main,
+            mirror,
+            memory,
+            exit,
+            state: RunState::Paused,
+            events: Vec::new(),
+        }
     }
 
     /// Starts both groups for the first time.
@@ -119,7 +126,12 @@ impl Controller {
             .iter()
             .map(|h| {
                 let s = mirror::read_status(&self.memory, h.index());
-                MirrorInfo { index: h.index(), counter: s.counter, probe: s.probe_value, thread_id: h.thread_id() }
+                MirrorInfo {
+                    index: h.index(),
+                    counter: s.counter,
+                    probe: s.probe_value,
+                    thread_id: h.thread_id(),
+                }
             })
             .collect()
     }

@@ -61,7 +61,12 @@ pub struct MainDevices {
 }
 
 /// Builds the main VM's devices.
-pub fn main_devices(vm: &VmFd, config: &VmmConfig, memory: &Memory, exit: &ExitHandle) -> Result<MainDevices, DeviceError> {
+pub fn main_devices(
+    vm: &VmFd,
+    config: &VmmConfig,
+    memory: &Memory,
+    exit: &ExitHandle,
+) -> Result<MainDevices, DeviceError> {
     let mut bus = Bus::new();
     let serial = add_serial(&mut bus, vm, &config.serial)?;
     add_i8042(&mut bus, exit)?;
@@ -69,7 +74,10 @@ pub fn main_devices(vm: &VmFd, config: &VmmConfig, memory: &Memory, exit: &ExitH
     bus.insert(Arc::new(DebugPort::default()), DEBUG_PORT, 1)?;
     add_fw_cfg(&mut bus, config, memory)?;
     add_lab_port(&mut bus, exit, "guest")?;
-    Ok(MainDevices { bus: Arc::new(bus), serial })
+    Ok(MainDevices {
+        bus: Arc::new(bus),
+        serial,
+    })
 }
 
 /// The mirror VM's bus: only the lab port (yield, failure) and the debug
@@ -96,10 +104,18 @@ fn serial_output(config: &SerialConfig) -> Result<Box<dyn Write + Send>, DeviceE
     })
 }
 
-fn add_serial(bus: &mut Bus, vm: &VmFd, config: &SerialConfig) -> Result<Arc<SerialDevice>, DeviceError> {
+fn add_serial(
+    bus: &mut Bus,
+    vm: &VmFd,
+    config: &SerialConfig,
+) -> Result<Arc<SerialDevice>, DeviceError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    vm.register_irqfd(&irq, SERIAL_IRQ).map_err(|e| DeviceError::Irqfd(SERIAL_IRQ, e))?;
-    let serial = Arc::new(SerialDevice::new(EventFdTrigger(irq), serial_output(config)?));
+    vm.register_irqfd(&irq, SERIAL_IRQ)
+        .map_err(|e| DeviceError::Irqfd(SERIAL_IRQ, e))?;
+    let serial = Arc::new(SerialDevice::new(
+        EventFdTrigger(irq),
+        serial_output(config)?,
+    ));
     bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
     Ok(serial)
 }
@@ -124,7 +140,11 @@ fn add_fw_cfg(bus: &mut Bus, config: &VmmConfig, memory: &Memory) -> Result<(), 
     dev.set_item(keys::MAX_CPUS, cpus);
     dev.set_item(keys::RAM_SIZE, memory.layout.size.to_le_bytes().to_vec());
     dev.add_file("etc/e820", fw_cfg::e820_file(&memory.layout.e820()))?;
-    if let BootConfig::Firmware { kernel: Some(linux), .. } = &config.boot {
+    if let BootConfig::Firmware {
+        kernel: Some(linux),
+        ..
+    } = &config.boot
+    {
         add_fw_cfg_kernel(&mut dev, linux)?;
     }
     bus.insert(Arc::new(dev), FW_CFG_PORT_BASE, FW_CFG_PORT_LEN)?;
@@ -134,7 +154,8 @@ fn add_fw_cfg(bus: &mut Bus, config: &VmmConfig, memory: &Memory) -> Result<(), 
 /// The kernel, initrd and command line for firmware to boot, in QEMU's
 /// items: a bzImage goes as setup sectors plus the rest.
 fn add_fw_cfg_kernel(dev: &mut FwCfg, linux: &LinuxConfig) -> Result<(), DeviceError> {
-    let read = |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| DeviceError::Read(p.clone(), e));
+    let read =
+        |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| DeviceError::Read(p.clone(), e));
     let image = read(&linux.kernel)?;
     let (setup, kernel) = split_bzimage(&image).unwrap_or((&[], &image));
     let size = |b: &[u8]| (b.len() as u32).to_le_bytes().to_vec();

@@ -29,7 +29,9 @@ impl ExitReason {
     /// The process exit code.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => 0,
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => {
+                0
+            }
             ExitReason::Fault(_) => 1,
             ExitReason::GuestFailure => 2,
         }
@@ -49,7 +51,10 @@ impl ExitReason {
 
     /// Whether the guest itself asked to stop.
     pub fn guest_initiated(&self) -> bool {
-        matches!(self, ExitReason::PowerOff | ExitReason::Reset | ExitReason::GuestFailure)
+        matches!(
+            self,
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::GuestFailure
+        )
     }
 }
 
@@ -65,7 +70,10 @@ pub struct ExitHandle(Arc<Inner>);
 impl ExitHandle {
     /// A handle with no reason yet.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self(Arc::new(Inner { evt: EventFd::new(libc::EFD_NONBLOCK)?, reason: Mutex::new(None) })))
+        Ok(Self(Arc::new(Inner {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        })))
     }
 
     /// Asks the VMM to stop; later requests are logged and ignored.

@@ -35,7 +35,10 @@ pub fn data_slices(layout: &MemoryLayout, vcpus: usize) -> Vec<Vec<GpaRange>> {
         let mut slice = Vec::new();
         while left > 0 && area < areas.len() {
             let take = left.min(areas[area].end - cursor);
-            slice.push(GpaRange { start: cursor, end: cursor + take });
+            slice.push(GpaRange {
+                start: cursor,
+                end: cursor + take,
+            });
             cursor += take;
             left -= take;
             if cursor == areas[area].end {
@@ -49,7 +52,12 @@ pub fn data_slices(layout: &MemoryLayout, vcpus: usize) -> Vec<Vec<GpaRange>> {
 }
 
 /// Writes every main vCPU's [`LabParams`].
-pub fn write_params(mem: &GuestMemoryMmap, layout: &MemoryLayout, vcpus: usize, tsc_khz: u64) -> Result<(), BootError> {
+pub fn write_params(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    vcpus: usize,
+    tsc_khz: u64,
+) -> Result<(), BootError> {
     for (i, slice) in data_slices(layout, vcpus).into_iter().enumerate() {
         let mut params = LabParams {
             magic: abi::PARAMS_MAGIC,
@@ -61,7 +69,11 @@ pub fn write_params(mem: &GuestMemoryMmap, layout: &MemoryLayout, vcpus: usize, 
         };
         params.ranges[..slice.len()].copy_from_slice(&slice);
         let gpa = LAB_LAYOUT.params_gpa(i);
-        mem.write_slice(params.as_bytes(), GuestAddress(gpa)).map_err(|_| BootError::GuestWrite { what: "lab parameters", gpa })?;
+        mem.write_slice(params.as_bytes(), GuestAddress(gpa))
+            .map_err(|_| BootError::GuestWrite {
+                what: "lab parameters",
+                gpa,
+            })?;
     }
     Ok(())
 }
@@ -81,11 +93,17 @@ mod tests {
         }
         for r in &all {
             assert!(r.start >= abi::LAB_DATA_GPA);
-            assert!(layout.contains(r.start, r.end - r.start), "{r:?} outside RAM");
+            assert!(
+                layout.contains(r.start, r.end - r.start),
+                "{r:?} outside RAM"
+            );
             assert_eq!(r.start % PAGE_SIZE, 0);
             assert_eq!(r.end % PAGE_SIZE, 0);
         }
-        let sizes: Vec<u64> = slices.iter().map(|s| s.iter().map(|r| r.end - r.start).sum()).collect();
+        let sizes: Vec<u64> = slices
+            .iter()
+            .map(|s| s.iter().map(|r| r.end - r.start).sum())
+            .collect();
         assert!(sizes.iter().all(|&s| s == sizes[0] && s > 0), "{sizes:?}");
         for s in &slices {
             assert!(s.len() <= abi::LAB_MAX_RANGES);
@@ -96,8 +114,20 @@ mod tests {
     #[test]
     fn two_vcpus_split_a_small_guest() {
         let slices = check(MemoryLayout::new(256 * MIB), 2);
-        assert_eq!(slices[0], vec![GpaRange { start: 4 * MIB, end: 130 * MIB }]);
-        assert_eq!(slices[1], vec![GpaRange { start: 130 * MIB, end: 256 * MIB }]);
+        assert_eq!(
+            slices[0],
+            vec![GpaRange {
+                start: 4 * MIB,
+                end: 130 * MIB
+            }]
+        );
+        assert_eq!(
+            slices[1],
+            vec![GpaRange {
+                start: 130 * MIB,
+                end: 256 * MIB
+            }]
+        );
     }
 
     #[test]

@@ -11,7 +11,11 @@ use cgsvmm::config::{self, BootConfig, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::Vmm;
 
 #[derive(Parser)]
-#[command(name = "cgsvmm", version, about = "A minimal KVM VMM that live-migrates confidential guests")]
+#[command(
+    name = "cgsvmm",
+    version,
+    about = "A minimal KVM VMM that live-migrates confidential guests"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,7 +56,11 @@ struct RunArgs {
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, requires = "kernel", default_value = "console=ttyS0 reboot=k panic=1")]
+    #[arg(
+        long,
+        requires = "kernel",
+        default_value = "console=ttyS0 reboot=k panic=1"
+    )]
     cmdline: String,
     /// Firmware image (e.g. OVMF.fd), mapped to end at 4 GiB.
     #[arg(long)]
@@ -67,14 +75,25 @@ struct RunArgs {
 
 impl From<RunArgs> for VmmConfig {
     fn from(a: RunArgs) -> Self {
-        let linux = a.kernel.map(|kernel| LinuxConfig { kernel, initrd: a.initrd, cmdline: a.cmdline });
+        let linux = a.kernel.map(|kernel| LinuxConfig {
+            kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+        });
         let boot = match (a.firmware, linux, a.guest) {
             (Some(path), kernel, _) => BootConfig::Firmware { path, kernel },
             (None, Some(linux), _) => BootConfig::Linux(linux),
             (None, None, Some(GuestArg::Hello)) => BootConfig::Lab(LabGuest::Hello),
             (None, None, _) => BootConfig::Lab(LabGuest::Dirtier),
         };
-        VmmConfig { memory: a.memory, cpus: a.cpus, mirror_cpus: a.mirror_cpus, boot, qmp: a.qmp, serial: a.serial }
+        VmmConfig {
+            memory: a.memory,
+            cpus: a.cpus,
+            mirror_cpus: a.mirror_cpus,
+            boot,
+            qmp: a.qmp,
+            serial: a.serial,
+        }
     }
 }
 

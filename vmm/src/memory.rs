@@ -102,8 +102,12 @@ impl MemoryLayout {
 
     /// Whether `[gpa, gpa + len)` lies entirely inside guest RAM.
     pub fn contains(&self, gpa: u64, len: u64) -> bool {
-        let Some(end) = gpa.checked_add(len) else { return false };
-        self.ram_ranges().iter().any(|&(start, size)| gpa >= start && end <= start + size)
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.ram_ranges()
+            .iter()
+            .any(|&(start, size)| gpa >= start && end <= start + size)
     }
 
     /// The E820 map for a guest that boots through the BIOS-style path:
@@ -121,6 +125,12 @@ impl MemoryLayout {
         map
     }
 }
+
+// The mirror region lies in the PCI hole, never in RAM.
+const _: () = assert!(
+    abi::MIRROR_REGION_GPA >= MMIO_HOLE_START
+        && abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE <= HIGH_RAM_START
+);
 
 /// Start of the extended BIOS data area (where the MP table goes).
 pub const EBDA_START: u64 = 0x9_fc00;
@@ -169,14 +179,22 @@ impl MemSlot {
 
 /// Maps `ranges` (start, length) as anonymous memory and asks for huge pages.
 pub fn map_ranges(ranges: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<_> = ranges.iter().map(|&(s, l)| (GuestAddress(s), l as usize)).collect();
+    let ranges: Vec<_> = ranges
+        .iter()
+        .map(|&(s, l)| (GuestAddress(s), l as usize))
+        .collect();
     let mem = GuestMemoryMmap::from_ranges(&ranges)?;
     for region in mem.iter() {
-        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).map_err(|_| MemoryError::Access(region.start_addr().0))?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Access(region.start_addr().0))?;
         // SAFETY: advice only; the range is the region's own live mapping.
         let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
         if ret != 0 {
-            log::debug!("madvise(MADV_HUGEPAGE) failed: {}", std::io::Error::last_os_error());
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(mem)
@@ -214,7 +232,11 @@ impl Memory {
         let layout = MemoryLayout::new(size);
         let ram = map_ranges(&layout.ram_ranges())?;
         let mirror = map_ranges(&[(abi::MIRROR_REGION_GPA, abi::MIRROR_REGION_SIZE)])?;
-        Ok(Self { layout, ram, mirror })
+        Ok(Self {
+            layout,
+            ram,
+            mirror,
+        })
     }
 
     /// Every memslot, in the order both VMs register them.
@@ -241,7 +263,11 @@ mod tests {
         assert!(!l.contains(u64::MAX, 2));
         assert_eq!(
             l.e820(),
-            vec![(0, 0x9fc00, 1), (0x9fc00, 0x60400, 2), (0x10_0000, 255 * MIB, 1)]
+            vec![
+                (0, 0x9fc00, 1),
+                (0x9fc00, 0x60400, 2),
+                (0x10_0000, 255 * MIB, 1)
+            ]
         );
     }
 
@@ -260,7 +286,6 @@ mod tests {
                 assert!(start + len <= MMIO_HOLE_START || start >= HIGH_RAM_START);
             }
         }
-        assert!(abi::MIRROR_REGION_GPA >= MMIO_HOLE_START);
     }
 
     #[test]
@@ -268,10 +293,15 @@ mod tests {
         let mem = Memory::new(32 * MIB).unwrap();
         let slots = mem.slots();
         assert_eq!(slots.len(), 2);
-        assert_eq!((slots[0].slot, slots[0].gpa, slots[0].size), (0, 0, 32 * MIB));
+        assert_eq!(
+            (slots[0].slot, slots[0].gpa, slots[0].size),
+            (0, 0, 32 * MIB)
+        );
         assert_eq!((slots[1].slot, slots[1].gpa), (1, abi::MIRROR_REGION_GPA));
         // The host address is the mapping itself.
-        mem.ram.write_obj(0xdead_beefu64, GuestAddress(0x1000)).unwrap();
+        mem.ram
+            .write_obj(0xdead_beefu64, GuestAddress(0x1000))
+            .unwrap();
         // SAFETY: slot 0 maps 32 MiB starting at host_addr.
         let v = unsafe { *((slots[0].host_addr + 0x1000) as *const u64) };
         assert_eq!(v, 0xdead_beef);

@@ -44,9 +44,18 @@ pub fn prepare(memory: &Memory, vcpus: usize) -> Result<Vec<VcpuBoot>, BootError
         };
         let gpa = MIRROR_LAYOUT.params_gpa(i);
         mem.write_slice(params.as_bytes(), GuestAddress(gpa))
-            .map_err(|_| BootError::GuestWrite { what: "mirror parameters", gpa })?;
-        mem.write_slice(MirrorStatus::default().as_bytes(), GuestAddress(status_gpa(i)))
-            .map_err(|_| BootError::GuestWrite { what: "mirror status", gpa: status_gpa(i) })?;
+            .map_err(|_| BootError::GuestWrite {
+                what: "mirror parameters",
+                gpa,
+            })?;
+        mem.write_slice(
+            MirrorStatus::default().as_bytes(),
+            GuestAddress(status_gpa(i)),
+        )
+        .map_err(|_| BootError::GuestWrite {
+            what: "mirror status",
+            gpa: status_gpa(i),
+        })?;
     }
     Ok(boots)
 }
@@ -54,7 +63,10 @@ pub fn prepare(memory: &Memory, vcpus: usize) -> Result<Vec<VcpuBoot>, BootError
 /// What mirror vCPU `i` last published.
 pub fn read_status(memory: &Memory, i: usize) -> MirrorStatus {
     let load = |offset: u64| {
-        memory.mirror.load::<u64>(GuestAddress(status_gpa(i) + offset), Ordering::Acquire).unwrap_or(0)
+        memory
+            .mirror
+            .load::<u64>(GuestAddress(status_gpa(i) + offset), Ordering::Acquire)
+            .unwrap_or(0)
     };
     MirrorStatus {
         counter: load(0),
@@ -78,13 +90,22 @@ mod tests {
     #[test]
     fn prepare_writes_params_and_clears_status() {
         let memory = Memory::new(32 * MIB).unwrap();
-        memory.mirror.write_obj(77u64, GuestAddress(status_gpa(1))).unwrap();
+        memory
+            .mirror
+            .write_obj(77u64, GuestAddress(status_gpa(1)))
+            .unwrap();
         let boots = prepare(&memory, 2).unwrap();
         assert_eq!(boots.len(), 2);
         assert_eq!(read_status(&memory, 1).counter, 0);
         let mut bytes = [0u8; size_of::<MirrorParams>()];
-        memory.mirror.read_slice(&mut bytes, GuestAddress(MIRROR_LAYOUT.params_gpa(1))).unwrap();
+        memory
+            .mirror
+            .read_slice(&mut bytes, GuestAddress(MIRROR_LAYOUT.params_gpa(1)))
+            .unwrap();
         let p = <MirrorParams as zerocopy::FromBytes>::read_from_bytes(&bytes).unwrap();
-        assert_eq!((p.magic, p.vcpu_index, p.status_gpa, p.probe_gpa), (abi::PARAMS_MAGIC, 1, status_gpa(1), PROBE_GPA));
+        assert_eq!(
+            (p.magic, p.vcpu_index, p.status_gpa, p.probe_gpa),
+            (abi::PARAMS_MAGIC, 1, status_gpa(1), PROBE_GPA)
+        );
     }
 }

@@ -36,7 +36,9 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 /// How long a write to a client may block before the client is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the loop watches on a client socket.
-const CLIENT_EVENTS: EventSet = EventSet::IN.union(EventSet::HANG_UP).union(EventSet::READ_HANG_UP);
+const CLIENT_EVENTS: EventSet = EventSet::IN
+    .union(EventSet::HANG_UP)
+    .union(EventSet::READ_HANG_UP);
 /// The QEMU version we report: QMP clients check the protocol, not this.
 const QEMU_VERSION: (u32, u32, u32) = (9, 2, 0);
 
@@ -52,12 +54,18 @@ pub struct QmpError {
 impl QmpError {
     /// A `GenericError`.
     pub fn generic(desc: impl Into<String>) -> Self {
-        Self { class: "GenericError", desc: desc.into() }
+        Self {
+            class: "GenericError",
+            desc: desc.into(),
+        }
     }
 
     /// A `CommandNotFound` error.
     pub fn not_found(desc: impl Into<String>) -> Self {
-        Self { class: "CommandNotFound", desc: desc.into() }
+        Self {
+            class: "CommandNotFound",
+            desc: desc.into(),
+        }
     }
 }
 
@@ -89,7 +97,9 @@ pub fn greeting() -> Value {
 
 /// An event message with the current time.
 pub fn event_message(name: &str, data: Value) -> Value {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     json!({"event": name, "data": data,
            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}})
 }
@@ -120,7 +130,11 @@ impl Session {
         self.input.extend_from_slice(bytes);
         let mut replies = Vec::new();
         loop {
-            let start = self.input.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(self.input.len());
+            let start = self
+                .input
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(self.input.len());
             self.input.drain(..start);
             if self.input.is_empty() {
                 break;
@@ -135,15 +149,25 @@ impl Session {
                 Some(Err(e)) if e.is_eof() => {
                     if self.input.len() > MAX_MESSAGE {
                         self.input.clear();
-                        replies.push(error_message(QmpError::generic(format!("JSON message exceeds {MAX_MESSAGE} bytes")), None));
+                        replies.push(error_message(
+                            QmpError::generic(format!("JSON message exceeds {MAX_MESSAGE} bytes")),
+                            None,
+                        ));
                     }
                     break;
                 }
                 Some(Err(e)) => {
                     // Resynchronise at the next line, or drop what we have.
-                    let skip = self.input.iter().position(|&b| b == b'\n').map_or(self.input.len(), |p| p + 1);
+                    let skip = self
+                        .input
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(self.input.len(), |p| p + 1);
                     self.input.drain(..skip);
-                    replies.push(error_message(QmpError::generic(format!("JSON parse error, {e}")), None));
+                    replies.push(error_message(
+                        QmpError::generic(format!("JSON parse error, {e}")),
+                        None,
+                    ));
                 }
                 None => break,
             }
@@ -167,31 +191,54 @@ impl Session {
         reply
     }
 
-    fn check_and_run(&mut self, mut msg: Map<String, Value>, backend: &mut dyn QmpBackend) -> Result<Value, QmpError> {
+    fn check_and_run(
+        &mut self,
+        mut msg: Map<String, Value>,
+        backend: &mut dyn QmpBackend,
+    ) -> Result<Value, QmpError> {
         let command = match msg.remove("execute") {
             Some(Value::String(c)) => c,
-            Some(_) => return Err(QmpError::generic("QMP input member 'execute' must be a string")),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'execute' must be a string",
+                ))
+            }
             None => return Err(QmpError::generic("QMP input lacks member 'execute'")),
         };
         let args = match msg.remove("arguments") {
             Some(Value::Object(a)) => a,
             None => Map::new(),
-            Some(_) => return Err(QmpError::generic("QMP input member 'arguments' must be an object")),
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'arguments' must be an object",
+                ))
+            }
         };
         if let Some(k) = msg.keys().next() {
-            return Err(QmpError::generic(format!("QMP input member '{k}' is unexpected")));
+            return Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
         }
         if command == "qmp_capabilities" {
             if self.negotiated {
-                return Err(QmpError::not_found("Capabilities negotiation is already complete, command ignored"));
+                return Err(QmpError::not_found(
+                    "Capabilities negotiation is already complete, command ignored",
+                ));
             }
             match args.get("enable") {
                 None => {}
                 Some(Value::Array(caps)) if caps.is_empty() => {}
                 Some(Value::Array(caps)) => {
-                    return Err(QmpError::generic(format!("Capability '{}' not available", caps[0].as_str().unwrap_or("?"))));
+                    return Err(QmpError::generic(format!(
+                        "Capability '{}' not available",
+                        caps[0].as_str().unwrap_or("?")
+                    )));
                 }
-                Some(_) => return Err(QmpError::generic("Invalid parameter type for 'enable', expected: array")),
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'enable', expected: array",
+                    ))
+                }
             }
             if let Some(k) = args.keys().find(|k| *k != "enable") {
                 return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
@@ -200,7 +247,9 @@ impl Session {
             return Ok(json!({}));
         }
         if !self.negotiated {
-            return Err(QmpError::not_found("Expecting capabilities negotiation with 'qmp_capabilities'"));
+            return Err(QmpError::not_found(
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
         }
         backend.execute(&command, &args)
     }
@@ -235,7 +284,10 @@ pub struct QmpServer {
 
 impl QmpServer {
     /// Listens at `path` (owner-only permissions), replacing a stale socket.
-    pub fn bind(path: &Path, backend: std::sync::Arc<std::sync::Mutex<dyn QmpBackend>>) -> Result<Self, QmpServerError> {
+    pub fn bind(
+        path: &Path,
+        backend: std::sync::Arc<std::sync::Mutex<dyn QmpBackend>>,
+    ) -> Result<Self, QmpServerError> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(QmpServerError::PathInUse(path.to_path_buf()));
@@ -252,7 +304,12 @@ impl QmpServer {
         let listener = bound.map_err(fail)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
         listener.set_nonblocking(true).map_err(fail)?;
-        Ok(Self { path: path.to_path_buf(), listener, connections: HashMap::new(), backend })
+        Ok(Self {
+            path: path.to_path_buf(),
+            listener,
+            connections: HashMap::new(),
+            backend,
+        })
     }
 
     fn send(conn: &mut Connection, msg: &Value) -> bool {
@@ -264,13 +321,21 @@ impl QmpServer {
     /// Sends an event to every negotiated client.
     pub fn broadcast(&mut self, name: &str, data: Value) {
         let msg = event_message(name, data);
-        for c in self.connections.values_mut().filter(|c| c.session.negotiated() && !c.dead) {
+        for c in self
+            .connections
+            .values_mut()
+            .filter(|c| c.session.negotiated() && !c.dead)
+        {
             c.dead = !Self::send(c, &msg);
         }
     }
 
     fn flush_events(&mut self) {
-        let events = self.backend.lock().expect("backend lock poisoned").take_events();
+        let events = self
+            .backend
+            .lock()
+            .expect("backend lock poisoned")
+            .take_events();
         for (name, data) in events {
             self.broadcast(&name, data);
         }
@@ -280,10 +345,16 @@ impl QmpServer {
         while let Ok((stream, _)) = self.listener.accept() {
             // Reads happen only when epoll says so; writes block at most
             // WRITE_TIMEOUT, so a client that stops reading is dropped.
-            if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+            if stream.set_nonblocking(false).is_err()
+                || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
+            {
                 continue;
             }
-            let mut conn = Connection { stream, session: Session::default(), dead: false };
+            let mut conn = Connection {
+                stream,
+                session: Session::default(),
+                dead: false,
+            };
             if !Self::send(&mut conn, &greeting()) {
                 continue;
             }
@@ -297,7 +368,9 @@ impl QmpServer {
     }
 
     fn serve(&mut self, fd: i32) {
-        let Some(conn) = self.connections.get_mut(&fd) else { return };
+        let Some(conn) = self.connections.get_mut(&fd) else {
+            return;
+        };
         let mut buf = [0u8; 4096];
         let replies = match conn.stream.read(&mut buf) {
             Ok(0) | Err(_) => None,
@@ -366,8 +439,12 @@ mod tests {
                     self.events.push(("STOP".into(), json!({})));
                     Ok(json!({}))
                 }
-                "query-status" => Ok(json!({"status": "running", "running": true, "singlestep": false})),
-                _ => Err(QmpError::not_found(format!("The command {command} has not been found"))),
+                "query-status" => {
+                    Ok(json!({"status": "running", "running": true, "singlestep": false}))
+                }
+                _ => Err(QmpError::not_found(format!(
+                    "The command {command} has not been found"
+                ))),
             }
         }
         fn take_events(&mut self) -> Vec<(String, Value)> {
@@ -385,7 +462,11 @@ mod tests {
         let r = feed(&mut s, &mut b, r#"{"execute": "query-status"}"#);
         assert_eq!(r[0]["error"]["class"], "CommandNotFound");
         assert!(b.calls.is_empty());
-        let r = feed(&mut s, &mut b, r#"{"execute": "qmp_capabilities", "id": "a"}"#);
+        let r = feed(
+            &mut s,
+            &mut b,
+            r#"{"execute": "qmp_capabilities", "id": "a"}"#,
+        );
         assert_eq!(r[0], json!({"return": {}, "id": "a"}));
         let r = feed(&mut s, &mut b, r#"{"execute": "qmp_capabilities"}"#);
         assert_eq!(r[0]["error"]["class"], "CommandNotFound");
@@ -398,7 +479,11 @@ mod tests {
     fn framing_split_and_batched_input() {
         let (mut s, mut b) = (Session::default(), Fake::default());
         assert!(feed(&mut s, &mut b, r#"{"execute": "qmp_cap"#).is_empty());
-        let r = feed(&mut s, &mut b, "abilities\"}\n{\"execute\":\"stop\"} {\"execute\":\"query-status\"}");
+        let r = feed(
+            &mut s,
+            &mut b,
+            "abilities\"}\n{\"execute\":\"stop\"} {\"execute\":\"query-status\"}",
+        );
         assert_eq!(r.len(), 3);
         assert_eq!(r[1], json!({"return": {}}));
         assert_eq!(b.take_events().len(), 1);
@@ -413,9 +498,18 @@ mod tests {
             ("[1, 2]", "must be a JSON object"),
             (r#"{"arguments": {}}"#, "lacks member 'execute'"),
             (r#"{"execute": 5}"#, "must be a string"),
-            (r#"{"execute": "stop", "arguments": []}"#, "must be an object"),
-            (r#"{"execute": "stop", "arguments": {"force": true}}"#, "Parameter 'force' is unexpected"),
-            (r#"{"execute": "stop", "bogus": 1}"#, "'bogus' is unexpected"),
+            (
+                r#"{"execute": "stop", "arguments": []}"#,
+                "must be an object",
+            ),
+            (
+                r#"{"execute": "stop", "arguments": {"force": true}}"#,
+                "Parameter 'force' is unexpected",
+            ),
+            (
+                r#"{"execute": "stop", "bogus": 1}"#,
+                "'bogus' is unexpected",
+            ),
             (r#"{"execute": "no-such-command"}"#, "has not been found"),
             ("\u{7f}garbage\n", "JSON parse error"),
         ];
@@ -444,9 +538,17 @@ mod tests {
     #[test]
     fn capabilities_arguments() {
         let (mut s, mut b) = (Session::default(), Fake::default());
-        let r = feed(&mut s, &mut b, r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#);
+        let r = feed(
+            &mut s,
+            &mut b,
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#,
+        );
         assert!(r[0]["error"]["desc"].as_str().unwrap().contains("oob"));
-        let r = feed(&mut s, &mut b, r#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#);
+        let r = feed(
+            &mut s,
+            &mut b,
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":[]}}"#,
+        );
         assert_eq!(r[0], json!({"return": {}}));
     }
 

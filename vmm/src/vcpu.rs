@@ -27,8 +27,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -179,13 +179,17 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 pub fn install_kick_handler() -> Result<(), VcpuError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
-    ONCE.call_once(|| result = register_signal_handler(SIGRTMIN(), handle_kick).map_err(VcpuError::Signal));
+    ONCE.call_once(|| {
+        result = register_signal_handler(SIGRTMIN(), handle_kick).map_err(VcpuError::Signal)
+    });
     result
 }
 
 /// The MSR indices worth saving: KVM's list.
 pub fn msr_index_list(kvm: &kvm_ioctls::Kvm) -> Vec<u32> {
-    kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default()
+    kvm.get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default()
 }
 
 /// A vCPU before its thread starts.
@@ -213,8 +217,23 @@ struct Thread {
 
 impl Vcpu {
     /// A vCPU whose port I/O goes to `bus` and whose fatal exits go to `exit`.
-    pub fn new(fd: VcpuFd, index: usize, role: VcpuRole, bus: Arc<Bus>, exit: ExitHandle, msr_indices: Arc<Vec<u32>>) -> Self {
-        Self { fd, index, role, bus, exit, msr_indices, stats: Arc::default() }
+    pub fn new(
+        fd: VcpuFd,
+        index: usize,
+        role: VcpuRole,
+        bus: Arc<Bus>,
+        exit: ExitHandle,
+        msr_indices: Arc<Vec<u32>>,
+    ) -> Self {
+        Self {
+            fd,
+            index,
+            role,
+            bus,
+            exit,
+            msr_indices,
+            stats: Arc::default(),
+        }
     }
 
     /// The vCPU's fd (for boot-time setup before the thread starts).
@@ -234,12 +253,33 @@ impl Vcpu {
         let (index, role, label, stats) = (self.index, self.role, self.label(), self.stats.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{}{}", role.name(), index))
-            .spawn(move || Thread { vcpu: self, events: event_rx, responses: resp_tx }.run())
+            .spawn(move || {
+                Thread {
+                    vcpu: self,
+                    events: event_rx,
+                    responses: resp_tx,
+                }
+                .run()
+            })
             .map_err(VcpuError::Spawn)?;
-        let mut handle = VcpuHandle { index, role, label, events: event_tx, responses: resp_rx, thread: Some(thread), tid: 0, stats };
+        let mut handle = VcpuHandle {
+            index,
+            role,
+            label,
+            events: event_tx,
+            responses: resp_rx,
+            thread: Some(thread),
+            tid: 0,
+            stats,
+        };
         match handle.wait(RESPONSE_TIMEOUT)? {
             VcpuResponse::Started(tid) => handle.tid = tid,
-            other => return Err(VcpuError::Unexpected(handle.label.clone(), format!("{other:?}"))),
+            other => {
+                return Err(VcpuError::Unexpected(
+                    handle.label.clone(),
+                    format!("{other:?}"),
+                ))
+            }
         }
         Ok(handle)
     }
@@ -282,7 +322,9 @@ impl Thread {
                 s
             }
             (VcpuEvent::Resume, State::Stopped(why)) => {
-                self.reply(VcpuResponse::NotAllowed(format!("the vCPU has stopped: {why}")));
+                self.reply(VcpuResponse::NotAllowed(format!(
+                    "the vCPU has stopped: {why}"
+                )));
                 State::Stopped(why)
             }
             (VcpuEvent::Resume, _) => {
@@ -315,7 +357,9 @@ impl Thread {
                     return State::Paused;
                 }
                 Ok(VcpuEvent::SaveState) => {
-                    self.reply(VcpuResponse::NotAllowed("save state needs a paused vCPU".into()));
+                    self.reply(VcpuResponse::NotAllowed(
+                        "save state needs a paused vCPU".into(),
+                    ));
                 }
                 Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                     self.drain();
@@ -344,7 +388,15 @@ impl Thread {
 
     /// One KVM_RUN; returns why the vCPU must stop, if it must.
     fn run_once(&mut self) -> Option<String> {
-        let Vcpu { fd, bus, exit, role, index, stats, .. } = &mut self.vcpu;
+        let Vcpu {
+            fd,
+            bus,
+            exit,
+            role,
+            index,
+            stats,
+            ..
+        } = &mut self.vcpu;
         let result = fd.run();
         stats.exits.fetch_add(1, Ordering::Relaxed);
         let fatal = |exit: &ExitHandle, why: String| {
@@ -376,11 +428,20 @@ impl Thread {
             Ok(VcpuExit::Hlt) => Some("halted".into()),
             Ok(VcpuExit::Shutdown) => fatal(exit, "triple fault (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
-                exit.request(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET { ExitReason::Reset } else { ExitReason::PowerOff });
+                exit.request(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                    ExitReason::Reset
+                } else {
+                    ExitReason::PowerOff
+                });
                 Some(format!("system event {kind}"))
             }
-            Ok(VcpuExit::InternalError) => fatal(exit, "KVM internal error (emulation failure)".into()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(exit, format!("VM entry failed: reason {reason:#x} on cpu {cpu}")),
+            Ok(VcpuExit::InternalError) => {
+                fatal(exit, "KVM internal error (emulation failure)".into())
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
+                exit,
+                format!("VM entry failed: reason {reason:#x} on cpu {cpu}"),
+            ),
             Ok(other) => {
                 log::debug!("{} {index}: ignored exit {other:?}", role.name());
                 None
@@ -416,8 +477,16 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Vec<kvm_msr_entry> {
     let mut wanted: Vec<u32> = indices.to_vec();
     let mut out = Vec::new();
     while !wanted.is_empty() {
-        let entries: Vec<kvm_msr_entry> = wanted.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let Ok(mut msrs) = Msrs::from_entries(&entries) else { break };
+        let entries: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
+            break;
+        };
         let n = fd.get_msrs(&mut msrs).unwrap_or(0);
         out.extend_from_slice(&msrs.as_slice()[..n]);
         wanted.drain(..(n + 1).min(wanted.len()));
@@ -460,9 +529,13 @@ impl VcpuHandle {
 
     /// Sends an event and kicks the thread out of KVM_RUN.
     pub fn send(&self, event: VcpuEvent) -> Result<(), VcpuError> {
-        self.events.send(event).map_err(|_| VcpuError::Gone(self.label.clone()))?;
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Gone(self.label.clone()))?;
         if let Some(thread) = &self.thread {
-            thread.kill(SIGRTMIN()).map_err(|e| VcpuError::Kick(self.label.clone(), e))?;
+            thread
+                .kill(SIGRTMIN())
+                .map_err(|e| VcpuError::Kick(self.label.clone(), e))?;
         }
         Ok(())
     }
@@ -479,8 +552,13 @@ impl VcpuHandle {
     fn expect(&self, want: fn(&VcpuResponse) -> bool) -> Result<VcpuResponse, VcpuError> {
         match self.wait(RESPONSE_TIMEOUT)? {
             r if want(&r) => Ok(r),
-            VcpuResponse::NotAllowed(why) | VcpuResponse::Error(why) => Err(VcpuError::Refused(self.label.clone(), why)),
-            other => Err(VcpuError::Unexpected(self.label.clone(), format!("{other:?}"))),
+            VcpuResponse::NotAllowed(why) | VcpuResponse::Error(why) => {
+                Err(VcpuError::Refused(self.label.clone(), why))
+            }
+            other => Err(VcpuError::Unexpected(
+                self.label.clone(),
+                format!("{other:?}"),
+            )),
         }
     }
 
@@ -519,7 +597,11 @@ impl VcpuGroup {
 
     /// Sends `event` to every vCPU first, then collects every answer, so the
     /// vCPUs act in parallel.
-    fn broadcast(&self, event: VcpuEvent, want: fn(&VcpuResponse) -> bool) -> Result<Vec<VcpuResponse>, VcpuError> {
+    fn broadcast(
+        &self,
+        event: VcpuEvent,
+        want: fn(&VcpuResponse) -> bool,
+    ) -> Result<Vec<VcpuResponse>, VcpuError> {
         for h in &self.handles {
             h.send(event)?;
         }
@@ -538,17 +620,21 @@ impl VcpuGroup {
 
     /// Pauses every vCPU (drained: no I/O left half done).
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Pause, |r| matches!(r, VcpuResponse::Paused)).map(drop)
+        self.broadcast(VcpuEvent::Pause, |r| matches!(r, VcpuResponse::Paused))
+            .map(drop)
     }
 
     /// Resumes every vCPU.
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Resume, |r| matches!(r, VcpuResponse::Resumed)).map(drop)
+        self.broadcast(VcpuEvent::Resume, |r| matches!(r, VcpuResponse::Resumed))
+            .map(drop)
     }
 
     /// The state of every vCPU (they must be paused).
     pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
-        let responses = self.broadcast(VcpuEvent::SaveState, |r| matches!(r, VcpuResponse::SavedState(_)))?;
+        let responses = self.broadcast(VcpuEvent::SaveState, |r| {
+            matches!(r, VcpuResponse::SavedState(_))
+        })?;
         Ok(responses
             .into_iter()
             .filter_map(|r| match r {

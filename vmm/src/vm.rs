@@ -6,7 +6,10 @@
 //! SEV the mirror would also share the encryption context
 //! (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM); the `none` backend needs nothing more.
 
-use kvm_bindings::{kvm_mp_state, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::VcpuBoot;
@@ -52,16 +55,23 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// KVM's supported CPUID list.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
 }
 
 /// Creates the main VM: irqchip, PIT, and the memslots.
 pub fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.set_tss_address(TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     for slot in slots {
         slot.register(&vm, false)?;
@@ -72,8 +82,10 @@ pub fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
 /// Creates the mirror VM over the same memslots.
 pub fn create_mirror_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM (mirror)"))?;
-    vm.set_identity_map_address(IDENTITY_MAP_ADDR).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.set_tss_address(TSS_ADDR).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     for slot in slots {
         slot.register(&vm, false)?;
     }
@@ -91,8 +103,15 @@ pub struct VcpuSetup<'a> {
 }
 
 /// Creates vCPU `index` and gives it CPUID, MSRs, FPU, XCR0 and `boot`.
-pub fn create_vcpu(vm: &VmFd, index: usize, setup: &VcpuSetup, boot: &VcpuBoot) -> Result<VcpuFd, VmError> {
-    let fd = vm.create_vcpu(index as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+pub fn create_vcpu(
+    vm: &VmFd,
+    index: usize,
+    setup: &VcpuSetup,
+    boot: &VcpuBoot,
+) -> Result<VcpuFd, VmError> {
+    let fd = vm
+        .create_vcpu(index as u64)
+        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
     vcpu_setup::set_cpuid(&fd, setup.cpuid, index as u32, setup.count as u32)?;
     vcpu_setup::set_boot_msrs(&fd)?;
     vcpu_setup::set_fpu(&fd)?;
@@ -107,8 +126,11 @@ pub fn create_vcpu(vm: &VmFd, index: usize, setup: &VcpuSetup, boot: &VcpuBoot) 
         fd.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))?;
         // With the in-kernel irqchip only vCPU 0 starts runnable; the others
         // would wait for INIT-SIPI, which a directly-entered guest never sends.
-        let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
-        fd.set_mp_state(runnable).map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        let runnable = kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        };
+        fd.set_mp_state(runnable)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     }
     Ok(fd)
 }

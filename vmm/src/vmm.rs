@@ -113,7 +113,13 @@ impl TryFrom<VmmConfig> for Vmm {
             BootConfig::Lab(guest) => {
                 let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
                 let entry = image.load(&memory.ram)?;
-                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &memory.layout.ram_ranges(), config.cpus, entry)?
+                cpl3::prepare(
+                    &memory.ram,
+                    &LAB_LAYOUT,
+                    &memory.layout.ram_ranges(),
+                    config.cpus,
+                    entry,
+                )?
             }
             BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, config.cpus)?,
             BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; config.cpus],
@@ -123,13 +129,24 @@ impl TryFrom<VmmConfig> for Vmm {
         let cpuid = vm::supported_cpuid(&kvm)?;
         let msrs = Arc::new(msr_index_list(&kvm));
         let create = |vm_fd: &VmFd, boots: &[VcpuBoot], role, bus: &Arc<cgsvmm_devices::Bus>| {
-            let setup = VcpuSetup { cpuid: &cpuid, count: boots.len(), irqchip: role == VcpuRole::Main };
+            let setup = VcpuSetup {
+                cpuid: &cpuid,
+                count: boots.len(),
+                irqchip: role == VcpuRole::Main,
+            };
             boots
                 .iter()
                 .enumerate()
                 .map(|(i, boot)| {
                     let fd = vm::create_vcpu(vm_fd, i, &setup, boot)?;
-                    Ok(Vcpu::new(fd, i, role, bus.clone(), exit.clone(), msrs.clone()))
+                    Ok(Vcpu::new(
+                        fd,
+                        i,
+                        role,
+                        bus.clone(),
+                        exit.clone(),
+                        msrs.clone(),
+                    ))
                 })
                 .collect::<Result<Vec<_>, VmmError>>()
         };
@@ -137,11 +154,20 @@ impl TryFrom<VmmConfig> for Vmm {
         let mirror_vcpus = create(&mirror_vm, &mirror_boots, VcpuRole::Mirror, &mirror_bus)?;
 
         if matches!(config.boot, BootConfig::Lab(_)) {
-            let tsc_khz = main_vcpus[0].fd().get_tsc_khz().map(u64::from).unwrap_or(FALLBACK_TSC_KHZ);
+            let tsc_khz = main_vcpus[0]
+                .fd()
+                .get_tsc_khz()
+                .map(u64::from)
+                .unwrap_or(FALLBACK_TSC_KHZ);
             lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
         }
 
-        let start = |vcpus: Vec<Vcpu>| vcpus.into_iter().map(Vcpu::start).collect::<Result<Vec<_>, _>>();
+        let start = |vcpus: Vec<Vcpu>| {
+            vcpus
+                .into_iter()
+                .map(Vcpu::start)
+                .collect::<Result<Vec<_>, _>>()
+        };
         let main = VcpuGroup::new(start(main_vcpus)?);
         let mirror = VcpuGroup::new(start(mirror_vcpus)?);
         let controller = Controller::new(main, mirror, memory.clone(), exit.clone());
@@ -192,7 +218,8 @@ impl MutEventSubscriber for StopWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.signal_evt.as_raw_fd() {
             let _ = self.signal_evt.read();
-            self.exit.request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
+            self.exit
+                .request(ExitReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
         } else {
             let _ = self.exit_evt.read();
         }
@@ -246,26 +273,47 @@ impl Vmm {
 
     /// Starts the mirror and the main vCPUs.
     pub fn start(&self) -> Result<(), VmmError> {
-        Ok(self.controller.lock().expect("controller lock poisoned").start()?)
+        Ok(self
+            .controller
+            .lock()
+            .expect("controller lock poisoned")
+            .start()?)
     }
 
     /// Stops and joins every vCPU thread.
     pub fn shutdown(&self) {
-        self.controller.lock().expect("controller lock poisoned").shutdown();
+        self.controller
+            .lock()
+            .expect("controller lock poisoned")
+            .shutdown();
     }
 
     /// Starts the VM and serves the event loop until it stops; returns why.
     pub fn run(self) -> Result<ExitReason, VmmError> {
-        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(VmmError::EventLoop)?;
-        let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("signal eventfd", e))?;
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(VmmError::EventLoop)?;
+        let signal_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("signal eventfd", e))?;
         SIGNAL_FD.store(signal_evt.as_raw_fd(), Ordering::SeqCst);
         for sig in [libc::SIGINT, libc::SIGTERM] {
-            register_signal_handler(sig, handle_stop_signal).map_err(|e| VmmError::Setup("signal handler", e.into()))?;
+            register_signal_handler(sig, handle_stop_signal)
+                .map_err(|e| VmmError::Setup("signal handler", e.into()))?;
         }
-        let exit_evt = self.exit.event().try_clone().map_err(|e| VmmError::Setup("exit eventfd", e))?;
-        manager.add_subscriber(Arc::new(Mutex::new(StopWatcher { exit: self.exit.clone(), exit_evt, signal_evt })));
+        let exit_evt = self
+            .exit
+            .event()
+            .try_clone()
+            .map_err(|e| VmmError::Setup("exit eventfd", e))?;
+        manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
+            exit: self.exit.clone(),
+            exit_evt,
+            signal_evt,
+        })));
         if self.config.serial == SerialConfig::Stdio {
-            manager.add_subscriber(Arc::new(Mutex::new(SerialInput { serial: self.serial.clone(), stdin: std::io::stdin() })));
+            manager.add_subscriber(Arc::new(Mutex::new(SerialInput {
+                serial: self.serial.clone(),
+                stdin: std::io::stdin(),
+            })));
         }
         let qmp = match &self.config.qmp {
             Some(path) => {
@@ -278,14 +326,20 @@ impl Vmm {
 
         self.start()?;
         let reason = loop {
-            manager.run_with_timeout(LOOP_TIMEOUT_MS).map_err(VmmError::EventLoop)?;
+            manager
+                .run_with_timeout(LOOP_TIMEOUT_MS)
+                .map_err(VmmError::EventLoop)?;
             if let Some(reason) = self.exit.reason() {
                 break reason;
             }
         };
         if let Some(server) = &qmp {
-            let data = json!({"guest": reason.guest_initiated(), "reason": reason.shutdown_cause()});
-            server.lock().expect("qmp lock poisoned").broadcast("SHUTDOWN", data);
+            let data =
+                json!({"guest": reason.guest_initiated(), "reason": reason.shutdown_cause()});
+            server
+                .lock()
+                .expect("qmp lock poisoned")
+                .broadcast("SHUTDOWN", data);
         }
         self.shutdown();
         SIGNAL_FD.store(-1, Ordering::SeqCst);

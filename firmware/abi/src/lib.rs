@@ -116,7 +116,9 @@ pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"CGSVPARM");
 
 /// A half-open range of guest-physical addresses.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
 pub struct GpaRange {
     /// First byte.
     pub start: u64,
@@ -174,6 +176,17 @@ pub struct MirrorStatus {
     pub reserved: [u64; 6],
 }
 
+// The layout holds together (checked at compile time).
+const _: () = {
+    // Every mirror vCPU's status fits the status page.
+    assert!(MAX_MIRROR_VCPUS * core::mem::size_of::<MirrorStatus>() <= 0x1000);
+    // Every lab vCPU's parameters fit one page.
+    assert!(MAX_LAB_VCPUS * core::mem::size_of::<LabParams>() <= 0x1000);
+    // The mirror region stays below the IOAPIC and is 2 MiB aligned.
+    assert!(MIRROR_REGION_GPA + MIRROR_REGION_SIZE <= 0xfec0_0000);
+    assert!(MIRROR_REGION_GPA % 0x20_0000 == 0);
+};
+
 /// The dirtier writes the pass number at this offset of every page it owns.
 pub const DIRTIER_PASS_OFFSET: usize = 0;
 
@@ -211,16 +224,6 @@ mod tests {
         assert_eq!(size_of::<MirrorStatus>(), 64);
         assert_eq!(align_of::<MirrorStatus>(), 64);
         assert_eq!(offset_of!(MirrorStatus, probe_value), 8);
-    }
-
-    #[test]
-    fn layout_fits() {
-        // Every mirror vCPU's status fits the status page.
-        assert!(MAX_MIRROR_VCPUS * size_of::<MirrorStatus>() <= 0x1000);
-        // Every lab vCPU's parameters fit one page.
-        assert!(MAX_LAB_VCPUS * size_of::<LabParams>() <= 0x1000);
-        assert!(MIRROR_REGION_GPA + MIRROR_REGION_SIZE <= 0xfec0_0000);
-        assert_eq!(MIRROR_REGION_GPA % 0x20_0000, 0);
     }
 
     #[test]

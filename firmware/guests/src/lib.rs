@@ -9,6 +9,7 @@
 #![no_std]
 
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 pub use cgsvmm_fw_abi as abi;
 
@@ -70,7 +71,8 @@ pub fn lab_command(cmd: u32) {
     outl(abi::LAB_PORT, cmd);
 }
 
-/// Writes text to COM1, one `out` per byte.
+/// Writes text to COM1, one `out` per byte. Use [`sprint!`], which holds
+/// the print lock so lines of different vCPUs never interleave.
 pub struct Serial;
 
 impl fmt::Write for Serial {
@@ -82,12 +84,24 @@ impl fmt::Write for Serial {
     }
 }
 
-/// Prints to the serial port like `print!`.
+/// Taken while one vCPU prints (images' data is shared by all their vCPUs).
+static PRINT_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Prints `args` to the serial port as one unit.
+pub fn print_locked(args: fmt::Arguments) {
+    while PRINT_LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    let _ = fmt::Write::write_fmt(&mut Serial, args);
+    PRINT_LOCK.store(false, Ordering::Release);
+}
+
+/// Prints to the serial port like `print!`, whole.
 #[macro_export]
 macro_rules! sprint {
-    ($($arg:tt)*) => {{
-        let _ = core::fmt::Write::write_fmt(&mut $crate::Serial, format_args!($($arg)*));
-    }};
+    ($($arg:tt)*) => {
+        $crate::print_locked(format_args!($($arg)*))
+    };
 }
 
 #[panic_handler]

@@ -71,7 +71,8 @@ pub struct Cpl3Layout {
 /// Most bytes a lab image (with bss) may take.
 pub const LAB_IMAGE_MAX: u64 = 0x8_0000;
 /// Most bytes the mirror image (with bss) may take.
-pub const MIRROR_IMAGE_MAX: u64 = abi::MIRROR_REGION_SIZE - (abi::MIRROR_IMAGE_GPA - abi::MIRROR_REGION_GPA);
+pub const MIRROR_IMAGE_MAX: u64 =
+    abi::MIRROR_REGION_SIZE - (abi::MIRROR_IMAGE_GPA - abi::MIRROR_REGION_GPA);
 
 /// Lab guests: everything in guest RAM between 1 MiB and `LAB_DATA_GPA`.
 pub const LAB_LAYOUT: Cpl3Layout = Cpl3Layout {
@@ -122,7 +123,11 @@ fn gdt_entries(layout: &Cpl3Layout, vcpus: usize) -> Vec<u64> {
     gdt[GDT_USER_DATA as usize] = gdt::descriptor(flags::USER_DATA, 0, 0xfffff);
     gdt[GDT_USER_CODE64 as usize] = gdt::descriptor(flags::USER_CODE64, 0, 0xfffff);
     for i in 0..vcpus {
-        gdt.extend(gdt::system_descriptor(gdt::TSS64_AVAILABLE, layout.tss_gpa(i), TSS_LIMIT));
+        gdt.extend(gdt::system_descriptor(
+            gdt::TSS64_AVAILABLE,
+            layout.tss_gpa(i),
+            TSS_LIMIT,
+        ));
     }
     gdt
 }
@@ -150,7 +155,8 @@ pub fn prepare(
         return Err(BootError::TooManyVcpus(vcpus, layout.max_vcpus));
     }
     let write = |what, gpa: u64, bytes: &[u8]| {
-        mem.write_slice(bytes, GuestAddress(gpa)).map_err(|_| BootError::GuestWrite { what, gpa })
+        mem.write_slice(bytes, GuestAddress(gpa))
+            .map_err(|_| BootError::GuestWrite { what, gpa })
     };
     let gdt = gdt_entries(layout, vcpus);
     let gdt_bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -160,7 +166,10 @@ pub fn prepare(
     }
     let tables = paging::identity_map(mapped, layout.tables, PTE_USER)?;
     let pml4 = tables[0].0;
-    paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite { what: "page table", gpa })?;
+    paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite {
+        what: "page table",
+        gpa,
+    })?;
 
     let gdt_base = layout.gdt;
     let gdt_limit = (gdt.len() * 8 - 1) as u16;
@@ -244,7 +253,9 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let boots = prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 2, 0x10_0030).unwrap();
         assert_eq!(boots.len(), 2);
-        let VcpuBoot::State { regs, sregs } = &boots[1] else { panic!("expected a state") };
+        let VcpuBoot::State { regs, sregs } = &boots[1] else {
+            panic!("expected a state")
+        };
         assert_eq!(regs.rip, 0x10_0030);
         assert_eq!(regs.rdi, LAB_LAYOUT.params_gpa(1));
         assert_eq!(regs.rsp, LAB_LAYOUT.stacks + 2 * LAB_LAYOUT.stack_size);
@@ -257,7 +268,9 @@ mod tests {
         assert_eq!(s.efer, efer::LME | efer::LMA);
         assert_eq!(s.cr3, LAB_LAYOUT.tables.0);
         // The TSS descriptor in guest memory points at that TSS.
-        let desc: u64 = mem.read_obj(GuestAddress(LAB_LAYOUT.gdt + u64::from(s.tr.selector))).unwrap();
+        let desc: u64 = mem
+            .read_obj(GuestAddress(LAB_LAYOUT.gdt + u64::from(s.tr.selector)))
+            .unwrap();
         assert_eq!((desc >> 16) & 0xff_ffff, s.tr.base & 0xff_ffff);
         assert!(prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 0, 0).is_err());
         assert!(prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 33, 0).is_err());

@@ -38,13 +38,19 @@ pub fn placement(size: u64) -> Result<u64, String> {
 
 /// Reads and maps the image at `path`.
 pub fn load(path: &Path) -> Result<Firmware, BootError> {
-    let fail = |why: String| BootError::Firmware { path: PathBuf::from(path), why };
+    let fail = |why: String| BootError::Firmware {
+        path: PathBuf::from(path),
+        why,
+    };
     let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
     let base = placement(bytes.len() as u64).map_err(fail)?;
     let memory = map_ranges(&[(base, bytes.len() as u64)]).map_err(|e| fail(e.to_string()))?;
     memory
         .write_slice(&bytes, GuestAddress(base))
-        .map_err(|_| BootError::GuestWrite { what: "firmware", gpa: base })?;
+        .map_err(|_| BootError::GuestWrite {
+            what: "firmware",
+            gpa: base,
+        })?;
     Ok(Firmware { memory, base })
 }
 
@@ -74,7 +80,10 @@ mod tests {
         std::fs::write(&path, &image).unwrap();
         let fw = load(&path).unwrap();
         assert_eq!(fw.base, 0xffe0_0000);
-        assert_eq!(fw.memory.read_obj::<u8>(GuestAddress(0xffff_fff0)).unwrap(), 0xea);
+        assert_eq!(
+            fw.memory.read_obj::<u8>(GuestAddress(0xffff_fff0)).unwrap(),
+            0xea
+        );
         std::fs::write(&path, [0u8; 100]).unwrap();
         assert!(matches!(load(&path), Err(BootError::Firmware { .. })));
         std::fs::remove_file(&path).unwrap();

@@ -53,21 +53,37 @@ pub const MIRROR: Image = Image {
 impl Image {
     /// The validated header.
     pub fn header(&self) -> Result<ImageHeader, BootError> {
-        let bad = |why: String| BootError::BadImage { name: self.name, why };
-        let (header, _) = ImageHeader::read_from_prefix(self.bytes)
-            .map_err(|_| bad(format!("{} bytes is too short for a header", self.bytes.len())))?;
+        let bad = |why: String| BootError::BadImage {
+            name: self.name,
+            why,
+        };
+        let (header, _) = ImageHeader::read_from_prefix(self.bytes).map_err(|_| {
+            bad(format!(
+                "{} bytes is too short for a header",
+                self.bytes.len()
+            ))
+        })?;
         if header.magic != abi::IMAGE_MAGIC || header.version != abi::IMAGE_HEADER_VERSION {
             return Err(bad("bad magic or header version".into()));
         }
         if header.kind != self.kind {
-            return Err(bad(format!("kind {} where {} was expected", header.kind, self.kind)));
+            return Err(bad(format!(
+                "kind {} where {} was expected",
+                header.kind, self.kind
+            )));
         }
         if header.load_addr != self.load_addr {
-            return Err(bad(format!("linked at {:#x}, expected {:#x}", header.load_addr, self.load_addr)));
+            return Err(bad(format!(
+                "linked at {:#x}, expected {:#x}",
+                header.load_addr, self.load_addr
+            )));
         }
         let end = self.load_addr + self.bytes.len() as u64;
         if header.image_end < end || header.image_end - self.load_addr > self.max_size {
-            return Err(bad(format!("image end {:#x} out of bounds", header.image_end)));
+            return Err(bad(format!(
+                "image end {:#x} out of bounds",
+                header.image_end
+            )));
         }
         if header.entry < self.load_addr || header.entry >= end {
             return Err(bad(format!("entry {:#x} outside the image", header.entry)));
@@ -79,10 +95,12 @@ impl Image {
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<u64, BootError> {
         let header = self.header()?;
         let fail = |gpa| BootError::GuestWrite { what: "image", gpa };
-        mem.write_slice(self.bytes, GuestAddress(self.load_addr)).map_err(|_| fail(self.load_addr))?;
+        mem.write_slice(self.bytes, GuestAddress(self.load_addr))
+            .map_err(|_| fail(self.load_addr))?;
         let bss_start = self.load_addr + self.bytes.len() as u64;
         let zeros = vec![0u8; (header.image_end - bss_start) as usize];
-        mem.write_slice(&zeros, GuestAddress(bss_start)).map_err(|_| fail(bss_start))?;
+        mem.write_slice(&zeros, GuestAddress(bss_start))
+            .map_err(|_| fail(bss_start))?;
         Ok(header.entry)
     }
 }
@@ -99,7 +117,9 @@ mod tests {
     #[test]
     fn embedded_images_have_valid_headers() {
         for image in [DIRTIER, HELLO, MIRROR] {
-            let h = image.header().unwrap_or_else(|e| panic!("{}: {e}", image.name));
+            let h = image
+                .header()
+                .unwrap_or_else(|e| panic!("{}: {e}", image.name));
             assert_eq!(h.load_addr, image.load_addr);
             assert!(h.entry > h.load_addr);
         }
@@ -109,15 +129,30 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_images() {
-        let wrong_kind = Image { kind: abi::IMAGE_KIND_MIRROR, ..HELLO };
-        assert!(matches!(wrong_kind.header(), Err(BootError::BadImage { .. })));
-        let wrong_addr = Image { load_addr: 0x20_0000, ..HELLO };
+        let wrong_kind = Image {
+            kind: abi::IMAGE_KIND_MIRROR,
+            ..HELLO
+        };
+        assert!(matches!(
+            wrong_kind.header(),
+            Err(BootError::BadImage { .. })
+        ));
+        let wrong_addr = Image {
+            load_addr: 0x20_0000,
+            ..HELLO
+        };
         assert!(wrong_addr.header().is_err());
-        let truncated = Image { bytes: &HELLO.bytes[..16], ..HELLO };
+        let truncated = Image {
+            bytes: &HELLO.bytes[..16],
+            ..HELLO
+        };
         assert!(truncated.header().is_err());
         let mut corrupt = HELLO.bytes.to_vec();
         corrupt[0] ^= 1;
-        let corrupt = Image { bytes: Box::leak(corrupt.into_boxed_slice()), ..HELLO };
+        let corrupt = Image {
+            bytes: Box::leak(corrupt.into_boxed_slice()),
+            ..HELLO
+        };
         assert!(corrupt.header().is_err());
     }
 
@@ -131,7 +166,8 @@ mod tests {
         }
         assert_eq!(DIRTIER.load(&mem).unwrap(), header.entry);
         let mut head = [0u8; 8];
-        mem.read_slice(&mut head, GuestAddress(DIRTIER.load_addr)).unwrap();
+        mem.read_slice(&mut head, GuestAddress(DIRTIER.load_addr))
+            .unwrap();
         assert_eq!(head, abi::IMAGE_MAGIC);
         if header.image_end > bss {
             assert_eq!(mem.read_obj::<u8>(GuestAddress(bss)).unwrap(), 0);

@@ -9,8 +9,8 @@
 //! 0x0500 GDT          0x6000 PVH start info (+ module list, memory map)
 //! 0x7000 zero page    0x9000 page tables (identity, first 1 GiB)
 //! 0x8ff0 boot stack   0x2_0000 command line
-//! 0x9_fc00 MP table   0x100_0000 kernel (HIMEM_START), initrd at the top of
-//!                     low memory
+//! 0x9_fc00 MP table   0x10_0000 kernel (HIMEM_START and up), initrd at the
+//!                     top of low memory
 //! ```
 //!
 //! These guests need native ring 0; on the PVM lab host they are loaded and
@@ -24,8 +24,12 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{
+    self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult, PvhBootCapability,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{mptable, BootError, VcpuBoot};
@@ -34,8 +38,9 @@ use crate::x86::gdt::{self, flags};
 use crate::x86::paging;
 use crate::x86::{cr0, cr4, efer};
 
-/// Where the kernel goes when it does not say otherwise.
-pub const HIMEM_START: u64 = 0x100_0000;
+/// Kernels load at or above this (the bzImage protected-mode part goes to
+/// its code32_start, 1 MiB; an ELF vmlinux to its physical addresses).
+pub const HIMEM_START: u64 = 0x10_0000;
 /// The zero page (boot_params).
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// The PVH start info.
@@ -79,12 +84,20 @@ pub struct LinuxConfig {
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, BootError> {
-    std::fs::read(path).map_err(|source| BootError::Read { path: path.clone(), source })
+    std::fs::read(path).map_err(|source| BootError::Read {
+        path: path.clone(),
+        source,
+    })
 }
 
 /// Where the initrd of `size` bytes goes: as high as possible in low memory,
 /// below what the kernel can address, above the kernel.
-pub fn initrd_address(size: u64, kernel_end: u64, below_4g: u64, addr_max: u64) -> Result<u64, BootError> {
+pub fn initrd_address(
+    size: u64,
+    kernel_end: u64,
+    below_4g: u64,
+    addr_max: u64,
+) -> Result<u64, BootError> {
     let ceiling = below_4g.min(addr_max.saturating_add(1));
     let start = ceiling.checked_sub(size).map(|s| s & !(PAGE_SIZE - 1));
     match start {
@@ -117,28 +130,47 @@ pub fn zero_page(
         params.hdr.ramdisk_size = size as u32;
     }
     if e820.len() > params.e820_table.len() {
-        return Err(BootError::DoesNotFit(format!("{} E820 entries", e820.len())));
+        return Err(BootError::DoesNotFit(format!(
+            "{} E820 entries",
+            e820.len()
+        )));
     }
     for (slot, &(addr, size, kind)) in params.e820_table.iter_mut().zip(e820) {
-        *slot = boot_e820_entry { addr, size, r#type: kind };
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
     }
     params.e820_entries = e820.len() as u8;
     Ok(params)
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, path: &PathBuf) -> Result<KernelLoaderResult, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::Read { path: path.clone(), source })?;
+    let mut file = File::open(path).map_err(|source| BootError::Read {
+        path: path.clone(),
+        source,
+    })?;
     match Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => Ok(result),
-        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            Ok(BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))?)
-        }
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => Ok(BzImage::load(
+            mem,
+            None,
+            &mut file,
+            Some(GuestAddress(HIMEM_START)),
+        )?),
         Err(e) => Err(e.into()),
     }
 }
 
-fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, what: &'static str, gpa: u64, v: T) -> Result<(), BootError> {
-    mem.write_obj(v, GuestAddress(gpa)).map_err(|_| BootError::GuestWrite { what, gpa })
+fn write<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    what: &'static str,
+    gpa: u64,
+    v: T,
+) -> Result<(), BootError> {
+    mem.write_obj(v, GuestAddress(gpa))
+        .map_err(|_| BootError::GuestWrite { what, gpa })
 }
 
 /// Loads kernel, initrd, command line, MP table and boot parameters, and
@@ -157,21 +189,39 @@ pub fn load(
         cmdline.insert_str(&config.cmdline)?;
     }
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)?;
-    let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
 
     let initrd = match &config.initrd {
         Some(path) => {
             let bytes = read_file(path)?;
-            let addr_max = kernel.setup_header.map_or(u64::from(u32::MAX), |h| u64::from(h.initrd_addr_max));
-            let addr = initrd_address(bytes.len() as u64, kernel.kernel_end, layout.below_4g(), addr_max)?;
-            mem.write_slice(&bytes, GuestAddress(addr)).map_err(|_| BootError::GuestWrite { what: "initrd", gpa: addr })?;
+            let addr_max = kernel
+                .setup_header
+                .map_or(u64::from(u32::MAX), |h| u64::from(h.initrd_addr_max));
+            let addr = initrd_address(
+                bytes.len() as u64,
+                kernel.kernel_end,
+                layout.below_4g(),
+                addr_max,
+            )?;
+            mem.write_slice(&bytes, GuestAddress(addr))
+                .map_err(|_| BootError::GuestWrite {
+                    what: "initrd",
+                    gpa: addr,
+                })?;
             Some((addr, bytes.len() as u64))
         }
         None => None,
     };
 
     let mp = mptable::build(EBDA_START, vcpus);
-    mem.write_slice(&mp, GuestAddress(EBDA_START)).map_err(|_| BootError::GuestWrite { what: "MP table", gpa: EBDA_START })?;
+    mem.write_slice(&mp, GuestAddress(EBDA_START))
+        .map_err(|_| BootError::GuestWrite {
+            what: "MP table",
+            gpa: EBDA_START,
+        })?;
 
     let e820 = layout.e820();
     let bsp = match kernel.pvh_boot_cap {
@@ -181,8 +231,14 @@ pub fn load(
         }
         _ => {
             let params = zero_page(kernel.setup_header, &e820, cmdline_len, initrd)?;
-            LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)
-                .map_err(|_| BootError::GuestWrite { what: "zero page", gpa: ZERO_PAGE_START })?;
+            LinuxBootConfigurator::write_bootparams(
+                &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
+                mem,
+            )
+            .map_err(|_| BootError::GuestWrite {
+                what: "zero page",
+                gpa: ZERO_PAGE_START,
+            })?;
             let entry = if kernel.setup_header.is_some() {
                 kernel.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET
             } else {
@@ -196,7 +252,11 @@ pub fn load(
     Ok(boots)
 }
 
-fn write_pvh_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)], initrd: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    e820: &[(u64, u64, u32)],
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: PVH_VERSION_WITH_MEMMAP,
@@ -208,11 +268,30 @@ fn write_pvh_info(mem: &GuestMemoryMmap, e820: &[(u64, u64, u32)], initrd: Optio
     if let Some((paddr, size)) = initrd {
         info.nr_modules = 1;
         info.modlist_paddr = PVH_MODLIST_START;
-        write(mem, "PVH module list", PVH_MODLIST_START, hvm_modlist_entry { paddr, size, ..Default::default() })?;
+        write(
+            mem,
+            "PVH module list",
+            PVH_MODLIST_START,
+            hvm_modlist_entry {
+                paddr,
+                size,
+                ..Default::default()
+            },
+        )?;
     }
     for (i, &(addr, size, type_)) in e820.iter().enumerate() {
-        let entry = hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
-        write(mem, "PVH memory map", PVH_MEMMAP_START + i as u64 * 24, entry)?;
+        let entry = hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        };
+        write(
+            mem,
+            "PVH memory map",
+            PVH_MEMMAP_START + i as u64 * 24,
+            entry,
+        )?;
     }
     write(mem, "PVH start info", PVH_INFO_START, info)
 }
@@ -223,7 +302,12 @@ fn pvh_entry(entry: u64) -> VcpuBoot {
     let data = gdt::kvm_segment_from(2, gdt::descriptor(flags::KERNEL_DATA, 0, 0xfffff));
     let tss = gdt::kvm_segment_from(3, gdt::descriptor(0x008b, 0, 0x67));
     VcpuBoot::State {
-        regs: kvm_regs { rip: entry, rbx: PVH_INFO_START, rflags: 0x2, ..Default::default() },
+        regs: kvm_regs {
+            rip: entry,
+            rbx: PVH_INFO_START,
+            rflags: 0x2,
+            ..Default::default()
+        },
         sregs: Arc::new(move |s: &mut kvm_sregs| {
             s.cs = code;
             s.ds = data;
@@ -250,7 +334,10 @@ fn long_mode_entry(mem: &GuestMemoryMmap, entry: u64) -> Result<VcpuBoot, BootEr
         write(mem, "GDT", GDT_START + i as u64 * 8, *d)?;
     }
     let tables = paging::identity_map(&[(0, 1 << 30)], PAGE_TABLES, 0)?;
-    paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite { what: "page table", gpa })?;
+    paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite {
+        what: "page table",
+        gpa,
+    })?;
     let pml4 = tables[0].0;
     let code = gdt::kvm_segment_from(1, gdt[1]);
     let data = gdt::kvm_segment_from(2, gdt[2]);
@@ -313,12 +400,22 @@ mod tests {
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.cmdline_size }, 42);
-        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0x1000_0000, 0x2000));
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x1000_0000, 0x2000)
+        );
         assert_eq!(p.e820_entries, 3);
         let e = p.e820_table[2];
-        assert_eq!(({ e.addr }, { e.size }, { e.r#type }), (0x10_0000, 511 * MIB, 1));
+        assert_eq!(
+            ({ e.addr }, { e.size }, { e.r#type }),
+            (0x10_0000, 511 * MIB, 1)
+        );
         // The header the kernel brought survives, except for what we own.
-        let hdr = setup_header { setup_sects: 27, initrd_addr_max: 0x37ff_ffff, ..Default::default() };
+        let hdr = setup_header {
+            setup_sects: 27,
+            initrd_addr_max: 0x37ff_ffff,
+            ..Default::default()
+        };
         let p = zero_page(Some(hdr), &layout.e820(), 0, None).unwrap();
         assert_eq!({ p.hdr.setup_sects }, 27);
         assert_eq!({ p.hdr.initrd_addr_max }, 0x37ff_ffff);
@@ -327,16 +424,25 @@ mod tests {
 
     #[test]
     fn initrd_goes_high_but_below_the_limits() {
-        assert_eq!(initrd_address(0x1800, 0x200_0000, 256 * MIB, u64::from(u32::MAX)).unwrap(), 256 * MIB - 0x2000);
-        assert_eq!(initrd_address(0x1000, 0x200_0000, 3 << 30, 0x37ff_ffff).unwrap(), 0x3800_0000 - 0x1000);
+        assert_eq!(
+            initrd_address(0x1800, 0x200_0000, 256 * MIB, u64::from(u32::MAX)).unwrap(),
+            256 * MIB - 0x2000
+        );
+        assert_eq!(
+            initrd_address(0x1000, 0x200_0000, 3 << 30, 0x37ff_ffff).unwrap(),
+            0x3800_0000 - 0x1000
+        );
         assert!(initrd_address(255 * MIB, 0x200_0000, 256 * MIB, u64::MAX).is_err());
         assert!(initrd_address(0, 0, 256 * MIB, u64::MAX).is_err());
     }
 
     #[test]
     fn long_mode_entry_state() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap();
-        let VcpuBoot::State { regs, sregs } = long_mode_entry(&mem, 0x100_0200).unwrap() else { panic!() };
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap();
+        let VcpuBoot::State { regs, sregs } = long_mode_entry(&mem, 0x100_0200).unwrap() else {
+            panic!()
+        };
         assert_eq!((regs.rip, regs.rsi), (0x100_0200, ZERO_PAGE_START));
         let mut s = kvm_sregs::default();
         sregs(&mut s);
@@ -351,14 +457,20 @@ mod tests {
 
     #[test]
     fn pvh_info_and_entry() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 * MIB as usize)]).unwrap();
         let e820 = MemoryLayout::new(16 * MIB).e820();
         write_pvh_info(&mem, &e820, Some((0x80_0000, 0x1000))).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
-        assert_eq!((info.magic, info.nr_modules, info.memmap_entries), (XEN_HVM_START_MAGIC_VALUE, 1, 3));
+        assert_eq!(
+            (info.magic, info.nr_modules, info.memmap_entries),
+            (XEN_HVM_START_MAGIC_VALUE, 1, 3)
+        );
         let m: hvm_memmap_table_entry = mem.read_obj(GuestAddress(PVH_MEMMAP_START + 48)).unwrap();
         assert_eq!((m.addr, m.type_), (0x10_0000, 1));
-        let VcpuBoot::State { regs, sregs } = pvh_entry(0x100_0000) else { panic!() };
+        let VcpuBoot::State { regs, sregs } = pvh_entry(0x100_0000) else {
+            panic!()
+        };
         assert_eq!(regs.rbx, PVH_INFO_START);
         let mut s = kvm_sregs::default();
         sregs(&mut s);
@@ -380,9 +492,16 @@ mod tests {
 
     #[test]
     fn missing_kernel_is_a_read_error() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 * MIB as usize)]).unwrap();
-        let config = LinuxConfig { kernel: "/nonexistent/bzImage".into(), initrd: None, cmdline: String::new() };
-        let err = load(&mem, &MemoryLayout::new(32 * MIB), &config, 1).err().unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 * MIB as usize)]).unwrap();
+        let config = LinuxConfig {
+            kernel: "/nonexistent/bzImage".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let err = load(&mem, &MemoryLayout::new(32 * MIB), &config, 1)
+            .err()
+            .unwrap();
         assert!(matches!(err, BootError::Read { .. }), "{err}");
     }
 
@@ -392,9 +511,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("garbage");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 * MIB as usize)]).unwrap();
-        let config = LinuxConfig { kernel: path, initrd: None, cmdline: String::new() };
-        let err = load(&mem, &MemoryLayout::new(32 * MIB), &config, 1).err().unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 * MIB as usize)]).unwrap();
+        let config = LinuxConfig {
+            kernel: path,
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let err = load(&mem, &MemoryLayout::new(32 * MIB), &config, 1)
+            .err()
+            .unwrap();
         assert!(matches!(err, BootError::Kernel(_)), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

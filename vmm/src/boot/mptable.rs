@@ -39,7 +39,10 @@ const FLOATING_LEN: usize = 16;
 const HEADER_LEN: usize = 44;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The whole table for `cpus` CPUs, to be written at `addr`.
@@ -64,7 +67,16 @@ pub fn build(addr: u64, cpus: usize) -> Vec<u8> {
     for irq in 0..ISA_IRQS {
         // type, int type, flags (conforming), source bus, source IRQ,
         // destination IOAPIC, destination pin.
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     // ExtINT to LINT0 and NMI to LINT1 of every local APIC (0xff).

@@ -24,7 +24,9 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32) {
     for e in entries.iter_mut() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (index << APIC_ID_SHIFT) | (count.min(255) << LOGICAL_COUNT_SHIFT);
+                e.ebx = (e.ebx & 0x0000_ffff)
+                    | (index << APIC_ID_SHIFT)
+                    | (count.min(255) << LOGICAL_COUNT_SHIFT);
                 e.ecx |= HYPERVISOR_BIT;
                 if count > 1 {
                     e.edx |= HTT_BIT;
@@ -37,7 +39,10 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32) {
             _ => {}
         }
     }
-    if let Some(sig) = entries.iter_mut().find(|e| e.function == KVM_SIGNATURE_LEAF) {
+    if let Some(sig) = entries
+        .iter_mut()
+        .find(|e| e.function == KVM_SIGNATURE_LEAF)
+    {
         sig.ebx = KVM_SIGNATURE[0];
         sig.ecx = KVM_SIGNATURE[1];
         sig.edx = KVM_SIGNATURE[2];
@@ -54,7 +59,11 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32) {
 }
 
 /// The normalised table as a KVM FAM struct.
-pub fn for_vcpu(supported: &CpuId, index: u32, count: u32) -> Result<CpuId, vmm_sys_util::fam::Error> {
+pub fn for_vcpu(
+    supported: &CpuId,
+    index: u32,
+    count: u32,
+) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut entries = supported.as_slice().to_vec();
     normalize(&mut entries, index, count);
     CpuId::from_entries(&entries)
@@ -70,7 +79,13 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ebx: 0x0001_0800, edx: 0xffff_ffff, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0x0001_0800,
+            edx: 0xffff_ffff,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -82,8 +97,14 @@ mod tests {
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & HYPERVISOR_BIT, 0);
-        assert!(entries.iter().filter(|e| e.function == 0xb).all(|e| e.edx == 3));
-        let sig = entries.iter().find(|e| e.function == KVM_SIGNATURE_LEAF).unwrap();
+        assert!(entries
+            .iter()
+            .filter(|e| e.function == 0xb)
+            .all(|e| e.edx == 3));
+        let sig = entries
+            .iter()
+            .find(|e| e.function == KVM_SIGNATURE_LEAF)
+            .unwrap();
         let mut name = Vec::new();
         for r in [sig.ebx, sig.ecx, sig.edx] {
             name.extend_from_slice(&r.to_le_bytes());

@@ -50,7 +50,7 @@ pub fn kvm_segment_from(index: u16, desc: u64) -> kvm_segment {
     kvm_segment {
         base: ((desc >> 16) & 0xff_ffff) | (((desc >> 56) & 0xff) << 24),
         limit: expanded_limit(desc),
-        selector: index * 8 | rpl,
+        selector: (index * 8) | rpl,
         type_: ((desc >> 40) & 0xf) as u8,
         present: ((desc >> 47) & 1) as u8,
         dpl: ((desc >> 45) & 0x3) as u8,
@@ -92,16 +92,28 @@ mod tests {
 
     #[test]
     fn encodes_flat_segments() {
-        assert_eq!(descriptor(flags::KERNEL_CODE64, 0, 0xfffff), 0x00af_9b00_0000_ffff);
-        assert_eq!(descriptor(flags::KERNEL_DATA, 0, 0xfffff), 0x00cf_9300_0000_ffff);
-        assert_eq!(descriptor(flags::USER_CODE64, 0, 0xfffff), 0x00af_fb00_0000_ffff);
+        assert_eq!(
+            descriptor(flags::KERNEL_CODE64, 0, 0xfffff),
+            0x00af_9b00_0000_ffff
+        );
+        assert_eq!(
+            descriptor(flags::KERNEL_DATA, 0, 0xfffff),
+            0x00cf_9300_0000_ffff
+        );
+        assert_eq!(
+            descriptor(flags::USER_CODE64, 0, 0xfffff),
+            0x00af_fb00_0000_ffff
+        );
     }
 
     #[test]
     fn kvm_segment_matches_descriptor_fields() {
         let seg = kvm_segment_from(6, descriptor(flags::USER_CODE64, 0, 0xfffff));
         assert_eq!(seg.selector, 0x33);
-        assert_eq!((seg.type_, seg.dpl, seg.l, seg.db, seg.g, seg.s), (0xb, 3, 1, 0, 1, 1));
+        assert_eq!(
+            (seg.type_, seg.dpl, seg.l, seg.db, seg.g, seg.s),
+            (0xb, 3, 1, 0, 1, 1)
+        );
         assert_eq!(seg.limit, 0xffff_ffff);
         assert_eq!(seg.unusable, 0);
         let data = kvm_segment_from(5, descriptor(flags::USER_DATA, 0x1234_5678, 0xfffff));

@@ -50,7 +50,11 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
         (MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect()
 }
 

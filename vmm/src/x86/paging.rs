@@ -39,7 +39,11 @@ pub enum PagingError {
 /// (start, length), writable, with `extra` flags (e.g. [`PTE_USER`]) on
 /// every level. Table pages are allocated from `area` (start, length); the
 /// PML4 is the first page of the area.
-pub fn identity_map(ranges: &[(u64, u64)], area: (u64, u64), extra: u64) -> Result<TablePages, PagingError> {
+pub fn identity_map(
+    ranges: &[(u64, u64)],
+    area: (u64, u64),
+    extra: u64,
+) -> Result<TablePages, PagingError> {
     let flags = PTE_PRESENT | PTE_WRITABLE | extra;
     // Collect the 2 MiB pages to map, per GiB.
     let mut gibs: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -84,7 +88,9 @@ pub fn identity_map(ranges: &[(u64, u64)], area: (u64, u64), extra: u64) -> Resu
         for page in huge_pages {
             pd[((page % GIB) / HUGE_PAGE) as usize] = page | flags | PTE_HUGE;
         }
-        let (_, pdpt) = pdpt_pages.get_mut(&(gib * GIB / PML4_SPAN)).expect("allocated above");
+        let (_, pdpt) = pdpt_pages
+            .get_mut(&(gib * GIB / PML4_SPAN))
+            .expect("allocated above");
         pdpt[(gib % 512) as usize] = pd_addr | flags;
         pages.push((pd_addr, pd));
     }
@@ -99,7 +105,8 @@ pub fn write_tables(mem: &vm_memory::GuestMemoryMmap, tables: &TablePages) -> Re
     use vm_memory::{Bytes, GuestAddress};
     for (gpa, table) in tables {
         let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
-        mem.write_slice(&bytes, GuestAddress(*gpa)).map_err(|_| *gpa)?;
+        mem.write_slice(&bytes, GuestAddress(*gpa))
+            .map_err(|_| *gpa)?;
     }
     Ok(())
 }
@@ -117,8 +124,12 @@ mod tests {
         let e2 = pdpt[((va >> 30) & 511) as usize];
         let pd = find(e2 & !0xfff).filter(|_| e2 & PTE_PRESENT != 0)?;
         let e3 = pd[((va >> 21) & 511) as usize];
-        (e3 & PTE_PRESENT != 0 && e3 & PTE_HUGE != 0)
-            .then(|| ((e3 & !0x1f_ffff & !(1 << 63)) | (va & 0x1f_ffff), e1 & e2 & e3))
+        (e3 & PTE_PRESENT != 0 && e3 & PTE_HUGE != 0).then_some({
+            (
+                (e3 & !0x1f_ffff & !(1 << 63)) | (va & 0x1f_ffff),
+                e1 & e2 & e3,
+            )
+        })
     }
 
     #[test]
@@ -128,7 +139,13 @@ mod tests {
         // PML4 + 1 PDPT + PDs for GiB 0, 3 and 4.
         assert_eq!(pages.len(), 5);
         assert_eq!(pages[0].0, 0x1_0000);
-        for va in [0, 0x1234_5678 & 0xfff_ffff, 0xfd00_1234, 4 * GIB + 0x42, 5 * GIB - 1] {
+        for va in [
+            0,
+            0x1234_5678 & 0xfff_ffff,
+            0xfd00_1234,
+            4 * GIB + 0x42,
+            5 * GIB - 1,
+        ] {
             let (pa, flags) = translate(&pages, va).unwrap_or_else(|| panic!("{va:#x} unmapped"));
             assert_eq!(pa, va);
             assert_eq!(flags & (PTE_USER | PTE_WRITABLE), PTE_USER | PTE_WRITABLE);
@@ -142,7 +159,10 @@ mod tests {
     fn refuses_an_area_too_small() {
         assert_eq!(
             identity_map(&[(0, 2 * GIB)], (0, 2 * PAGE), 0),
-            Err(PagingError::NoRoom { needed: 4, available: 2 })
+            Err(PagingError::NoRoom {
+                needed: 4,
+                available: 2
+            })
         );
     }
 

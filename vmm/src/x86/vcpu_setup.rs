@@ -35,7 +35,12 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuSetupError {
 }
 
 /// Sets the vCPU's CPUID table from KVM's supported list.
-pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u32, count: u32) -> Result<(), VcpuSetupError> {
+pub fn set_cpuid(
+    vcpu: &VcpuFd,
+    supported: &CpuId,
+    index: u32,
+    count: u32,
+) -> Result<(), VcpuSetupError> {
     let table = cpuid::for_vcpu(supported, index, count).map_err(VcpuSetupError::CpuidTable)?;
     vcpu.set_cpuid2(&table).map_err(kvm("KVM_SET_CPUID2"))
 }
@@ -58,7 +63,11 @@ const MXCSR_DEFAULT: u32 = 0x1f80;
 
 /// Puts the FPU and SSE units in their reset state.
 pub fn set_fpu(vcpu: &VcpuFd) -> Result<(), VcpuSetupError> {
-    let fpu = kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: FCW_DEFAULT,
+        mxcsr: MXCSR_DEFAULT,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))
 }
 
@@ -77,7 +86,10 @@ pub fn set_xcr0(vcpu: &VcpuFd, supported: &CpuId) -> Result<u64, VcpuSetupError>
     if xcr0 & 0xe0 != 0xe0 {
         xcr0 &= !0xe0;
     }
-    let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
     xcrs.xcrs[0].xcr = 0;
     xcrs.xcrs[0].value = xcr0;
     vcpu.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
@@ -97,8 +109,14 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// Wires LINT0 to the PIC (ExtINT) and LINT1 to NMI, as a PC BIOS does.
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), VcpuSetupError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
-    for (offset, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
-        let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|&b| b as u8).collect();
+    for (offset, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
+        let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
         let reg = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
         let new = set_delivery_mode(reg, mode).to_le_bytes();
         for (dst, src) in lapic.regs[offset..offset + 4].iter_mut().zip(new) {
@@ -114,7 +132,10 @@ mod tests {
 
     #[test]
     fn delivery_mode_only_touches_bits_8_to_10() {
-        assert_eq!(set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
+        assert_eq!(
+            set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
         assert_eq!(set_delivery_mode(0xffff_ffff, APIC_MODE_NMI), 0xffff_fcff);
     }
 }

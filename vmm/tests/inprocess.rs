@@ -1,0 +1,217 @@
+//! In-process tests: real KVM VMs built through the library, running the
+//! embedded bare-metal guests. They need /dev/kvm; without it they print why
+//! and return.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use cgsvmm::config::{BootConfig, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm::control::RunState;
+use cgsvmm::exit::ExitReason;
+use cgsvmm::memory::MIB;
+use cgsvmm::mirror::PROBE_GPA;
+use cgsvmm::Vmm;
+
+/// One VM at a time: the host has two cores and the tests measure progress.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
+            false
+        }
+    }
+}
+
+fn serial_file(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("cgsvmm-{name}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn lab_config(guest: LabGuest, cpus: usize, serial: &Path) -> VmmConfig {
+    VmmConfig {
+        memory: 64 * MIB,
+        cpus,
+        mirror_cpus: 1,
+        boot: BootConfig::Lab(guest),
+        qmp: None,
+        serial: SerialConfig::File(serial.to_path_buf()),
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+fn ram_word(vmm: &Vmm, gpa: u64) -> u64 {
+    vmm.memory()
+        .ram
+        .read_obj::<u64>(GuestAddress(gpa))
+        .expect("inside RAM")
+}
+
+#[test]
+fn hello_prints_and_powers_off() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_available() {
+        return;
+    }
+    let log = serial_file("hello");
+    let vmm = Vmm::try_from(lab_config(LabGuest::Hello, 2, &log)).expect("build VM");
+    let reason = vmm.run().expect("run");
+    assert_eq!(reason, ExitReason::PowerOff);
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out, "hello: cgsvmm lab guest on 2 vcpu(s)\n");
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn mirror_vm_reads_what_the_main_vm_wrote() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_available() {
+        return;
+    }
+    let log = serial_file("mirror-sees");
+    let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
+    let controller = vmm.controller();
+    vmm.start().expect("start");
+    // The dirtier writes its pass number at PROBE_GPA; wait for a few passes.
+    assert!(
+        wait_until(Duration::from_secs(10), || ram_word(&vmm, PROBE_GPA) >= 3),
+        "dirtier made no progress"
+    );
+    controller.lock().unwrap().stop().expect("stop");
+    let written = ram_word(&vmm, PROBE_GPA);
+    // The main VM is paused, so the word is stable; the mirror VM's payload
+    // copies it into its status page on every iteration.
+    assert!(
+        wait_until(Duration::from_secs(5), || controller
+            .lock()
+            .unwrap()
+            .mirror_info()[0]
+            .probe
+            == written),
+        "mirror saw {} but the main VM wrote {written}",
+        controller.lock().unwrap().mirror_info()[0].probe
+    );
+    assert_eq!(ram_word(&vmm, PROBE_GPA), written);
+    vmm.shutdown();
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn pausing_main_vcpus_leaves_the_mirror_running() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_available() {
+        return;
+    }
+    let log = serial_file("pause");
+    let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 2, &log)).expect("build VM");
+    let controller = vmm.controller();
+    vmm.start().expect("start");
+    assert!(wait_until(Duration::from_secs(10), || ram_word(
+        &vmm, PROBE_GPA
+    ) >= 2));
+
+    controller.lock().unwrap().stop().expect("stop");
+    assert_eq!(controller.lock().unwrap().state(), RunState::Paused);
+    let frozen = ram_word(&vmm, PROBE_GPA);
+    let mirror_before = controller.lock().unwrap().mirror_info()[0].counter;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ram_word(&vmm, PROBE_GPA),
+        frozen,
+        "a main vCPU ran while paused"
+    );
+    let mirror_after = controller.lock().unwrap().mirror_info()[0].counter;
+    assert!(
+        mirror_after > mirror_before,
+        "mirror stopped counting: {mirror_before} -> {mirror_after}"
+    );
+
+    // Saved state of a paused lab vCPU: user mode, inside the image.
+    let states = controller
+        .lock()
+        .unwrap()
+        .main_vcpus()
+        .save_state()
+        .expect("save state");
+    assert_eq!(states.len(), 2);
+    for s in &states {
+        assert_eq!(s.sregs.cs.selector, 0x33);
+        assert!(
+            (0x10_0000..0x18_0000).contains(&s.regs.rip),
+            "rip {:#x}",
+            s.regs.rip
+        );
+        assert!(!s.msrs.is_empty());
+        assert!(s.lapic.is_some());
+    }
+
+    controller.lock().unwrap().cont().expect("cont");
+    assert!(
+        wait_until(Duration::from_secs(10), || ram_word(&vmm, PROBE_GPA)
+            > frozen),
+        "no progress after cont"
+    );
+    vmm.shutdown();
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(!out.contains("MEMORY-ERROR"), "{out}");
+    assert!(out.contains("dirtier: vcpu 1 pass"), "{out}");
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn dirtier_catches_a_stale_page() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !kvm_available() {
+        return;
+    }
+    let log = serial_file("stale");
+    let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
+    let controller = vmm.controller();
+    let exit = vmm.exit_handle().clone();
+    vmm.start().expect("start");
+    assert!(wait_until(Duration::from_secs(10), || ram_word(
+        &vmm, PROBE_GPA
+    ) >= 2));
+    controller.lock().unwrap().stop().expect("stop");
+    // Roll one page back by a pass, as a migration that lost it would.
+    let gpa = PROBE_GPA + 0x1_0000;
+    let pass = ram_word(&vmm, gpa);
+    vmm.memory()
+        .ram
+        .write_obj(pass - 1, GuestAddress(gpa))
+        .unwrap();
+    controller.lock().unwrap().cont().expect("cont");
+    assert!(
+        wait_until(Duration::from_secs(10), || exit.reason().is_some()),
+        "the guest did not report"
+    );
+    assert_eq!(exit.reason(), Some(ExitReason::GuestFailure));
+    vmm.shutdown();
+    let out = std::fs::read_to_string(&log).unwrap();
+    let want = format!(
+        "dirtier: MEMORY-ERROR vcpu=0 gpa={gpa:#x} expected={pass} found={}",
+        pass - 1
+    );
+    assert!(out.contains(&want), "wanted {want:?} in {out}");
+    let _ = std::fs::remove_file(log);
+}
