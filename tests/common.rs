@@ -18,6 +18,13 @@ pub fn one_vm() -> std::sync::MutexGuard<'static, ()> {
     ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The lock that runs this VM test alone, or None (after printing why)
+/// when the host has no usable KVM.
+pub fn vm_test() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = one_vm();
+    kvm_available().then_some(guard)
+}
+
 pub fn kvm_available() -> bool {
     match std::fs::OpenOptions::new()
         .read(true)

@@ -14,14 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{kvm_available, last_pass, one_vm, tmp_path, Qmp, Vm};
+use common::{last_pass, tmp_path, vm_test, Qmp, Vm};
 
 #[test]
 fn dirtier_runs_on_both_vcpus_until_quit() {
-    let _one = one_vm();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let sock = tmp_path("quit.sock");
     let mut vm = Vm::start(&[
         "--memory",
@@ -67,10 +64,7 @@ fn dirtier_runs_on_both_vcpus_until_quit() {
 
 #[test]
 fn ctrl_c_exits_cleanly() {
-    let _one = one_vm();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let mut vm = Vm::start(&["--cpus", "1"]);
     assert!(vm
         .wait_for_line(Duration::from_secs(5), |l| l
@@ -87,10 +81,7 @@ fn ctrl_c_exits_cleanly() {
 
 #[test]
 fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
-    let _one = one_vm();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let sock = tmp_path("stop.sock");
     let vm = Vm::start(&[
         "--memory",
@@ -175,10 +166,7 @@ fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
 
 #[test]
 fn qmp_survives_malformed_input() {
-    let _one = one_vm();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let sock = tmp_path("bad.sock");
     let mut vm = Vm::start(&[
         "--guest",
@@ -217,10 +205,7 @@ fn qmp_survives_malformed_input() {
 
 #[test]
 fn hello_exits_zero_after_its_line() {
-    let _one = one_vm();
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let mut vm = Vm::start(&["--guest", "hello"]);
     assert_eq!(
         vm.wait_exit(Duration::from_secs(20)),

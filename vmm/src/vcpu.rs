@@ -20,7 +20,6 @@
 //! the guest's vCPUs while the mirror vCPU keeps running the helper.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
@@ -153,13 +152,6 @@ impl std::fmt::Debug for VcpuState {
     }
 }
 
-/// Counters a vCPU thread publishes.
-#[derive(Debug, Default)]
-pub struct VcpuStats {
-    /// KVM_RUN exits handled.
-    pub exits: AtomicU64,
-}
-
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -200,7 +192,6 @@ pub struct Vcpu {
     bus: Arc<Bus>,
     exit: ExitHandle,
     msr_indices: Arc<Vec<u32>>,
-    stats: Arc<VcpuStats>,
 }
 
 enum State {
@@ -232,7 +223,6 @@ impl Vcpu {
             bus,
             exit,
             msr_indices,
-            stats: Arc::default(),
         }
     }
 
@@ -250,7 +240,7 @@ impl Vcpu {
         install_kick_handler()?;
         let (event_tx, event_rx) = mpsc::channel();
         let (resp_tx, resp_rx) = mpsc::channel();
-        let (index, role, label, stats) = (self.index, self.role, self.label(), self.stats.clone());
+        let (index, role, label) = (self.index, self.role, self.label());
         let thread = std::thread::Builder::new()
             .name(format!("{}{}", role.name(), index))
             .spawn(move || {
@@ -270,7 +260,6 @@ impl Vcpu {
             responses: resp_rx,
             thread: Some(thread),
             tid: 0,
-            stats,
         };
         match handle.wait(RESPONSE_TIMEOUT)? {
             VcpuResponse::Started(tid) => handle.tid = tid,
@@ -394,11 +383,9 @@ impl Thread {
             exit,
             role,
             index,
-            stats,
             ..
         } = &mut self.vcpu;
         let result = fd.run();
-        stats.exits.fetch_add(1, Ordering::Relaxed);
         let fatal = |exit: &ExitHandle, why: String| {
             exit.request(ExitReason::Fault(format!("{} {index}: {why}", role.name())));
             Some(why)
@@ -503,7 +490,6 @@ pub struct VcpuHandle {
     responses: Receiver<VcpuResponse>,
     thread: Option<JoinHandle<()>>,
     tid: i32,
-    stats: Arc<VcpuStats>,
 }
 
 impl VcpuHandle {
@@ -515,11 +501,6 @@ impl VcpuHandle {
     /// Kernel thread ID of the vCPU thread.
     pub fn thread_id(&self) -> i32 {
         self.tid
-    }
-
-    /// The thread's counters.
-    pub fn stats(&self) -> &VcpuStats {
-        &self.stats
     }
 
     /// Group of the vCPU.

@@ -3,7 +3,6 @@
 //! and return.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -15,22 +14,10 @@ use cgsvmm::memory::MIB;
 use cgsvmm::mirror::PROBE_GPA;
 use cgsvmm::Vmm;
 
-/// One VM at a time: the host has two cores and the tests measure progress.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
-            false
-        }
-    }
-}
+// Shared with the end-to-end tests: one VM at a time, KVM detection.
+#[path = "../../tests/common.rs"]
+mod common;
+use common::vm_test;
 
 fn serial_file(name: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cgsvmm-{name}-{}.log", std::process::id()));
@@ -69,10 +56,7 @@ fn ram_word(vmm: &Vmm, gpa: u64) -> u64 {
 
 #[test]
 fn hello_prints_and_powers_off() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let log = serial_file("hello");
     let vmm = Vmm::try_from(lab_config(LabGuest::Hello, 2, &log)).expect("build VM");
     let reason = vmm.run().expect("run");
@@ -84,10 +68,7 @@ fn hello_prints_and_powers_off() {
 
 #[test]
 fn mirror_vm_reads_what_the_main_vm_wrote() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let log = serial_file("mirror-sees");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
     let controller = vmm.controller();
@@ -118,10 +99,7 @@ fn mirror_vm_reads_what_the_main_vm_wrote() {
 
 #[test]
 fn pausing_main_vcpus_leaves_the_mirror_running() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let log = serial_file("pause");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 2, &log)).expect("build VM");
     let controller = vmm.controller();
@@ -180,10 +158,7 @@ fn pausing_main_vcpus_leaves_the_mirror_running() {
 
 #[test]
 fn dirtier_catches_a_stale_page() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !kvm_available() {
-        return;
-    }
+    let Some(_one) = vm_test() else { return };
     let log = serial_file("stale");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
     let controller = vmm.controller();

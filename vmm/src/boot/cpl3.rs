@@ -184,13 +184,7 @@ pub fn prepare(
                 // No IDT: any exception escalates to a triple fault.
                 s.idt.base = 0;
                 s.idt.limit = 0;
-                s.cs = code;
-                s.ss = data;
-                s.ds = data;
-                s.es = data;
-                s.fs = data;
-                s.gs = data;
-                s.tr = tr;
+                gdt::load_segments(s, code, data, tr);
                 s.cr0 = cr0::PG | cr0::WP | cr0::NE | cr0::ET | cr0::MP | cr0::PE;
                 s.cr3 = pml4;
                 s.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT | cr4::OSXSAVE;

@@ -309,13 +309,7 @@ fn pvh_entry(entry: u64) -> VcpuBoot {
             ..Default::default()
         },
         sregs: Arc::new(move |s: &mut kvm_sregs| {
-            s.cs = code;
-            s.ds = data;
-            s.es = data;
-            s.fs = data;
-            s.gs = data;
-            s.ss = data;
-            s.tr = tss;
+            gdt::load_segments(s, code, data, tss);
             s.cr0 = cr0::PE | cr0::ET;
             s.cr4 = 0;
         }),
@@ -354,13 +348,7 @@ fn long_mode_entry(mem: &GuestMemoryMmap, entry: u64) -> Result<VcpuBoot, BootEr
         sregs: Arc::new(move |s: &mut kvm_sregs| {
             s.gdt.base = GDT_START;
             s.gdt.limit = (gdt.len() * 8 - 1) as u16;
-            s.cs = code;
-            s.ds = data;
-            s.es = data;
-            s.fs = data;
-            s.gs = data;
-            s.ss = data;
-            s.tr = tss;
+            gdt::load_segments(s, code, data, tss);
             s.cr0 = cr0::PE | cr0::ET | cr0::PG;
             s.cr3 = pml4;
             s.cr4 = cr4::PAE;

@@ -4,7 +4,7 @@
 //! and sees the host's values whatever is set here; the table still matters
 //! for CPL0 guests (Linux, OVMF) on other hosts.
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// The KVM signature leaf ("KVMKVMKVM\0\0\0").
 pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
@@ -67,11 +67,6 @@ pub fn for_vcpu(
     let mut entries = supported.as_slice().to_vec();
     normalize(&mut entries, index, count);
     CpuId::from_entries(&entries)
-}
-
-/// Whether the entry's index (sub-leaf) is significant.
-pub fn has_index(e: &kvm_cpuid_entry2) -> bool {
-    e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Segment descriptors (Intel SDM vol. 3A §3.4.5) and their `kvm_segment`
 //! form, for the GDTs the VMM writes into guest memory.
 
-use kvm_bindings::kvm_segment;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 
 /// A code or data segment descriptor (8 bytes) built from its fields.
 pub fn descriptor(flags: u16, base: u32, limit: u32) -> u64 {
@@ -84,6 +84,18 @@ pub fn tss_segment(index: u16, base: u64, limit: u32) -> kvm_segment {
         present: 1,
         ..Default::default()
     }
+}
+
+/// Loads flat segments: CS from `code`, every data segment from `data`,
+/// TR from `tr`.
+pub fn load_segments(s: &mut kvm_sregs, code: kvm_segment, data: kvm_segment, tr: kvm_segment) {
+    s.cs = code;
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = tr;
 }
 
 #[cfg(test)]
