@@ -6,14 +6,17 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const IMAGES: [&str; 3] = ["dirtier", "hello", "mirror"];
+const IMAGES: [&str; 4] = ["dirtier", "hello", "mirror", "mh"];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Code generation flags for bare-metal CPL3 code; they reach only the
-/// guests because the build names an explicit --target.
+/// guests because the build names an explicit --target. Position-independent
+/// code linked as a static non-PIE image: the linker resolves everything, and
+/// images may sit above 2 GiB (the mirror region), which the static small
+/// code model cannot address.
 const GUEST_RUSTFLAGS: [&str; 8] = [
     "-Cno-redzone=yes",
-    "-Crelocation-model=static",
+    "-Crelocation-model=pic",
     "-Clink-arg=-nostartfiles",
     "-Clink-arg=-nostdlib",
     "-Clink-arg=-static",
@@ -37,6 +40,7 @@ fn main() {
         "guests/image.ld",
         "guests/lab.ld",
         "guests/mirror.ld",
+        "guests/mh.ld",
         "abi/src",
         "abi/Cargo.toml",
     ] {

@@ -18,12 +18,18 @@ pub enum LabRequest {
     Fail,
     /// The vCPU is idle: leave it out of KVM_RUN for a moment.
     Yield,
+    /// Helper vCPU `n` waits for work: keep it out of KVM_RUN until its
+    /// doorbell rings (or a short timeout passes).
+    Wait(u16),
     /// A value this VMM does not know.
     Unknown(u32),
 }
 
 impl From<u32> for LabRequest {
     fn from(v: u32) -> Self {
+        if v & 0xffff == abi::LAB_CMD_WAIT {
+            return LabRequest::Wait((v >> 16) as u16);
+        }
         match v {
             abi::LAB_CMD_POWER_OFF => LabRequest::PowerOff,
             abi::LAB_CMD_FAIL => LabRequest::Fail,
@@ -79,6 +85,7 @@ mod tests {
         port.write(0, &2u32.to_le_bytes());
         port.write(0, &3u32.to_le_bytes());
         port.write(0, &9u32.to_le_bytes());
+        port.write(0, &(4u32 | 3 << 16).to_le_bytes());
         port.write(0, &[1]);
         port.write(2, &[1, 0]);
         assert_eq!(
@@ -87,7 +94,8 @@ mod tests {
                 LabRequest::PowerOff,
                 LabRequest::Fail,
                 LabRequest::Yield,
-                LabRequest::Unknown(9)
+                LabRequest::Unknown(9),
+                LabRequest::Wait(3),
             ]
         );
     }

@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    for (bin, script) in [("dirtier", "lab.ld"), ("hello", "lab.ld"), ("mirror", "mirror.ld")] {
+    for (bin, script) in [
+        ("dirtier", "lab.ld"),
+        ("hello", "lab.ld"),
+        ("mirror", "mirror.ld"),
+        ("mh", "mh.ld"),
+    ] {
         println!(
             "cargo:rustc-link-arg-bin={bin}=-T{}",
             dir.join(script).display()
@@ -13,5 +18,6 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", dir.display());
     println!("cargo:rerun-if-changed=lab.ld");
     println!("cargo:rerun-if-changed=mirror.ld");
+    println!("cargo:rerun-if-changed=mh.ld");
     println!("cargo:rerun-if-changed=image.ld");
 }

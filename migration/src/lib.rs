@@ -6,7 +6,9 @@
 //! convergence policy. It depends on the firmware ABI crate and never on
 //! `vmm`: the VMM hands it memory and state, it hands back bytes.
 //!
-//! Today it holds the piece the VMM core already needs to reason about
-//! dirty memory: turning KVM's dirty bitmaps into page ranges ([`dirty`]).
+//! Today it holds the migration-helper client ([`helper`]), which moves
+//! private pages through the helper's mailbox, and dirty-bitmap ranges
+//! ([`dirty`]).
 
 pub mod dirty;
+pub mod helper;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use crate::boot::linux::LinuxConfig;
 use crate::boot::mptable;
 use crate::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
+pub use crate::mirror::HelperLaunch;
 
 /// Where the guest's serial port goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -80,6 +81,9 @@ pub struct VmmConfig {
     pub qmp: Option<PathBuf>,
     /// Serial port destination.
     pub serial: SerialConfig,
+    /// Run the migration helper on the mirror vCPUs (instead of the
+    /// counting payload).
+    pub helper: Option<HelperLaunch>,
 }
 
 impl Default for VmmConfig {
@@ -91,6 +95,7 @@ impl Default for VmmConfig {
             boot: BootConfig::default(),
             qmp: None,
             serial: SerialConfig::default(),
+            helper: None,
         }
     }
 }
@@ -218,6 +223,31 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
             }),
         },
     }
+}
+
+/// Reads a transport key file: 64 hex digits (256 bits), surrounding
+/// whitespace allowed.
+pub fn read_transport_key(path: &std::path::Path) -> Result<[u8; 32], ConfigError> {
+    let fail = |why: String| ConfigError::File {
+        flag: "--transport-key-file",
+        path: path.to_path_buf(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    parse_transport_key(text.trim())
+        .ok_or_else(|| fail("expected 64 hex digits (a 256-bit key)".into()))
+}
+
+/// 64 hex digits as 32 bytes.
+pub fn parse_transport_key(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(key)
 }
 
 /// The host's physical RAM in bytes (MemTotal), if it can be read.
@@ -356,6 +386,23 @@ mod tests {
         );
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn transport_keys() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let key = parse_transport_key(hex).unwrap();
+        assert_eq!((key[0], key[1], key[15], key[31]), (0x00, 0x11, 0xff, 0xff));
+        assert!(parse_transport_key(&hex[..62]).is_none());
+        assert!(parse_transport_key(&hex.replace('0', "g")).is_none());
+        assert!(parse_transport_key("é".repeat(32).as_str()).is_none());
+        let path = std::env::temp_dir().join(format!("cgsvmm-key-{}", std::process::id()));
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+        assert_eq!(read_transport_key(&path), Ok(key));
+        std::fs::write(&path, "short").unwrap();
+        let err = read_transport_key(&path).unwrap_err().to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub struct Controller {
     memory: Arc<Memory>,
     exit: ExitHandle,
     state: RunState,
+    mirror_started: bool,
     events: Vec<(String, Value)>,
 }
 
@@ -77,13 +78,23 @@ impl Controller {
             memory,
             exit,
             state: RunState::Paused,
+            mirror_started: false,
             events: Vec::new(),
         }
     }
 
+    /// Starts only the mirror vCPUs (an incoming VM waits for its state).
+    pub fn start_mirror(&mut self) -> Result<(), VcpuError> {
+        if !self.mirror_started {
+            self.mirror.resume()?;
+            self.mirror_started = true;
+        }
+        Ok(())
+    }
+
     /// Starts both groups for the first time.
     pub fn start(&mut self) -> Result<(), VcpuError> {
-        self.mirror.resume()?;
+        self.start_mirror()?;
         self.main.resume()?;
         self.state = RunState::Running;
         Ok(())

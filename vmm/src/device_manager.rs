@@ -22,6 +22,7 @@ use cgsvmm_fw_abi as abi;
 use crate::boot::linux::{split_bzimage, LinuxConfig};
 use crate::config::{BootConfig, SerialConfig, VmmConfig};
 use crate::exit::{ExitHandle, ExitReason};
+use crate::helper_link::{HelperLinks, WAIT_TIMEOUT};
 use crate::memory::Memory;
 
 /// How long an idle vCPU (lab `YIELD`) stays out of KVM_RUN. Short enough
@@ -73,19 +74,26 @@ pub fn main_devices(
     add_cmos(&mut bus, memory)?;
     bus.insert(Arc::new(DebugPort::default()), DEBUG_PORT, 1)?;
     add_fw_cfg(&mut bus, config, memory)?;
-    add_lab_port(&mut bus, exit, "guest")?;
+    add_lab_port(&mut bus, exit)?;
     Ok(MainDevices {
         bus: Arc::new(bus),
         serial,
     })
 }
 
-/// The mirror VM's bus: only the lab port (yield, failure) and the debug
-/// port, since the mirror payload talks to nothing else.
-pub fn mirror_devices(exit: &ExitHandle) -> Result<Arc<Bus>, DeviceError> {
+/// The mirror VM's bus: only the lab port (yield, wait for work) and the
+/// debug port, since the mirror payload talks to nothing else. Nothing a
+/// mirror vCPU does here stops the VM.
+pub fn mirror_devices(links: &Arc<HelperLinks>) -> Result<Arc<Bus>, DeviceError> {
     let mut bus = Bus::new();
     bus.insert(Arc::new(DebugPort::default()), DEBUG_PORT, 1)?;
-    add_lab_port(&mut bus, exit, "mirror")?;
+    let links = links.clone();
+    let port = LabPort::new(move |request| match request {
+        LabRequest::Wait(index) => links.wait(usize::from(index), WAIT_TIMEOUT),
+        LabRequest::Yield => std::thread::sleep(YIELD_SLEEP),
+        other => log::warn!("mirror: ignored lab request {other:?}"),
+    });
+    bus.insert(Arc::new(port), u64::from(abi::LAB_PORT), LAB_PORT_LEN)?;
     Ok(Arc::new(bus))
 }
 
@@ -175,13 +183,13 @@ fn add_fw_cfg_kernel(dev: &mut FwCfg, linux: &LinuxConfig) -> Result<(), DeviceE
     Ok(())
 }
 
-fn add_lab_port(bus: &mut Bus, exit: &ExitHandle, who: &'static str) -> Result<(), DeviceError> {
+fn add_lab_port(bus: &mut Bus, exit: &ExitHandle) -> Result<(), DeviceError> {
     let exit = exit.clone();
     let port = LabPort::new(move |request| match request {
         LabRequest::PowerOff => exit.request(ExitReason::PowerOff),
         LabRequest::Fail => exit.request(ExitReason::GuestFailure),
         LabRequest::Yield => std::thread::sleep(YIELD_SLEEP),
-        LabRequest::Unknown(v) => log::warn!("{who}: unknown lab request {v:#x}"),
+        other => log::warn!("guest: ignored lab request {other:?}"),
     });
     bus.insert(Arc::new(port), u64::from(abi::LAB_PORT), LAB_PORT_LEN)?;
     Ok(())

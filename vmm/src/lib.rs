@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod exit;
+pub mod helper_link;
 pub mod lab;
 pub mod memory;
 pub mod mirror;

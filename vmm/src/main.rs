@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cgsvmm::boot::linux::LinuxConfig;
-use cgsvmm::config::{self, BootConfig, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm::config::{self, BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::Vmm;
 
 #[derive(Parser)]
@@ -71,10 +71,23 @@ struct RunArgs {
     /// Serial port: stdio, null or file:PATH.
     #[arg(long, default_value = "stdio", value_parser = config::parse_serial)]
     serial: SerialConfig,
+    /// Transport key (64 hex digits) for the migration helper, which then
+    /// runs on the mirror vCPUs.
+    #[arg(long = "transport-key-file")]
+    transport_key_file: Option<PathBuf>,
 }
 
-impl From<RunArgs> for VmmConfig {
-    fn from(a: RunArgs) -> Self {
+impl TryFrom<RunArgs> for VmmConfig {
+    type Error = config::ConfigError;
+
+    fn try_from(a: RunArgs) -> Result<Self, Self::Error> {
+        let helper = match &a.transport_key_file {
+            Some(path) => Some(HelperLaunch {
+                key: Some(config::read_transport_key(path)?),
+                debug: false,
+            }),
+            None => None,
+        };
         let linux = a.kernel.map(|kernel| LinuxConfig {
             kernel,
             initrd: a.initrd,
@@ -86,14 +99,15 @@ impl From<RunArgs> for VmmConfig {
             (None, None, Some(GuestArg::Hello)) => BootConfig::Lab(LabGuest::Hello),
             (None, None, _) => BootConfig::Lab(LabGuest::Dirtier),
         };
-        VmmConfig {
+        Ok(VmmConfig {
             memory: a.memory,
             cpus: a.cpus,
             mirror_cpus: a.mirror_cpus,
             boot,
             qmp: a.qmp,
             serial: a.serial,
-        }
+            helper,
+        })
     }
 }
 
@@ -117,8 +131,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            let config = VmmConfig::from(args);
-            let result = Vmm::try_from(config).and_then(Vmm::run);
+            let result = VmmConfig::try_from(args)
+                .map_err(cgsvmm::VmmError::from)
+                .and_then(Vmm::try_from)
+                .and_then(Vmm::run);
             match result {
                 Ok(reason) => {
                     if reason.exit_code() != 0 {

@@ -10,7 +10,7 @@
 //! ```text
 //! 0                 below_4g_end        3 GiB        4 GiB        4 GiB+above
 //! | RAM (slot 0)     |      (unused)     | PCI hole   | RAM (slot 1) |
-//!                                        | 0xfd00_0000 mirror region (slot 2)
+//!                                        | 0xf800_0000 mirror region (slot 1 or 2)
 //!                                        | 0xfec0_0000 IOAPIC, 0xfee0_0000 LAPIC
 //! ```
 

@@ -192,7 +192,11 @@ pub struct Vcpu {
     bus: Arc<Bus>,
     exit: ExitHandle,
     msr_indices: Arc<Vec<u32>>,
+    on_fault: Option<FaultSink>,
 }
+
+/// Where a vCPU reports its own fatal exit instead of stopping the VM.
+pub type FaultSink = Arc<dyn Fn(usize, String) + Send + Sync>;
 
 enum State {
     Paused,
@@ -223,7 +227,15 @@ impl Vcpu {
             bus,
             exit,
             msr_indices,
+            on_fault: None,
         }
+    }
+
+    /// Reports this vCPU's fatal exits to `sink` rather than stopping the
+    /// VM (mirror vCPUs: a broken helper must not take the guest down).
+    pub fn with_fault_sink(mut self, sink: FaultSink) -> Self {
+        self.on_fault = Some(sink);
+        self
     }
 
     /// The vCPU's fd (for boot-time setup before the thread starts).
@@ -383,11 +395,16 @@ impl Thread {
             exit,
             role,
             index,
+            on_fault,
             ..
         } = &mut self.vcpu;
         let result = fd.run();
+        let on_fault = on_fault.as_ref();
         let fatal = |exit: &ExitHandle, why: String| {
-            exit.request(ExitReason::Fault(format!("{} {index}: {why}", role.name())));
+            match on_fault {
+                Some(sink) => sink(*index, why.clone()),
+                None => exit.request(ExitReason::Fault(format!("{} {index}: {why}", role.name()))),
+            }
             Some(why)
         };
         match result {

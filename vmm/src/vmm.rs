@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{Kvm, VmFd};
@@ -21,6 +22,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
 use cgsvmm_devices::serial::SerialDevice;
+use cgsvmm_fw_abi::helper::HelperHeader;
+use cgsvmm_migration::helper::{HelperClient, HelperLink};
 
 use crate::boot::cpl3::{self, LAB_LAYOUT};
 use crate::boot::firmware::{self, Firmware};
@@ -29,9 +32,10 @@ use crate::config::{BootConfig, ConfigError, SerialConfig, VmmConfig};
 use crate::control::Controller;
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitHandle, ExitReason};
+use crate::helper_link::HelperLinks;
 use crate::memory::{slots_of, Memory, MemoryError};
 use crate::qmp::{QmpServer, QmpServerError};
-use crate::vcpu::{msr_index_list, Vcpu, VcpuError, VcpuGroup, VcpuRole};
+use crate::vcpu::{msr_index_list, FaultSink, Vcpu, VcpuError, VcpuGroup, VcpuRole};
 use crate::vm::{self, VcpuSetup, VmError};
 use crate::{lab, mirror};
 
@@ -80,6 +84,8 @@ pub struct Vmm {
     memory: Arc<Memory>,
     exit: ExitHandle,
     serial: Arc<SerialDevice>,
+    links: Arc<HelperLinks>,
+    helper_header: Option<HelperHeader>,
     // Kept alive for as long as the vCPUs run.
     _main_vm: VmFd,
     _mirror_vm: VmFd,
@@ -107,7 +113,8 @@ impl TryFrom<VmmConfig> for Vmm {
         let main_vm = vm::create_main_vm(&kvm, &slots)?;
         let mirror_vm = vm::create_mirror_vm(&kvm, &slots)?;
         let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
-        let mirror_bus = device_manager::mirror_devices(&exit)?;
+        let links = Arc::new(HelperLinks::new(config.mirror_cpus));
+        let mirror_bus = device_manager::mirror_devices(&links)?;
 
         let main_boots = match &config.boot {
             BootConfig::Lab(guest) => {
@@ -124,7 +131,8 @@ impl TryFrom<VmmConfig> for Vmm {
             BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, config.cpus)?,
             BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; config.cpus],
         };
-        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus)?;
+        let mirror_image = mirror::payload(config.helper.as_ref());
+        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus, mirror_image)?;
 
         let cpuid = vm::supported_cpuid(&kvm)?;
         let msrs = Arc::new(msr_index_list(&kvm));
@@ -151,16 +159,34 @@ impl TryFrom<VmmConfig> for Vmm {
                 .collect::<Result<Vec<_>, VmmError>>()
         };
         let main_vcpus = create(&main_vm, &main_boots, VcpuRole::Main, &devices.bus)?;
-        let mirror_vcpus = create(&mirror_vm, &mirror_boots, VcpuRole::Mirror, &mirror_bus)?;
+        let sink: FaultSink = {
+            let links = links.clone();
+            Arc::new(move |index, why| {
+                log::error!("mirror {index} stopped: {why}");
+                links.record_fault(index, why);
+            })
+        };
+        let mirror_vcpus = create(&mirror_vm, &mirror_boots, VcpuRole::Mirror, &mirror_bus)?
+            .into_iter()
+            .map(|v| v.with_fault_sink(sink.clone()))
+            .collect::<Vec<_>>();
 
+        let tsc_khz = main_vcpus[0]
+            .fd()
+            .get_tsc_khz()
+            .map(u64::from)
+            .unwrap_or(FALLBACK_TSC_KHZ);
         if matches!(config.boot, BootConfig::Lab(_)) {
-            let tsc_khz = main_vcpus[0]
-                .fd()
-                .get_tsc_khz()
-                .map(u64::from)
-                .unwrap_or(FALLBACK_TSC_KHZ);
             lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
         }
+        let helper_header = match &config.helper {
+            Some(launch) => {
+                let header = mirror_image.helper_header()?;
+                mirror::write_helper_config(&memory, &header, config.mirror_cpus, launch, tsc_khz)?;
+                Some(header)
+            }
+            None => None,
+        };
 
         let start = |vcpus: Vec<Vcpu>| {
             vcpus
@@ -177,6 +203,8 @@ impl TryFrom<VmmConfig> for Vmm {
             memory,
             exit,
             serial: devices.serial,
+            links,
+            helper_header,
             _main_vm: main_vm,
             _mirror_vm: mirror_vm,
             _firmware: firmware,
@@ -269,6 +297,34 @@ impl Vmm {
     /// Where stop requests go.
     pub fn exit_handle(&self) -> &ExitHandle {
         &self.exit
+    }
+
+    /// A client for migration helper `index` (None without a helper or past
+    /// the helper count), failing any request after `timeout`.
+    pub fn helper_client(&self, index: usize, timeout: Duration) -> Option<HelperClient> {
+        let header = self.helper_header.as_ref()?;
+        if index >= self.config.mirror_cpus {
+            return None;
+        }
+        let mailbox = header.mailbox_gpa + index as u64 * header.mailbox_stride;
+        let link: Arc<dyn HelperLink> = self.links.clone();
+        Some(HelperClient::new(
+            self.memory.mirror.clone(),
+            mailbox,
+            index,
+            link,
+            timeout,
+        ))
+    }
+
+    /// Starts only the mirror vCPUs: an incoming VM's helper runs while its
+    /// guest has not started.
+    pub fn start_mirror(&self) -> Result<(), VmmError> {
+        Ok(self
+            .controller
+            .lock()
+            .expect("controller lock poisoned")
+            .start_mirror()?)
     }
 
     /// Starts the mirror and the main vCPUs.

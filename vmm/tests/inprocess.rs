@@ -33,6 +33,7 @@ fn lab_config(guest: LabGuest, cpus: usize, serial: &Path) -> VmmConfig {
         boot: BootConfig::Lab(guest),
         qmp: None,
         serial: SerialConfig::File(serial.to_path_buf()),
+        helper: None,
     }
 }
 
@@ -195,19 +196,33 @@ fn dirtier_catches_a_stale_page() {
 fn dirtier_uses_ram_on_both_sides_of_the_hole() {
     let Some(_one) = vm_test() else { return };
     let log = serial_file("high");
-    let config = VmmConfig { memory: 3584 * MIB, ..lab_config(LabGuest::Dirtier, 2, &log) };
+    let config = VmmConfig {
+        memory: 3584 * MIB,
+        ..lab_config(LabGuest::Dirtier, 2, &log)
+    };
     let vmm = Vmm::try_from(config).expect("build VM");
     vmm.start().expect("start");
     // The top 512 MiB live above 4 GiB, in vCPU 1's slice.
     let high = 4u64 << 30;
     let last_page = high + (512 * MIB) - 4096;
     let done = wait_until(Duration::from_secs(30), || {
-        ram_word(&vmm, high) >= 2 && ram_word(&vmm, last_page) >= 2 && ram_word(&vmm, PROBE_GPA) >= 2
+        ram_word(&vmm, high) >= 2
+            && ram_word(&vmm, last_page) >= 2
+            && ram_word(&vmm, PROBE_GPA) >= 2
     });
     vmm.shutdown();
-    assert!(done, "high RAM not written: {} {}", ram_word(&vmm, high), ram_word(&vmm, last_page));
+    assert!(
+        done,
+        "high RAM not written: {} {}",
+        ram_word(&vmm, high),
+        ram_word(&vmm, last_page)
+    );
     // Nothing landed in the hole: the mirror region is not RAM.
-    assert!(vmm.memory().ram.read_obj::<u64>(GuestAddress(3 << 30)).is_err());
+    assert!(vmm
+        .memory()
+        .ram
+        .read_obj::<u64>(GuestAddress(3 << 30))
+        .is_err());
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(!out.contains("MEMORY-ERROR"), "{out}");
     let _ = std::fs::remove_file(log);

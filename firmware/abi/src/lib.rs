@@ -12,16 +12,17 @@
 //!
 //! ```text
 //! guest RAM (in the guest's E820)          mirror region (NOT in the E820)
-//! 0x0000_0000 +------------------+         MIRROR_REGION_GPA = 0xfd00_0000
+//! 0x0000_0000 +------------------+         MIRROR_REGION_GPA = 0xf800_0000
 //!             | unused           |         +0x00_0000 status page (one
 //! LAB_BOOT_GPA (0x10_0000)         |                    MirrorStatus per vCPU)
 //!             | image header+code|         +0x00_1000 GDT
 //!             | GDT, params      |         +0x00_2000 MirrorParams per vCPU
 //!             | page tables      |         +0x01_0000 page tables
 //!             | TSS + stack/vCPU |         +0x08_0000 TSS + stack per vCPU
-//! LAB_DATA_GPA (0x40_0000)          |         +0x10_0000 mirror image
-//!             | dirtier slices   |         +0x100_0000 end (16 MiB)
-//!             | ...              |
+//! LAB_DATA_GPA (0x40_0000)          |         +0x10_0000 mirror image (MH)
+//!             | dirtier slices   |         +0x40_0000 MH mailboxes
+//!             | ...              |         +0x100_0000 MH generation table
+//!                                          +0x400_0000 end (64 MiB)
 //! ```
 //!
 //! Guests are entered at CPL3 in 64-bit mode with RDI pointing at their
@@ -40,6 +41,8 @@
 
 #![no_std]
 
+pub mod helper;
+
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Magic at the start of every embedded image ("CGSVFW01").
@@ -51,6 +54,8 @@ pub const IMAGE_HEADER_VERSION: u32 = 1;
 pub const IMAGE_KIND_LAB: u32 = 1;
 /// An image that runs on the mirror vCPUs.
 pub const IMAGE_KIND_MIRROR: u32 = 2;
+/// The migration helper (runs on the mirror vCPUs; see [`helper`]).
+pub const IMAGE_KIND_HELPER: u32 = 3;
 
 /// Header placed by the linker at the very first byte of every image.
 ///
@@ -86,6 +91,10 @@ pub const LAB_CMD_FAIL: u32 = 2;
 /// for a short while before re-entering it.
 pub const LAB_CMD_YIELD: u32 = 3;
 
+/// The helper vCPU `index` (bits 16..) waits for work: the VMM keeps it out
+/// of KVM_RUN until its doorbell rings or a short timeout passes.
+pub const LAB_CMD_WAIT: u32 = 4;
+
 /// COM1, the serial port the lab guests print on.
 pub const SERIAL_PORT: u16 = 0x3f8;
 
@@ -98,9 +107,10 @@ pub const LAB_DATA_GPA: u64 = 0x40_0000;
 
 /// Guest-physical base of the mirror region (in the 32-bit hole, below the
 /// IOAPIC, never reported in the guest's E820).
-pub const MIRROR_REGION_GPA: u64 = 0xfd00_0000;
-/// Size of the mirror region.
-pub const MIRROR_REGION_SIZE: u64 = 0x100_0000;
+pub const MIRROR_REGION_GPA: u64 = 0xf800_0000;
+/// Size of the mirror region: boot structures, the image, mailboxes and the
+/// helper's generation table.
+pub const MIRROR_REGION_SIZE: u64 = 0x400_0000;
 /// Where mirror images are linked.
 pub const MIRROR_IMAGE_GPA: u64 = MIRROR_REGION_GPA + 0x10_0000;
 /// Page of [`MirrorStatus`] entries, one per mirror vCPU.

@@ -70,9 +70,9 @@ pub struct Cpl3Layout {
 
 /// Most bytes a lab image (with bss) may take.
 pub const LAB_IMAGE_MAX: u64 = 0x8_0000;
-/// Most bytes the mirror image (with bss) may take.
-pub const MIRROR_IMAGE_MAX: u64 =
-    abi::MIRROR_REGION_SIZE - (abi::MIRROR_IMAGE_GPA - abi::MIRROR_REGION_GPA);
+/// Most bytes a mirror image (with bss) may take: it must leave room for
+/// the helper's config and secret pages below its mailboxes at +4 MiB.
+pub const MIRROR_IMAGE_MAX: u64 = 0x2f_e000;
 
 /// Lab guests: everything in guest RAM between 1 MiB and `LAB_DATA_GPA`.
 pub const LAB_LAYOUT: Cpl3Layout = Cpl3Layout {

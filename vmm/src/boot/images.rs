@@ -4,6 +4,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::FromBytes;
 
+use cgsvmm_fw_abi::helper::{self, HelperHeader};
 use cgsvmm_fw_abi::{self as abi, ImageHeader};
 
 use super::BootError;
@@ -41,7 +42,16 @@ pub const HELLO: Image = Image {
     max_size: super::cpl3::LAB_IMAGE_MAX,
 };
 
-/// The mirror payload (until the migration helper replaces it).
+/// The migration helper (mirror vCPUs, when a transport key is given).
+pub const HELPER: Image = Image {
+    name: "mh",
+    bytes: include_bytes!(concat!(env!("OUT_DIR"), "/mh.bin")),
+    kind: abi::IMAGE_KIND_HELPER,
+    load_addr: abi::MIRROR_IMAGE_GPA,
+    max_size: super::cpl3::MIRROR_IMAGE_MAX,
+};
+
+/// The mirror payload when no helper runs: counts and probes guest memory.
 pub const MIRROR: Image = Image {
     name: "mirror",
     bytes: include_bytes!(concat!(env!("OUT_DIR"), "/mirror.bin")),
@@ -105,6 +115,63 @@ impl Image {
     }
 }
 
+impl Image {
+    /// The helper header that follows the image header of an MH image,
+    /// checked against the mirror region: the VMM learns every helper page
+    /// from it and trusts none of it blindly.
+    pub fn helper_header(&self) -> Result<HelperHeader, BootError> {
+        let image = self.header()?;
+        let bad = |why: String| BootError::BadImage {
+            name: self.name,
+            why,
+        };
+        let offset = size_of::<ImageHeader>();
+        let (h, _) = HelperHeader::read_from_prefix(self.bytes.get(offset..).unwrap_or_default())
+            .map_err(|_| bad("too short for a helper header".into()))?;
+        if h.magic != helper::HELPER_MAGIC || h.abi_version != helper::MH_ABI_VERSION {
+            return Err(bad("bad helper magic or ABI version".into()));
+        }
+        let region = abi::MIRROR_REGION_GPA..abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE;
+        let inside = |start: u64, len: u64| {
+            start
+                .checked_add(len)
+                .is_some_and(|end| region.contains(&start) && end <= region.end)
+        };
+        let mailboxes = h.mailbox_stride.saturating_mul(u64::from(h.max_helpers));
+        let checks = [
+            (
+                h.config_gpa >= image.image_end && inside(h.config_gpa, 4096),
+                "config page",
+            ),
+            (
+                h.secret_gpa >= h.config_gpa + 4096 && inside(h.secret_gpa, 4096),
+                "secret page",
+            ),
+            (
+                h.mailbox_gpa >= h.secret_gpa + 4096 && inside(h.mailbox_gpa, mailboxes),
+                "mailboxes",
+            ),
+            (
+                h.mailbox_stride >= helper::MAILBOX_SIZE as u64 && h.mailbox_gpa % 4096 == 0,
+                "mailbox stride",
+            ),
+            (
+                h.gen_table_gpa >= h.mailbox_gpa + mailboxes
+                    && inside(h.gen_table_gpa, h.gen_table_size),
+                "generation table",
+            ),
+            (
+                h.max_helpers >= 1 && h.max_helpers <= helper::MAX_HELPERS,
+                "helper count",
+            ),
+        ];
+        match checks.iter().find(|(ok, _)| !ok) {
+            Some((_, what)) => Err(bad(format!("{what} out of place"))),
+            None => Ok(h),
+        }
+    }
+}
+
 /// The lab guest called `name`.
 pub fn lab_guest(name: &str) -> Option<Image> {
     [DIRTIER, HELLO].into_iter().find(|i| i.name == name)
@@ -116,7 +183,7 @@ mod tests {
 
     #[test]
     fn embedded_images_have_valid_headers() {
-        for image in [DIRTIER, HELLO, MIRROR] {
+        for image in [DIRTIER, HELLO, MIRROR, HELPER] {
             let h = image
                 .header()
                 .unwrap_or_else(|e| panic!("{}: {e}", image.name));
@@ -125,6 +192,9 @@ mod tests {
         }
         assert!(lab_guest("dirtier").is_some());
         assert!(lab_guest("mirror").is_none());
+        let h = HELPER.helper_header().unwrap();
+        assert!(h.max_helpers >= 2);
+        assert!(MIRROR.helper_header().is_err());
     }
 
     #[test]

@@ -1,0 +1,426 @@
+//! The migration helper (MH) ABI: what the VMM and the MH firmware share.
+//!
+//! The MH runs on the mirror vCPUs. Its image starts with an
+//! [`ImageHeader`](crate::ImageHeader) of kind
+//! [`IMAGE_KIND_HELPER`](crate::IMAGE_KIND_HELPER) followed at once by a
+//! [`HelperHeader`], which tells the VMM where the launch configuration, the
+//! secret page, the mailboxes and the generation table are: nothing about
+//! their location is hard-coded in the VMM.
+//!
+//! # Mailbox layout (one per helper vCPU, shared/unencrypted pages)
+//!
+//! ```text
+//! +0x0000 SeedParams      QEMU RFC cmd_params (packed, 32 B)
+//! +0x0400 MailboxControl  cgsvmm protocol control block
+//! +0x0800 seed header     u32 len + envelope (len <= 1024)
+//! +0x1000 seed page       4 KiB
+//! +0x2000 batch           MAX_BATCH records, RECORD_STRIDE apart:
+//!                         RecordHeader (64 B) + 4096 B ciphertext
+//! ```
+//!
+//! # Seed protocol (QEMU RFC v2, one page per round trip)
+//!
+//! ```text
+//! host                                 MH (helper 0)
+//!  | params: cmd_type, gpa             |
+//!  | ret = -1, done = 0, barrier       |
+//!  | go = 1  ------------------------> | sees go; go = 0
+//!  |                                   | ENCRYPT: page at gpa -> seed page,
+//!  |                                   |   envelope -> seed header
+//!  |                                   | DECRYPT: seed page + header -> gpa
+//!  | <------------------- done = 1     | ret = status
+//! ```
+//!
+//! # cgsvmm protocol (batched, one mailbox per helper, idle helpers sleep)
+//!
+//! ```text
+//! host                                          MH (helper i)
+//!  | HELLO {host version}        req_seq = n -->|
+//!  | <---- resp_seq = n, status, arg = HelloReply {version, caps, max_batch}
+//!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces; both MHs derive
+//!  |   key, session id = HKDF-SHA256(transport key, nonce_src || nonce_tgt)
+//!  | ENCRYPT_BATCH: RecordHeader{gpa, generation} x count ---> MH seals each
+//!  |   page: AES-256-GCM, nonce = helper || counter, AAD = session id ||
+//!  |   gpa || generation; digest += SHA-256(gpa || generation)
+//!  | DECRYPT_BATCH: records x count ---> MH checks gpa, authenticates,
+//!  |   rejects generations not newer than the last it wrote, then writes
+//!  | SEAL (source) -> sealed {count, digest}; VERIFY_SEAL (target) <- it
+//!  | idle MH: state = SLEEPING, re-check req_seq, `out LAB_PORT,
+//!  |   LAB_CMD_WAIT | i << 16`; the VMM re-enters it when the host rings
+//! ```
+//!
+//! A request is posted by writing every field, then `req_seq` (release); the
+//! MH answers by writing its fields, then `resp_seq = req_seq` (release).
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::GpaRange;
+
+/// Magic of [`HelperHeader`] ("CGSVMH01").
+pub const HELPER_MAGIC: [u8; 8] = *b"CGSVMH01";
+/// Version of this ABI (HELLO reports it; the host refuses others).
+pub const MH_ABI_VERSION: u32 = 1;
+/// Most helper vCPUs (mailboxes) an MH image provides.
+pub const MAX_HELPERS: u32 = 16;
+/// Most pages in one batch.
+pub const MAX_BATCH: u32 = 64;
+/// Guest page size the MH moves.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Follows the image header in an MH image.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct HelperHeader {
+    /// [`HELPER_MAGIC`].
+    pub magic: [u8; 8],
+    /// [`MH_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Mailboxes the image has.
+    pub max_helpers: u32,
+    /// [`HelperConfig`] page, written by the VMM before launch.
+    pub config_gpa: u64,
+    /// [`HelperSecret`] page (LAUNCH_SECRET on SEV).
+    pub secret_gpa: u64,
+    /// First mailbox.
+    pub mailbox_gpa: u64,
+    /// Distance between mailboxes.
+    pub mailbox_stride: u64,
+    /// Generation table: one u32 per guest page, in RAM-range order.
+    pub gen_table_gpa: u64,
+    /// Bytes available for the generation table.
+    pub gen_table_size: u64,
+}
+
+/// Magic of [`HelperConfig`] and [`HelperSecret`] ("CGSVMHCF").
+pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"CGSVMHCF");
+/// The debug commands (hang, fault) are allowed: tests only.
+pub const CONFIG_FLAG_DEBUG: u64 = 1;
+
+/// Launch-time configuration written by the VMM (measured on SEV).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct HelperConfig {
+    /// [`CONFIG_MAGIC`].
+    pub magic: u64,
+    /// Helper vCPUs running.
+    pub helper_count: u32,
+    /// Position of the SEV C-bit in page-table entries (0: none).
+    pub c_bit: u32,
+    /// TSC rate in kHz (for idle timing).
+    pub tsc_khz: u64,
+    /// `CONFIG_FLAG_*`.
+    pub flags: u64,
+    /// Valid entries of `ram`.
+    pub ram_range_count: u64,
+    /// Guest RAM: the only GPAs ENCRYPT and DECRYPT accept.
+    pub ram: [GpaRange; 2],
+}
+
+/// The transport key page.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct HelperSecret {
+    /// [`CONFIG_MAGIC`] once a key is present.
+    pub magic: u64,
+    /// Reserved.
+    pub reserved: u64,
+    /// The 256-bit transport key.
+    pub key: [u8; 32],
+}
+
+/// Offsets inside a mailbox.
+pub mod offsets {
+    /// [`super::SeedParams`].
+    pub const SEED_PARAMS: usize = 0x0;
+    /// [`super::MailboxControl`].
+    pub const CONTROL: usize = 0x400;
+    /// Seed page header: u32 len + envelope.
+    pub const SEED_HEADER: usize = 0x800;
+    /// Seed page data.
+    pub const SEED_PAGE: usize = 0x1000;
+    /// Batch records.
+    pub const BATCH: usize = 0x2000;
+}
+/// Distance between batch records.
+pub const RECORD_STRIDE: usize = 64 + PAGE_SIZE;
+/// Bytes of one mailbox.
+pub const MAILBOX_SIZE: usize = offsets::BATCH + MAX_BATCH as usize * RECORD_STRIDE;
+/// Largest seed envelope.
+pub const SEED_ENVELOPE_MAX: usize = 1024;
+
+/// Seed protocol commands (QEMU RFC).
+pub mod seed {
+    /// Set up (no arguments).
+    pub const INIT: u64 = 0;
+    /// Encrypt the page at `gpa` into the seed page.
+    pub const ENCRYPT: u64 = 1;
+    /// Decrypt the seed page into `gpa`.
+    pub const DECRYPT: u64 = 2;
+    /// Forget the session.
+    pub const RESET: u64 = 3;
+}
+
+/// The RFC's `cmd_params`, packed exactly as QEMU has it.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct SeedParams {
+    /// `seed::*`.
+    pub cmd_type: u64,
+    /// Guest page.
+    pub gpa: u64,
+    /// Unused by cgsvmm (the RFC's prefetch hint).
+    pub prefetch: i32,
+    /// Result: 0 or a negative [`status`] code.
+    pub ret: i32,
+    /// Host sets 1 to start.
+    pub go: i32,
+    /// MH sets 1 when finished.
+    pub done: i32,
+}
+
+/// Seed envelope (after the u32 len): what binds the seed page.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct SeedEnvelope {
+    /// Generation of the page.
+    pub generation: u64,
+    /// AEAD nonce.
+    pub nonce: [u8; 12],
+    /// Reserved.
+    pub reserved: u32,
+    /// AEAD tag.
+    pub tag: [u8; 16],
+}
+
+/// cgsvmm protocol commands.
+pub mod cmd {
+    /// Version/capability handshake.
+    pub const HELLO: u32 = 0x10;
+    /// Start a session: [`super::SessionArgs`] in, nonce out.
+    pub const SESSION_BEGIN: u32 = 0x11;
+    /// Source only: the target's nonce in, the session id out.
+    pub const SESSION_PEER: u32 = 0x12;
+    /// Encrypt `count` pages named by the batch's record headers.
+    pub const ENCRYPT_BATCH: u32 = 0x13;
+    /// Decrypt `count` records into guest memory.
+    pub const DECRYPT_BATCH: u32 = 0x14;
+    /// Source: produce the sealed end record.
+    pub const SEAL: u32 = 0x15;
+    /// Target: verify the sealed end record against what it received.
+    pub const VERIFY_SEAL: u32 = 0x16;
+    /// Forget the session (keys, counters, digest).
+    pub const SESSION_END: u32 = 0x17;
+    /// Debug (CONFIG_FLAG_DEBUG only): stop answering.
+    pub const DEBUG_HANG: u32 = 0x1e;
+    /// Debug (CONFIG_FLAG_DEBUG only): fault the vCPU.
+    pub const DEBUG_FAULT: u32 = 0x1f;
+}
+
+/// Status codes (`MailboxControl::status`, `SeedParams::ret`).
+pub mod status {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Unknown command.
+    pub const BAD_COMMAND: i32 = -1;
+    /// A GPA outside guest RAM or not page aligned.
+    pub const BAD_GPA: i32 = -2;
+    /// Authentication failed (tampered, moved, other session, wrong key).
+    pub const AUTH_FAILED: i32 = -3;
+    /// A generation not newer than the one already written (replay).
+    pub const STALE_GENERATION: i32 = -4;
+    /// No session (or the wrong role for the command).
+    pub const NO_SESSION: i32 = -5;
+    /// The sealed end record does not match what was received.
+    pub const SEAL_MISMATCH: i32 = -6;
+    /// Batch count out of range.
+    pub const BAD_BATCH: i32 = -7;
+    /// No transport key provisioned.
+    pub const NO_KEY: i32 = -8;
+    /// Malformed arguments.
+    pub const BAD_ARGS: i32 = -9;
+    /// Debug commands are disabled.
+    pub const DEBUG_DISABLED: i32 = -10;
+}
+
+/// `MailboxControl::state` values.
+pub mod state {
+    /// Polling for work.
+    pub const AWAKE: u32 = 0;
+    /// About to leave the CPU: ring the doorbell after posting.
+    pub const SLEEPING: u32 = 1;
+}
+
+/// Capability bits in [`HelloReply::caps`].
+pub mod caps {
+    /// Batched ENCRYPT/DECRYPT.
+    pub const BATCH: u64 = 1 << 0;
+    /// Several helpers in parallel.
+    pub const MULTI_HELPER: u64 = 1 << 1;
+    /// Idle helpers leave the CPU (LAB_CMD_WAIT).
+    pub const IDLE_WAIT: u64 = 1 << 2;
+    /// AES-256-GCM transport encryption.
+    pub const AES256_GCM: u64 = 1 << 3;
+    /// Sealed end-of-stream record.
+    pub const SEAL: u64 = 1 << 4;
+}
+
+/// Size of the command argument area.
+pub const ARG_SIZE: usize = 128;
+
+/// The cgsvmm protocol control block.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct MailboxControl {
+    /// Host → MH: bumped (last) to post a request.
+    pub req_seq: u64,
+    /// MH → host: set to `req_seq` (last) when the answer is complete.
+    pub resp_seq: u64,
+    /// `cmd::*`.
+    pub cmd: u32,
+    /// `status::*`.
+    pub status: i32,
+    /// Request: records in the batch. Answer: records processed.
+    pub count: u32,
+    /// `state::*`.
+    pub state: u32,
+    /// Bumped by the MH every time it wakes up idle.
+    pub heartbeat: u64,
+    /// Index of the record that failed (when status != OK).
+    pub fail_index: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// Command-specific arguments and results.
+    pub arg: [u8; ARG_SIZE],
+}
+
+/// HELLO answer (in `arg`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct HelloReply {
+    /// [`MH_ABI_VERSION`].
+    pub version: u32,
+    /// This helper's index.
+    pub helper_index: u32,
+    /// `caps::*`.
+    pub caps: u64,
+    /// Most records per batch.
+    pub max_batch: u32,
+    /// Helpers running.
+    pub helper_count: u32,
+}
+
+/// Session roles.
+pub mod role {
+    /// Sends pages (encrypts).
+    pub const SOURCE: u32 = 1;
+    /// Receives pages (decrypts).
+    pub const TARGET: u32 = 2;
+}
+
+/// SESSION_BEGIN / SESSION_PEER arguments and results (in `arg`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct SessionArgs {
+    /// `role::*` (SESSION_BEGIN).
+    pub role: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// In: the peer's nonce (target's BEGIN, source's PEER).
+    pub peer_nonce: [u8; 32],
+    /// Out: this MH's nonce (BEGIN).
+    pub own_nonce: [u8; 32],
+    /// Out: the session id, once both nonces are known.
+    pub session_id: [u8; 16],
+}
+
+/// Header of a batch record; the page's ciphertext follows at +64.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct RecordHeader {
+    /// Guest page.
+    pub gpa: u64,
+    /// Generation (the host's round number, from 1).
+    pub generation: u64,
+    /// AEAD nonce (helper index || counter).
+    pub nonce: [u8; 12],
+    /// Reserved.
+    pub reserved: u32,
+    /// AEAD tag.
+    pub tag: [u8; 16],
+    /// Reserved, up to 64 bytes.
+    pub pad: [u8; 16],
+}
+
+/// SEAL / VERIFY_SEAL record (in `arg`): `count || digest` encrypted.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct SealRecord {
+    /// AEAD nonce.
+    pub nonce: [u8; 12],
+    /// Reserved.
+    pub reserved: u32,
+    /// Encrypted page count (8) and digest (32).
+    pub ciphertext: [u8; 40],
+    /// AEAD tag.
+    pub tag: [u8; 16],
+}
+
+/// Byte string mixed into key derivation (HKDF info).
+pub const HKDF_INFO: &[u8] = b"cgsvmm migration helper v1 session";
+
+// The layout holds together (checked at compile time).
+const _: () = {
+    assert!(core::mem::size_of::<SeedParams>() == 32);
+    assert!(core::mem::size_of::<MailboxControl>() <= offsets::SEED_HEADER - offsets::CONTROL);
+    assert!(core::mem::size_of::<RecordHeader>() == 64);
+    assert!(core::mem::size_of::<HelloReply>() <= ARG_SIZE);
+    assert!(core::mem::size_of::<SessionArgs>() <= ARG_SIZE);
+    assert!(core::mem::size_of::<SealRecord>() <= ARG_SIZE);
+    assert!(4 + core::mem::size_of::<SeedEnvelope>() <= SEED_ENVELOPE_MAX);
+    assert!(MAILBOX_SIZE % 4096 == 0);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn seed_params_match_the_rfc() {
+        assert_eq!(size_of::<SeedParams>(), 32);
+        assert_eq!(offset_of!(SeedParams, gpa), 8);
+        assert_eq!(offset_of!(SeedParams, prefetch), 16);
+        assert_eq!(offset_of!(SeedParams, ret), 20);
+        assert_eq!(offset_of!(SeedParams, go), 24);
+        assert_eq!(offset_of!(SeedParams, done), 28);
+        assert_eq!((offsets::SEED_HEADER, offsets::SEED_PAGE), (0x800, 0x1000));
+        assert_eq!(
+            (seed::INIT, seed::ENCRYPT, seed::DECRYPT, seed::RESET),
+            (0, 1, 2, 3)
+        );
+    }
+
+    #[test]
+    fn helper_structs_layout() {
+        assert_eq!(size_of::<HelperHeader>(), 64);
+        assert_eq!(offset_of!(HelperHeader, config_gpa), 16);
+        assert_eq!(offset_of!(HelperHeader, gen_table_size), 56);
+        assert_eq!(size_of::<HelperConfig>(), 72);
+        assert_eq!(offset_of!(HelperConfig, ram), 40);
+        assert_eq!(size_of::<HelperSecret>(), 48);
+        assert_eq!(offset_of!(HelperSecret, key), 16);
+        assert_eq!(size_of::<MailboxControl>(), 176);
+        assert_eq!(offset_of!(MailboxControl, resp_seq), 8);
+        assert_eq!(offset_of!(MailboxControl, state), 28);
+        assert_eq!(offset_of!(MailboxControl, heartbeat), 32);
+        assert_eq!(offset_of!(MailboxControl, arg), 48);
+        assert_eq!(offset_of!(RecordHeader, nonce), 16);
+        assert_eq!(offset_of!(RecordHeader, tag), 32);
+        assert_eq!(size_of::<SessionArgs>(), 88);
+        assert_eq!(size_of::<SealRecord>(), 72);
+        assert_eq!(size_of::<SeedEnvelope>(), 40);
+        assert_eq!(MAILBOX_SIZE, 0x2000 + 64 * 4160);
+    }
+}

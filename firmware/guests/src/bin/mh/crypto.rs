@@ -1,0 +1,403 @@
+//! Transport encryption: the session (key, id, nonce counters, digest of
+//! what was sent or received) and the page operations.
+//!
+//! - key, session id = HKDF-SHA256(ikm = transport key, salt = source nonce
+//!   || target nonce, info = HKDF_INFO), 32 + 16 bytes;
+//! - page nonce = helper index (u32 LE) || per-helper counter (u64 LE): the
+//!   counters start at 1 with every session (fresh key) and only grow, so a
+//!   nonce never repeats under one key; the seal uses helper u32::MAX;
+//! - AAD = session id || gpa || generation: a record moved to another GPA,
+//!   replayed with another generation or taken from another session fails
+//!   authentication;
+//! - digest: count and four u64 lanes, each the wrapping sum over records of
+//!   SHA-256(gpa || generation): the same on both sides whatever the order.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use aes_gcm::aead::{inout::InOutBuf, AeadInOut, KeyInit, Nonce, Tag};
+use aes_gcm::Aes256Gcm;
+use hkdf::Hkdf;
+use sha2::{Digest, Sha256};
+
+use cgsvmm_guests::abi::helper::{self as h, offsets, role, status};
+use cgsvmm_guests::{memcpy, rdtsc};
+
+use crate::mailbox::Mailbox;
+use crate::Env;
+
+const PAGE: usize = h::PAGE_SIZE;
+/// Nonce "helper index" of the sealed end record.
+const SEAL_HELPER: u32 = u32::MAX;
+
+/// A failed command: (status code, index of the failing record).
+pub type Failure = (i32, u32);
+
+struct State {
+    role: u32,
+    own_nonce: [u8; 32],
+    cipher: Option<Aes256Gcm>,
+    session_id: [u8; 16],
+}
+
+/// The one session of this MH, shared by every helper vCPU.
+pub struct Session {
+    /// Readers count; WRITER while a session command changes `state`.
+    lock: AtomicU32,
+    state: UnsafeCell<State>,
+    counters: [AtomicU64; h::MAX_HELPERS as usize + 1],
+    digest_count: AtomicU64,
+    digest: [AtomicU64; 4],
+}
+
+// SAFETY: `state` is only accessed under `lock` (shared for readers,
+// exclusive for the writer); everything else is atomic.
+unsafe impl Sync for Session {}
+
+const WRITER: u32 = 1 << 31;
+
+pub static SESSION: Session = Session {
+    lock: AtomicU32::new(0),
+    state: UnsafeCell::new(State { role: 0, own_nonce: [0; 32], cipher: None, session_id: [0; 16] }),
+    counters: [const { AtomicU64::new(0) }; h::MAX_HELPERS as usize + 1],
+    digest_count: AtomicU64::new(0),
+    digest: [const { AtomicU64::new(0) }; 4],
+};
+
+/// Private per-helper page buffers: plaintext never touches shared memory.
+struct Scratch(UnsafeCell<[[u8; PAGE]; h::MAX_HELPERS as usize]>);
+// SAFETY: helper i only ever touches entry i (see `scratch`).
+unsafe impl Sync for Scratch {}
+static SCRATCH: Scratch = Scratch(UnsafeCell::new([[0; PAGE]; h::MAX_HELPERS as usize]));
+
+fn scratch(index: u32) -> &'static mut [u8; PAGE] {
+    // SAFETY: each helper vCPU calls this with its own index only and holds
+    // the reference for the duration of one page operation.
+    unsafe { &mut (*SCRATCH.0.get())[index as usize % h::MAX_HELPERS as usize] }
+}
+
+impl Session {
+    fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        loop {
+            let s = self.lock.load(Ordering::Relaxed);
+            if s & WRITER == 0 && self.lock.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        // SAFETY: a reader holds the lock: no writer can run.
+        let r = f(unsafe { &*self.state.get() });
+        self.lock.fetch_sub(1, Ordering::Release);
+        r
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        while self.lock.compare_exchange_weak(0, WRITER, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            core::hint::spin_loop();
+        }
+        // SAFETY: the writer holds the lock exclusively.
+        let r = f(unsafe { &mut *self.state.get() });
+        self.lock.store(0, Ordering::Release);
+        r
+    }
+
+    fn reset_counters(&self) {
+        for c in &self.counters {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.digest_count.store(0, Ordering::Relaxed);
+        for d in &self.digest {
+            d.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets the session.
+    pub fn end(&self) {
+        self.write(|s| {
+            s.cipher = None;
+            s.role = 0;
+            s.session_id = [0; 16];
+        });
+        self.reset_counters();
+    }
+
+    /// SESSION_BEGIN: a fresh nonce; the target also derives the key now.
+    pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+        let mut args: h::SessionArgs = mbox.read_arg();
+        let Some(transport_key) = transport_key() else { return Err((status::NO_KEY, 0)) };
+        if args.role != role::SOURCE && args.role != role::TARGET {
+            return Err((status::BAD_ARGS, 0));
+        }
+        let nonce = fresh_nonce();
+        SESSION.reset_counters();
+        if args.role == role::TARGET {
+            // A new incoming session starts from nothing written.
+            for i in 0..env.ram_pages().min(env.gen_entries) {
+                env.generation(i).store(0, Ordering::Relaxed);
+            }
+        }
+        let derived = (args.role == role::TARGET).then(|| derive(&transport_key, &args.peer_nonce, &nonce));
+        SESSION.write(|s| {
+            s.role = args.role;
+            s.own_nonce = nonce;
+            s.cipher = derived.as_ref().map(|(c, _)| c.clone());
+            s.session_id = derived.as_ref().map_or([0; 16], |(_, id)| *id);
+        });
+        args.own_nonce = nonce;
+        args.session_id = derived.map_or([0; 16], |(_, id)| id);
+        mbox.write_arg(&args);
+        Ok(())
+    }
+
+    /// SESSION_PEER (source): the target's nonce completes the key.
+    pub fn peer(mbox: &Mailbox) -> Result<(), Failure> {
+        let mut args: h::SessionArgs = mbox.read_arg();
+        let Some(transport_key) = transport_key() else { return Err((status::NO_KEY, 0)) };
+        let id = SESSION.write(|s| {
+            if s.role != role::SOURCE || s.cipher.is_some() {
+                return None;
+            }
+            let (cipher, id) = derive(&transport_key, &s.own_nonce, &args.peer_nonce);
+            s.cipher = Some(cipher);
+            s.session_id = id;
+            Some(id)
+        });
+        let Some(id) = id else { return Err((status::NO_SESSION, 0)) };
+        args.session_id = id;
+        mbox.write_arg(&args);
+        Ok(())
+    }
+
+    fn next_nonce(&self, helper: u32) -> [u8; 12] {
+        let slot = (helper as usize).min(h::MAX_HELPERS as usize);
+        let counter = self.counters[slot].fetch_add(1, Ordering::Relaxed) + 1;
+        let mut nonce = [0u8; 12];
+        nonce[..4].copy_from_slice(&helper.to_le_bytes());
+        nonce[4..].copy_from_slice(&counter.to_le_bytes());
+        nonce
+    }
+
+    fn account(&self, gpa: u64, generation: u64) {
+        let mut hasher = Sha256::new();
+        hasher.update(gpa.to_le_bytes());
+        hasher.update(generation.to_le_bytes());
+        let sum = hasher.finalize();
+        for (lane, chunk) in self.digest.iter().zip(sum.chunks_exact(8)) {
+            lane.fetch_add(u64::from_le_bytes(chunk.try_into().expect("8 bytes")), Ordering::Relaxed);
+        }
+        self.digest_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn digest_plaintext(&self) -> [u8; 40] {
+        let mut out = [0u8; 40];
+        out[..8].copy_from_slice(&self.digest_count.load(Ordering::Relaxed).to_le_bytes());
+        for (i, lane) in self.digest.iter().enumerate() {
+            out[8 + i * 8..16 + i * 8].copy_from_slice(&lane.load(Ordering::Relaxed).to_le_bytes());
+        }
+        out
+    }
+}
+
+fn transport_key() -> Option<[u8; 32]> {
+    let header = crate::helper_header();
+    // SAFETY: the secret page named by our header is mapped and private.
+    let secret: h::HelperSecret = unsafe { core::ptr::read_volatile(header.secret_gpa as *const h::HelperSecret) };
+    (secret.magic == h::CONFIG_MAGIC).then_some(secret.key)
+}
+
+fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32]) -> (Aes256Gcm, [u8; 16]) {
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(source_nonce);
+    salt[32..].copy_from_slice(target_nonce);
+    let hk = Hkdf::<Sha256>::new(Some(&salt), transport_key);
+    let mut okm = [0u8; 48];
+    hk.expand(h::HKDF_INFO, &mut okm).expect("48 bytes is a valid HKDF-SHA256 length");
+    let cipher = Aes256Gcm::new_from_slice(&okm[..32]).expect("32-byte key");
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&okm[32..]);
+    (cipher, id)
+}
+
+/// 32 fresh bytes: RDRAND where the CPU has it, always mixed with the TSC.
+fn fresh_nonce() -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for _ in 0..4 {
+        hasher.update(rdrand().unwrap_or(0).to_le_bytes());
+        hasher.update(rdtsc().to_le_bytes());
+    }
+    hasher.finalize().into()
+}
+
+fn rdrand() -> Option<u64> {
+    // CPUID.1:ECX bit 30.
+    let has = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
+    if !has {
+        return None;
+    }
+    #[target_feature(enable = "rdrand")]
+    fn step() -> Option<u64> {
+        let mut v = 0u64;
+        for _ in 0..10 {
+            if core::arch::x86_64::_rdrand64_step(&mut v) == 1 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    // SAFETY: the CPU supports the target feature (checked above).
+    unsafe { step() }
+}
+
+fn aad(session_id: &[u8; 16], gpa: u64, generation: u64) -> [u8; 32] {
+    let mut a = [0u8; 32];
+    a[..16].copy_from_slice(session_id);
+    a[16..24].copy_from_slice(&gpa.to_le_bytes());
+    a[24..].copy_from_slice(&generation.to_le_bytes());
+    a
+}
+
+fn copy(dst: u64, src: u64, len: usize) {
+    // SAFETY: callers pass a mapped guest page or mailbox area and a private
+    // buffer of `len` bytes; `rep movsb` makes one pass over the source.
+    unsafe { memcpy(dst as *mut u8, src as *const u8, len) };
+}
+
+/// Encrypts the page at `gpa` into `out` (shared): returns (nonce, tag).
+/// Plaintext only ever sits in the helper's private scratch page.
+fn encrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, out: u64) -> Result<([u8; 12], [u8; 16]), i32> {
+    env.page_index(gpa).ok_or(status::BAD_GPA)?;
+    let buf = scratch(helper);
+    copy(buf.as_mut_ptr() as u64, gpa, PAGE);
+    SESSION.read(|s| {
+        let (Some(cipher), role::SOURCE) = (s.cipher.as_ref(), s.role) else { return Err(status::NO_SESSION) };
+        let nonce = SESSION.next_nonce(helper);
+        let aad = aad(&s.session_id, gpa, generation);
+        // SAFETY: `out` is PAGE bytes of this helper's mailbox, ours to write.
+        let dst = unsafe { core::slice::from_raw_parts_mut(out as *mut u8, PAGE) };
+        let inout = InOutBuf::new(&buf[..], dst).expect("equal lengths");
+        let tag: Tag<Aes256Gcm> =
+            cipher.encrypt_inout_detached(&Nonce::<Aes256Gcm>::from(nonce), &aad, inout).map_err(|_| status::AUTH_FAILED)?;
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&tag);
+        Ok((nonce, t))
+    })
+    .inspect(|_| SESSION.account(gpa, generation))
+}
+
+/// Authenticates the ciphertext at `ct` (shared) and, only if it is genuine
+/// and newer than what is there, writes it to `gpa`.
+fn decrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, nonce: &[u8; 12], tag: &[u8; 16], ct: u64) -> Result<(), i32> {
+    let index = env.page_index(gpa).ok_or(status::BAD_GPA)?;
+    let buf = scratch(helper);
+    copy(buf.as_mut_ptr() as u64, ct, PAGE);
+    SESSION.read(|s| {
+        let (Some(cipher), role::TARGET) = (s.cipher.as_ref(), s.role) else { return Err(status::NO_SESSION) };
+        let aad = aad(&s.session_id, gpa, generation);
+        cipher
+            .decrypt_inout_detached(&Nonce::<Aes256Gcm>::from(*nonce), &aad, InOutBuf::from(&mut buf[..]), &Tag::<Aes256Gcm>::from(*tag))
+            .map_err(|_| status::AUTH_FAILED)
+    })?;
+    let slot = env.generation(index);
+    if generation == 0 || generation > u64::from(u32::MAX) || generation <= u64::from(slot.load(Ordering::Acquire)) {
+        return Err(status::STALE_GENERATION);
+    }
+    copy(gpa, buf.as_ptr() as u64, PAGE);
+    slot.fetch_max(generation as u32, Ordering::AcqRel);
+    SESSION.account(gpa, generation);
+    Ok(())
+}
+
+fn batch_count(mbox: &Mailbox) -> Result<u32, Failure> {
+    let count = mbox.count();
+    if count == 0 || count > h::MAX_BATCH {
+        return Err((status::BAD_BATCH, 0));
+    }
+    Ok(count)
+}
+
+/// ENCRYPT_BATCH: for each record header {gpa, generation}, seal the page.
+pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
+    let count = batch_count(mbox)?;
+    for i in 0..count {
+        let at = Mailbox::record(i);
+        let mut header: h::RecordHeader = mbox.read(at);
+        let (nonce, tag) = encrypt_page(env, helper, header.gpa, header.generation, mbox.addr(at + 64)).map_err(|e| (e, i))?;
+        header.nonce = nonce;
+        header.tag = tag;
+        mbox.write(at, &header);
+    }
+    Ok(count)
+}
+
+/// DECRYPT_BATCH: verify and write each record; stop at the first failure
+/// (records before it were applied, none after it).
+pub fn decrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
+    let count = batch_count(mbox)?;
+    for i in 0..count {
+        let at = Mailbox::record(i);
+        let header: h::RecordHeader = mbox.read(at);
+        decrypt_page(env, helper, header.gpa, header.generation, &header.nonce, &header.tag, mbox.addr(at + 64))
+            .map_err(|e| (e, i))?;
+    }
+    Ok(count)
+}
+
+/// SEAL: the source's count and digest, encrypted and bound to the session.
+pub fn seal(mbox: &Mailbox) -> Result<(), Failure> {
+    let record = SESSION.read(|s| {
+        let (Some(cipher), role::SOURCE) = (s.cipher.as_ref(), s.role) else { return Err((status::NO_SESSION, 0)) };
+        let nonce = SESSION.next_nonce(SEAL_HELPER);
+        let mut record = <h::SealRecord as zerocopy::FromZeros>::new_zeroed();
+        record.nonce = nonce;
+        record.ciphertext = SESSION.digest_plaintext();
+        let tag = cipher
+            .encrypt_inout_detached(&Nonce::<Aes256Gcm>::from(nonce), &s.session_id, InOutBuf::from(&mut record.ciphertext[..]))
+            .map_err(|_| (status::AUTH_FAILED, 0))?;
+        record.tag.copy_from_slice(&tag);
+        Ok(record)
+    })?;
+    mbox.write_arg(&record);
+    Ok(())
+}
+
+/// VERIFY_SEAL: the source's record must authenticate and match exactly
+/// what this side received.
+pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
+    let mut record: h::SealRecord = mbox.read_arg();
+    SESSION.read(|s| {
+        let (Some(cipher), role::TARGET) = (s.cipher.as_ref(), s.role) else { return Err((status::NO_SESSION, 0)) };
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::<Aes256Gcm>::from(record.nonce),
+                &s.session_id,
+                InOutBuf::from(&mut record.ciphertext[..]),
+                &Tag::<Aes256Gcm>::from(record.tag),
+            )
+            .map_err(|_| (status::AUTH_FAILED, 0))?;
+        if record.ciphertext != SESSION.digest_plaintext() {
+            return Err((status::SEAL_MISMATCH, 0));
+        }
+        Ok(())
+    })
+}
+
+/// Seed ENCRYPT: the page at `gpa` into the seed page, the envelope into
+/// the seed header. The generation is the nonce counter: always newer.
+pub fn seed_encrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
+    let generation = SESSION.counters[0].load(Ordering::Relaxed) + 1;
+    let (nonce, tag) = encrypt_page(env, 0, gpa, generation, mbox.addr(offsets::SEED_PAGE as u64))?;
+    let envelope = h::SeedEnvelope { generation, nonce, tag, reserved: 0 };
+    mbox.write(offsets::SEED_HEADER as u64, &(core::mem::size_of::<h::SeedEnvelope>() as u32));
+    mbox.write(offsets::SEED_HEADER as u64 + 4, &envelope);
+    Ok(())
+}
+
+/// Seed DECRYPT: the seed page into `gpa`, as its envelope allows.
+pub fn seed_decrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
+    let len: u32 = mbox.read(offsets::SEED_HEADER as u64);
+    if len as usize != core::mem::size_of::<h::SeedEnvelope>() {
+        return Err(status::BAD_ARGS);
+    }
+    let e: h::SeedEnvelope = mbox.read(offsets::SEED_HEADER as u64 + 4);
+    decrypt_page(env, 0, gpa, e.generation, &e.nonce, &e.tag, mbox.addr(offsets::SEED_PAGE as u64))
+}

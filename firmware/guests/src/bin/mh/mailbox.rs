@@ -1,0 +1,147 @@
+//! One helper's view of its mailbox (shared with the host), and the seed
+//! protocol served from it.
+//!
+//! Every access is volatile or atomic: the host writes these pages while we
+//! read them. Values are read once into locals before they are checked.
+
+use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use cgsvmm_guests::abi::helper::{self as h, offsets, seed, status};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::crypto::{self, SESSION};
+use crate::Env;
+
+/// A mailbox at a fixed guest-physical (= virtual) address.
+pub struct Mailbox {
+    base: u64,
+}
+
+const CONTROL: u64 = offsets::CONTROL as u64;
+
+impl Mailbox {
+    /// The mailbox at `base` (from our own HelperHeader).
+    pub fn new(base: u64) -> Self {
+        Self { base }
+    }
+
+    fn atomic_u64(&self, offset: u64) -> &AtomicU64 {
+        // SAFETY: offset lies inside this mailbox, which the VMM mapped for
+        // us; it is 8-byte aligned (mailboxes are page aligned, offsets are
+        // multiples of 8); AtomicU64 has u64's layout.
+        unsafe { &*((self.base + offset) as *const AtomicU64) }
+    }
+
+    fn atomic_u32(&self, offset: u64) -> &AtomicU32 {
+        // SAFETY: as for atomic_u64, with 4-byte alignment.
+        unsafe { &*((self.base + offset) as *const AtomicU32) }
+    }
+
+    fn atomic_i32(&self, offset: u64) -> &AtomicI32 {
+        // SAFETY: as for atomic_u64, with 4-byte alignment.
+        unsafe { &*((self.base + offset) as *const AtomicI32) }
+    }
+
+    /// Reads a `T` at `offset` (a snapshot: the host may change it after).
+    pub fn read<T: FromBytes>(&self, offset: u64) -> T {
+        // SAFETY: offset..offset+size_of::<T>() lies inside the mailbox; any
+        // bit pattern is a valid T (FromBytes).
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const T) }
+    }
+
+    /// Writes `v` at `offset`.
+    pub fn write<T: IntoBytes + zerocopy::Immutable>(&self, offset: u64, v: &T) {
+        let bytes = v.as_bytes();
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: offset..offset+len lies inside the mailbox.
+            unsafe { core::ptr::write_volatile((self.base + offset + i as u64) as *mut u8, *b) };
+        }
+    }
+
+    /// Address of `offset` (for bulk copies into and out of the mailbox).
+    pub fn addr(&self, offset: u64) -> u64 {
+        self.base + offset
+    }
+
+    pub fn req_seq(&self) -> u64 {
+        self.atomic_u64(CONTROL).load(Ordering::Acquire)
+    }
+
+    /// The last request answered (survives a restart of the helper, so a
+    /// request posted before it started is still served).
+    pub fn resp_seq(&self) -> u64 {
+        self.atomic_u64(CONTROL + 8).load(Ordering::Acquire)
+    }
+
+    /// Publishes the answer to request `req`.
+    pub fn finish(&self, req: u64) {
+        self.atomic_u64(CONTROL + 8).store(req, Ordering::Release);
+    }
+
+    pub fn cmd(&self) -> u32 {
+        self.atomic_u32(CONTROL + 16).load(Ordering::Relaxed)
+    }
+
+    pub fn count(&self) -> u32 {
+        self.atomic_u32(CONTROL + 24).load(Ordering::Relaxed)
+    }
+
+    pub fn set_result(&self, code: i32, count: u32, fail_index: u32) {
+        self.atomic_i32(CONTROL + 20).store(code, Ordering::Relaxed);
+        self.atomic_u32(CONTROL + 24).store(count, Ordering::Relaxed);
+        self.atomic_u32(CONTROL + 40).store(fail_index, Ordering::Relaxed);
+    }
+
+    pub fn set_state(&self, state: u32) {
+        self.atomic_u32(CONTROL + 28).store(state, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    pub fn bump_heartbeat(&self) {
+        self.atomic_u64(CONTROL + 32).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The command argument area.
+    pub fn read_arg<T: FromBytes>(&self) -> T {
+        self.read(CONTROL + 48)
+    }
+
+    pub fn write_arg<T: IntoBytes + zerocopy::Immutable>(&self, v: &T) {
+        self.write(CONTROL + 48, v)
+    }
+
+    /// Offset of batch record `i`.
+    pub fn record(i: u32) -> u64 {
+        (offsets::BATCH + i as usize * h::RECORD_STRIDE) as u64
+    }
+
+    pub fn seed_go(&self) -> bool {
+        self.atomic_i32(offsets::SEED_PARAMS as u64 + 24).load(Ordering::Acquire) != 0
+    }
+}
+
+/// Serves one seed-protocol command (helper 0).
+pub fn serve_seed(mbox: &Mailbox, env: &Env) {
+    let params: h::SeedParams = mbox.read(offsets::SEED_PARAMS as u64);
+    let gpa = params.gpa;
+    let ret = match params.cmd_type {
+        seed::INIT => status::OK,
+        seed::RESET => {
+            SESSION.end();
+            status::OK
+        }
+        seed::ENCRYPT => match crypto::seed_encrypt(mbox, env, gpa) {
+            Ok(()) => status::OK,
+            Err(code) => code,
+        },
+        seed::DECRYPT => match crypto::seed_decrypt(mbox, env, gpa) {
+            Ok(()) => status::OK,
+            Err(code) => code,
+        },
+        _ => status::BAD_COMMAND,
+    };
+    let p = offsets::SEED_PARAMS as u64;
+    mbox.atomic_i32(p + 20).store(ret, Ordering::Relaxed);
+    mbox.atomic_i32(p + 24).store(0, Ordering::Relaxed);
+    mbox.atomic_i32(p + 28).store(1, Ordering::Release);
+}

@@ -1,0 +1,232 @@
+//! `mh`: the migration helper.
+//!
+//! Runs on every mirror vCPU at CPL3 with all guest RAM mapped. Each helper
+//! vCPU serves its own mailbox (cgsvmm protocol); helper 0 also serves the
+//! QEMU RFC seed protocol in the same mailbox. Pages leave encrypted with
+//! AES-256-GCM under a per-session key derived from the transport key and
+//! nonces of both helpers; see `cgsvmm_fw_abi::helper` for the wire layout.
+//!
+//! Rules it keeps whatever the host does: only page-aligned GPAs inside guest
+//! RAM are read or written; a page is written only after its record
+//! authenticated, from a private copy (the host cannot change the ciphertext
+//! between the tag check and the decryption), and only if its generation is
+//! newer than the last one written there.
+#![no_std]
+#![no_main]
+
+mod crypto;
+mod mailbox;
+
+use core::sync::atomic::AtomicU32;
+
+use cgsvmm_guests::abi::helper::{self as h, cmd, status};
+use cgsvmm_guests::abi::{self, GpaRange, MirrorParams};
+use cgsvmm_guests::{outl, rdtsc};
+
+use crypto::{Session, SESSION};
+use mailbox::Mailbox;
+
+core::arch::global_asm!(
+    ".pushsection .header, \"a\"",
+    // ImageHeader
+    ".ascii \"CGSVFW01\"",
+    ".long {version}",
+    ".long {kind}",
+    ".quad __load_addr",
+    ".quad _start",
+    ".quad __image_end",
+    // HelperHeader
+    ".ascii \"CGSVMH01\"",
+    ".long {abi}",
+    ".long {max_helpers}",
+    ".quad __mh_config",
+    ".quad __mh_secret",
+    ".quad __mh_mailbox",
+    ".quad {stride}",
+    ".quad __mh_gen_table",
+    ".quad __mh_gen_table_size",
+    ".popsection",
+    ".pushsection .text.entry, \"ax\"",
+    ".global _start",
+    "_start:",
+    "and rsp, -16",
+    "call {main}",
+    "ud2",
+    ".popsection",
+    version = const abi::IMAGE_HEADER_VERSION,
+    kind = const abi::IMAGE_KIND_HELPER,
+    abi = const h::MH_ABI_VERSION,
+    max_helpers = const h::MAX_HELPERS,
+    stride = const h::MAILBOX_SIZE,
+    main = sym main,
+);
+
+/// How long a helper keeps polling after its last request before it leaves
+/// the CPU (a mailbox round trip costs ~0.4 µs, a wake-up ~20 µs).
+const IDLE_POLL_US: u64 = 200;
+
+/// The header the linker placed at the start of the image.
+fn helper_header() -> h::HelperHeader {
+    // SAFETY: the HelperHeader immediately follows the 40-byte ImageHeader at
+    // the image's load address (see the global_asm above); it is read-only.
+    unsafe { core::ptr::read_volatile((abi::MIRROR_IMAGE_GPA + 40) as *const h::HelperHeader) }
+}
+
+/// What every helper needs to know, read once at start.
+#[derive(Clone, Copy)]
+pub struct Env {
+    /// Guest RAM ranges (the only GPAs we touch).
+    pub ram: [GpaRange; 2],
+    /// Valid entries of `ram`.
+    pub ram_count: usize,
+    /// Generation table base (one AtomicU32 per guest page).
+    pub gen_table: u64,
+    /// Entries the table holds.
+    pub gen_entries: u64,
+    /// Helpers running.
+    pub helper_count: u32,
+    /// Debug commands allowed.
+    pub debug: bool,
+    /// TSC ticks per microsecond.
+    pub tsc_per_us: u64,
+}
+
+impl Env {
+    /// The generation-table index of `gpa`, if it is a page of guest RAM.
+    pub fn page_index(&self, gpa: u64) -> Option<u64> {
+        if gpa % h::PAGE_SIZE as u64 != 0 {
+            return None;
+        }
+        let mut base = 0;
+        for r in &self.ram[..self.ram_count] {
+            if gpa >= r.start && gpa.checked_add(h::PAGE_SIZE as u64)? <= r.end {
+                let index = base + (gpa - r.start) / h::PAGE_SIZE as u64;
+                return (index < self.gen_entries).then_some(index);
+            }
+            base += (r.end - r.start) / h::PAGE_SIZE as u64;
+        }
+        None
+    }
+
+    /// The generation last written at table index `i`.
+    pub fn generation(&self, i: u64) -> &AtomicU32 {
+        // SAFETY: page_index bounds `i` by gen_entries, which the VMM sized to
+        // the table's mapped, private area; AtomicU32 has u32's layout.
+        unsafe { &*((self.gen_table + i * 4) as *const AtomicU32) }
+    }
+
+    /// Pages of RAM (entries the table uses).
+    pub fn ram_pages(&self) -> u64 {
+        self.ram[..self.ram_count].iter().map(|r| (r.end - r.start) / h::PAGE_SIZE as u64).sum()
+    }
+}
+
+fn read_env() -> Option<Env> {
+    let header = helper_header();
+    // SAFETY: the config page named by our own header is mapped; read once.
+    let config: h::HelperConfig = unsafe { core::ptr::read_volatile(header.config_gpa as *const h::HelperConfig) };
+    if config.magic != h::CONFIG_MAGIC || config.ram_range_count as usize > config.ram.len() {
+        return None;
+    }
+    Some(Env {
+        ram: config.ram,
+        ram_count: config.ram_range_count as usize,
+        gen_table: header.gen_table_gpa,
+        gen_entries: header.gen_table_size / 4,
+        helper_count: config.helper_count.min(h::MAX_HELPERS),
+        debug: config.flags & h::CONFIG_FLAG_DEBUG != 0,
+        tsc_per_us: (config.tsc_khz / 1000).max(1),
+    })
+}
+
+/// Leaves the CPU until the VMM re-enters us (doorbell or timeout).
+fn wait_for_work(index: u32) {
+    outl(abi::LAB_PORT, abi::LAB_CMD_WAIT | index << 16);
+}
+
+extern "C" fn main(params: &MirrorParams) -> ! {
+    let index = params.vcpu_index as u32;
+    let header = helper_header();
+    let mbox = Mailbox::new(header.mailbox_gpa + u64::from(index) * header.mailbox_stride);
+    let Some(env) = read_env() else {
+        // Without a valid launch config there is nothing safe to do: answer
+        // nothing, leave the CPU forever.
+        loop {
+            wait_for_work(index);
+        }
+    };
+    let mut last_req = mbox.resp_seq();
+    let mut idle_since = rdtsc();
+    loop {
+        let mut worked = false;
+        if index == 0 && mbox.seed_go() {
+            mailbox::serve_seed(&mbox, &env);
+            worked = true;
+        }
+        let req = mbox.req_seq();
+        if req != last_req {
+            serve(&mbox, &env, index);
+            last_req = req;
+            mbox.finish(req);
+            worked = true;
+        }
+        if worked {
+            idle_since = rdtsc();
+            continue;
+        }
+        if rdtsc().wrapping_sub(idle_since) > IDLE_POLL_US * env.tsc_per_us {
+            mbox.set_state(h::state::SLEEPING);
+            // Re-check after announcing sleep, so a request posted meanwhile
+            // is seen here or rings our doorbell.
+            if mbox.req_seq() == last_req && !(index == 0 && mbox.seed_go()) {
+                wait_for_work(index);
+            }
+            mbox.set_state(h::state::AWAKE);
+            mbox.bump_heartbeat();
+            idle_since = rdtsc();
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Runs one cgsvmm-protocol request.
+fn serve(mbox: &Mailbox, env: &Env, index: u32) {
+    let command = mbox.cmd();
+    let result = match command {
+        cmd::HELLO => {
+            let reply = h::HelloReply {
+                version: h::MH_ABI_VERSION,
+                helper_index: index,
+                caps: h::caps::BATCH | h::caps::MULTI_HELPER | h::caps::IDLE_WAIT | h::caps::AES256_GCM | h::caps::SEAL,
+                max_batch: h::MAX_BATCH,
+                helper_count: env.helper_count,
+            };
+            mbox.write_arg(&reply);
+            Ok(0)
+        }
+        cmd::SESSION_BEGIN => Session::begin(mbox, env).map(|_| 0),
+        cmd::SESSION_PEER => Session::peer(mbox).map(|_| 0),
+        cmd::SESSION_END => {
+            SESSION.end();
+            Ok(0)
+        }
+        cmd::ENCRYPT_BATCH => crypto::encrypt_batch(mbox, env, index),
+        cmd::DECRYPT_BATCH => crypto::decrypt_batch(mbox, env, index),
+        cmd::SEAL => crypto::seal(mbox).map(|_| 0),
+        cmd::VERIFY_SEAL => crypto::verify_seal(mbox).map(|_| 0),
+        cmd::DEBUG_HANG if env.debug => loop {
+            core::hint::spin_loop();
+        },
+        cmd::DEBUG_FAULT if env.debug => {
+            // SAFETY: deliberately faults (no IDT: triple fault, which the
+            // VMM reports as a helper fault).
+            unsafe { core::arch::asm!("ud2", options(noreturn)) }
+        }
+        cmd::DEBUG_HANG | cmd::DEBUG_FAULT => Err((status::DEBUG_DISABLED, 0)),
+        _ => Err((status::BAD_COMMAND, 0)),
+    };
+    match result {
+        Ok(count) => mbox.set_result(status::OK, count, 0),
+        Err((code, at)) => mbox.set_result(code, at, at),
+    }
+}

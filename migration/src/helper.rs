@@ -1,0 +1,547 @@
+//! The host side of the migration helper: one [`HelperClient`] per mailbox.
+//!
+//! The client talks to one helper vCPU through its mailbox in the mirror
+//! region (layout and sequence: `cgsvmm_fw_abi::helper`). It never sees
+//! plaintext of private pages: it asks the helper to encrypt pages into the
+//! mailbox and copies the records out, or copies records in and asks the
+//! helper to authenticate and write them. Every wait is bounded: a helper
+//! that stops answering becomes [`HelperError::Timeout`], one whose vCPU
+//! faulted becomes [`HelperError::Fault`], never a hang or a panic.
+//!
+//! Stream records are the mailbox records byte for byte:
+//! `RecordHeader` (64 bytes: gpa, generation, nonce, tag) + 4096 bytes of
+//! ciphertext = [`RECORD_STRIDE`] bytes.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::{FromBytes, IntoBytes};
+
+use cgsvmm_fw_abi::helper::{self as h, cmd, offsets, role, seed, status};
+pub use cgsvmm_fw_abi::helper::{HelloReply, RecordHeader, SealRecord, RECORD_STRIDE};
+
+/// How the client reaches the helper's vCPU beyond the mailbox.
+pub trait HelperLink: Send + Sync {
+    /// Re-enters helper `index` if it left the CPU waiting for work.
+    fn ring(&self, index: usize);
+    /// Why helper `index`'s vCPU stopped, if it did.
+    fn fault(&self, index: usize) -> Option<String>;
+}
+
+/// A helper status code, named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelperStatus {
+    /// Unknown command.
+    BadCommand,
+    /// A GPA outside guest RAM or unaligned.
+    BadGpa,
+    /// A record failed authentication.
+    AuthFailed,
+    /// A record's generation is not newer than the page's (replay).
+    StaleGeneration,
+    /// No session, or the wrong role.
+    NoSession,
+    /// The sealed end record does not match what was received.
+    SealMismatch,
+    /// Batch size out of range.
+    BadBatch,
+    /// The helper has no transport key.
+    NoKey,
+    /// Malformed arguments.
+    BadArgs,
+    /// Debug commands are disabled.
+    DebugDisabled,
+    /// A code this client does not know.
+    Other(i32),
+}
+
+impl From<i32> for HelperStatus {
+    fn from(code: i32) -> Self {
+        match code {
+            status::BAD_COMMAND => HelperStatus::BadCommand,
+            status::BAD_GPA => HelperStatus::BadGpa,
+            status::AUTH_FAILED => HelperStatus::AuthFailed,
+            status::STALE_GENERATION => HelperStatus::StaleGeneration,
+            status::NO_SESSION => HelperStatus::NoSession,
+            status::SEAL_MISMATCH => HelperStatus::SealMismatch,
+            status::BAD_BATCH => HelperStatus::BadBatch,
+            status::NO_KEY => HelperStatus::NoKey,
+            status::BAD_ARGS => HelperStatus::BadArgs,
+            status::DEBUG_DISABLED => HelperStatus::DebugDisabled,
+            other => HelperStatus::Other(other),
+        }
+    }
+}
+
+/// Errors of talking to a helper.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    /// The helper did not answer in time.
+    #[error("Migration helper {index} did not answer within {after:?}")]
+    Timeout {
+        /// Helper index.
+        index: usize,
+        /// The limit.
+        after: Duration,
+    },
+    /// The helper's vCPU stopped.
+    #[error("Migration helper {index} faulted: {why}")]
+    Fault {
+        /// Helper index.
+        index: usize,
+        /// What the VMM saw.
+        why: String,
+    },
+    /// The helper refused the request.
+    #[error("Migration helper refused {command:#x}: {status:?} at record {record}")]
+    Refused {
+        /// Command.
+        command: u32,
+        /// Its status.
+        status: HelperStatus,
+        /// Index of the failing record in the batch.
+        record: u32,
+    },
+    /// The helper speaks another ABI version.
+    #[error("Migration helper speaks ABI version {0}, this VMM {version}", version = h::MH_ABI_VERSION)]
+    Version(u32),
+    /// Records whose length is not a whole number of records.
+    #[error("Truncated batch: {0} bytes is not a whole number of {RECORD_STRIDE}-byte records")]
+    Truncated(usize),
+    /// The mailbox is not where the helper said.
+    #[error("Mailbox access at {0:#x} failed")]
+    Memory(u64),
+}
+
+/// Talks to one helper through its mailbox.
+pub struct HelperClient {
+    mem: GuestMemoryMmap,
+    base: u64,
+    index: usize,
+    link: Arc<dyn HelperLink>,
+    timeout: Duration,
+    seq: u64,
+    max_batch: u32,
+}
+
+const CONTROL: u64 = offsets::CONTROL as u64;
+const REQ_SEQ: u64 = CONTROL;
+const RESP_SEQ: u64 = CONTROL + 8;
+const CMD: u64 = CONTROL + 16;
+const STATUS: u64 = CONTROL + 20;
+const COUNT: u64 = CONTROL + 24;
+const STATE: u64 = CONTROL + 28;
+const HEARTBEAT: u64 = CONTROL + 32;
+const FAIL_INDEX: u64 = CONTROL + 40;
+const ARG: u64 = CONTROL + 48;
+const SEED_RET: u64 = offsets::SEED_PARAMS as u64 + 20;
+const SEED_GO: u64 = offsets::SEED_PARAMS as u64 + 24;
+const SEED_DONE: u64 = offsets::SEED_PARAMS as u64 + 28;
+/// Spin this long on a reply before also yielding the CPU.
+const SPIN: Duration = Duration::from_micros(50);
+
+impl HelperClient {
+    /// A client for the mailbox at `mailbox_gpa` of `mem` (the mirror
+    /// region), helper `index`, answering within `timeout` or failing.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        mailbox_gpa: u64,
+        index: usize,
+        link: Arc<dyn HelperLink>,
+        timeout: Duration,
+    ) -> Self {
+        let seq = mem
+            .load::<u64>(GuestAddress(mailbox_gpa + RESP_SEQ), Ordering::Acquire)
+            .unwrap_or(0);
+        Self {
+            mem,
+            base: mailbox_gpa,
+            index,
+            link,
+            timeout,
+            seq,
+            max_batch: 1,
+        }
+    }
+
+    /// Helper index.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Times the helper woke up idle (it sleeps between requests).
+    pub fn heartbeat(&self) -> u64 {
+        self.mem
+            .load::<u64>(GuestAddress(self.base + HEARTBEAT), Ordering::Relaxed)
+            .unwrap_or(0)
+    }
+
+    fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), HelperError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(self.base + offset))
+            .map_err(|_| HelperError::Memory(self.base + offset))
+    }
+
+    fn read(&self, offset: u64, bytes: &mut [u8]) -> Result<(), HelperError> {
+        self.mem
+            .read_slice(bytes, GuestAddress(self.base + offset))
+            .map_err(|_| HelperError::Memory(self.base + offset))
+    }
+
+    fn read_obj<T: FromBytes + IntoBytes>(&self, offset: u64) -> Result<T, HelperError> {
+        let mut v = T::new_zeroed();
+        self.read(offset, v.as_mut_bytes())?;
+        Ok(v)
+    }
+
+    fn store<T: vm_memory::AtomicAccess>(
+        &self,
+        offset: u64,
+        v: T,
+        order: Ordering,
+    ) -> Result<(), HelperError> {
+        self.mem
+            .store(v, GuestAddress(self.base + offset), order)
+            .map_err(|_| HelperError::Memory(self.base + offset))
+    }
+
+    fn load<T: vm_memory::AtomicAccess>(
+        &self,
+        offset: u64,
+        order: Ordering,
+    ) -> Result<T, HelperError> {
+        self.mem
+            .load(GuestAddress(self.base + offset), order)
+            .map_err(|_| HelperError::Memory(self.base + offset))
+    }
+
+    /// Wakes the helper if it announced it is going to sleep.
+    fn nudge(&self) -> Result<(), HelperError> {
+        fence(Ordering::SeqCst);
+        if self.load::<u32>(STATE, Ordering::SeqCst)? == h::state::SLEEPING {
+            self.link.ring(self.index);
+        }
+        Ok(())
+    }
+
+    /// Waits until `done()` holds, bounded by the timeout and by faults.
+    fn wait_until(
+        &self,
+        mut done: impl FnMut() -> Result<bool, HelperError>,
+    ) -> Result<(), HelperError> {
+        let start = Instant::now();
+        let mut rung = Instant::now();
+        loop {
+            if done()? {
+                return Ok(());
+            }
+            let elapsed = start.elapsed();
+            if elapsed > SPIN {
+                if let Some(why) = self.link.fault(self.index) {
+                    return Err(HelperError::Fault {
+                        index: self.index,
+                        why,
+                    });
+                }
+                if elapsed > self.timeout {
+                    return Err(HelperError::Timeout {
+                        index: self.index,
+                        after: self.timeout,
+                    });
+                }
+                // A wake-up can race with the helper going to sleep; ring
+                // again now and then rather than wait for its own timeout.
+                if rung.elapsed() > Duration::from_millis(2) {
+                    self.nudge()?;
+                    rung = Instant::now();
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Posts a request (cmd, count, arg) and waits for its answer; returns
+    /// the answered count.
+    fn call(&mut self, command: u32, count: u32, arg: &[u8]) -> Result<u32, HelperError> {
+        self.write(CMD, &command.to_le_bytes())?;
+        self.write(COUNT, &count.to_le_bytes())?;
+        if !arg.is_empty() {
+            self.write(ARG, arg)?;
+        }
+        let seq = self.seq.wrapping_add(1);
+        self.store(REQ_SEQ, seq, Ordering::Release)?;
+        self.nudge()?;
+        self.wait_until(|| Ok(self.load::<u64>(RESP_SEQ, Ordering::Acquire)? == seq))?;
+        self.seq = seq;
+        let code = self.load::<i32>(STATUS, Ordering::Relaxed)?;
+        if code != status::OK {
+            let record = self.load::<u32>(FAIL_INDEX, Ordering::Relaxed)?;
+            return Err(HelperError::Refused {
+                command,
+                status: code.into(),
+                record,
+            });
+        }
+        self.load::<u32>(COUNT, Ordering::Relaxed)
+    }
+
+    fn arg<T: FromBytes + IntoBytes>(&self) -> Result<T, HelperError> {
+        self.read_obj(ARG)
+    }
+
+    /// The version/capability handshake; remembers the helper's batch size.
+    pub fn hello(&mut self) -> Result<HelloReply, HelperError> {
+        self.call(cmd::HELLO, 0, &[])?;
+        let reply: HelloReply = self.arg()?;
+        if reply.version != h::MH_ABI_VERSION {
+            return Err(HelperError::Version(reply.version));
+        }
+        self.max_batch = reply.max_batch.clamp(1, h::MAX_BATCH);
+        Ok(reply)
+    }
+
+    /// Most records per batch (after [`HelperClient::hello`]).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch as usize
+    }
+
+    fn session(
+        &mut self,
+        command: u32,
+        args: h::SessionArgs,
+    ) -> Result<h::SessionArgs, HelperError> {
+        self.call(command, 0, args.as_bytes())?;
+        self.arg()
+    }
+
+    /// Source: starts a session; returns the source helper's nonce.
+    pub fn begin_source(&mut self) -> Result<[u8; 32], HelperError> {
+        let args = h::SessionArgs {
+            role: role::SOURCE,
+            ..Default::default()
+        };
+        Ok(self.session(cmd::SESSION_BEGIN, args)?.own_nonce)
+    }
+
+    /// Target: starts a session from the source's nonce; returns the target
+    /// helper's nonce and the session id.
+    pub fn begin_target(
+        &mut self,
+        source_nonce: [u8; 32],
+    ) -> Result<([u8; 32], [u8; 16]), HelperError> {
+        let args = h::SessionArgs {
+            role: role::TARGET,
+            peer_nonce: source_nonce,
+            ..Default::default()
+        };
+        let out = self.session(cmd::SESSION_BEGIN, args)?;
+        Ok((out.own_nonce, out.session_id))
+    }
+
+    /// Source: completes the session with the target's nonce; returns the
+    /// session id (equal to the target's when both share the transport key).
+    pub fn complete_source(&mut self, target_nonce: [u8; 32]) -> Result<[u8; 16], HelperError> {
+        let args = h::SessionArgs {
+            peer_nonce: target_nonce,
+            ..Default::default()
+        };
+        Ok(self.session(cmd::SESSION_PEER, args)?.session_id)
+    }
+
+    /// Ends the session (both sides).
+    pub fn end(&mut self) -> Result<(), HelperError> {
+        self.call(cmd::SESSION_END, 0, &[]).map(drop)
+    }
+
+    /// Encrypts `pages` (gpa, generation) and appends one record per page
+    /// to `out`.
+    pub fn encrypt(&mut self, pages: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), HelperError> {
+        for chunk in pages.chunks(self.max_batch as usize) {
+            for (i, &(gpa, generation)) in chunk.iter().enumerate() {
+                let header = RecordHeader {
+                    gpa,
+                    generation,
+                    ..Default::default()
+                };
+                self.write(
+                    (offsets::BATCH + i * RECORD_STRIDE) as u64,
+                    header.as_bytes(),
+                )?;
+            }
+            self.call(cmd::ENCRYPT_BATCH, chunk.len() as u32, &[])?;
+            let start = out.len();
+            out.resize(start + chunk.len() * RECORD_STRIDE, 0);
+            self.read(offsets::BATCH as u64, &mut out[start..])?;
+        }
+        Ok(())
+    }
+
+    /// Hands `records` (whole records, as [`HelperClient::encrypt`] made
+    /// them) to the helper, which writes each page only if it
+    /// authenticates; returns the number applied. On an error, records
+    /// before the failing one were applied, none after it.
+    pub fn decrypt(&mut self, records: &[u8]) -> Result<usize, HelperError> {
+        if records.len() % RECORD_STRIDE != 0 {
+            return Err(HelperError::Truncated(records.len()));
+        }
+        let mut applied = 0;
+        for chunk in records.chunks(self.max_batch as usize * RECORD_STRIDE) {
+            self.write(offsets::BATCH as u64, chunk)?;
+            let count = (chunk.len() / RECORD_STRIDE) as u32;
+            match self.call(cmd::DECRYPT_BATCH, count, &[]) {
+                Ok(n) => applied += n as usize,
+                Err(HelperError::Refused {
+                    command,
+                    status,
+                    record,
+                }) => {
+                    let record = record + applied as u32;
+                    return Err(HelperError::Refused {
+                        command,
+                        status,
+                        record,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Source: the sealed end-of-stream record.
+    pub fn seal(&mut self) -> Result<SealRecord, HelperError> {
+        self.call(cmd::SEAL, 0, &[])?;
+        self.arg()
+    }
+
+    /// Target: verifies the source's sealed record against what arrived.
+    pub fn verify_seal(&mut self, record: &SealRecord) -> Result<(), HelperError> {
+        self.call(cmd::VERIFY_SEAL, 0, record.as_bytes()).map(drop)
+    }
+
+    /// Sends a raw command (for tests of the helper's debug commands).
+    pub fn raw_command(&mut self, command: u32) -> Result<u32, HelperError> {
+        self.call(command, 0, &[])
+    }
+
+    /// One seed-protocol round trip (QEMU RFC): params, `ret = -1`,
+    /// `done = 0`, barrier, `go = 1`, wait for `done`.
+    fn seed_call(&mut self, cmd_type: u64, gpa: u64) -> Result<(), HelperError> {
+        let params = h::SeedParams {
+            cmd_type,
+            gpa,
+            prefetch: 0,
+            ret: -1,
+            go: 0,
+            done: 0,
+        };
+        self.write(offsets::SEED_PARAMS as u64, params.as_bytes())?;
+        fence(Ordering::SeqCst);
+        self.store(SEED_GO, 1i32, Ordering::Release)?;
+        self.nudge()?;
+        self.wait_until(|| Ok(self.load::<i32>(SEED_DONE, Ordering::Acquire)? == 1))?;
+        let ret = self.load::<i32>(SEED_RET, Ordering::Relaxed)?;
+        if ret != status::OK {
+            let command = cmd_type as u32;
+            return Err(HelperError::Refused {
+                command,
+                status: ret.into(),
+                record: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Seed ENCRYPT of one page: returns header (u32 len + envelope) and the
+    /// encrypted page, as the RFC's host copies them out.
+    pub fn seed_encrypt(
+        &mut self,
+        gpa: u64,
+        header: &mut Vec<u8>,
+        page: &mut [u8; h::PAGE_SIZE],
+    ) -> Result<(), HelperError> {
+        self.seed_call(seed::ENCRYPT, gpa)?;
+        let len: u32 = self.read_obj(offsets::SEED_HEADER as u64)?;
+        let len = (len as usize).min(h::SEED_ENVELOPE_MAX);
+        header.resize(4 + len, 0);
+        self.read(offsets::SEED_HEADER as u64, header)?;
+        self.read(offsets::SEED_PAGE as u64, page)
+    }
+
+    /// Seed DECRYPT of one page into `gpa`.
+    pub fn seed_decrypt(
+        &mut self,
+        gpa: u64,
+        header: &[u8],
+        page: &[u8; h::PAGE_SIZE],
+    ) -> Result<(), HelperError> {
+        if header.len() > 4 + h::SEED_ENVELOPE_MAX {
+            return Err(HelperError::Truncated(header.len()));
+        }
+        self.write(offsets::SEED_HEADER as u64, header)?;
+        self.write(offsets::SEED_PAGE as u64, page)?;
+        self.seed_call(seed::DECRYPT, gpa)
+    }
+
+    /// Seed INIT.
+    pub fn seed_init(&mut self) -> Result<(), HelperError> {
+        self.seed_call(seed::INIT, 0)
+    }
+}
+
+/// The header of the record at `i` in `records`.
+pub fn record_header(records: &[u8], i: usize) -> Option<RecordHeader> {
+    let at = i.checked_mul(RECORD_STRIDE)?;
+    RecordHeader::read_from_prefix(records.get(at..)?)
+        .ok()
+        .map(|(h, _)| h)
+}
+
+/// Overwrites the header of record `i` (tests build forged records so).
+pub fn set_record_header(records: &mut [u8], i: usize, header: &RecordHeader) -> bool {
+    let at = i * RECORD_STRIDE;
+    match records.get_mut(at..at + size_of::<RecordHeader>()) {
+        Some(dst) => {
+            dst.copy_from_slice(header.as_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_have_names() {
+        assert_eq!(
+            HelperStatus::from(status::AUTH_FAILED),
+            HelperStatus::AuthFailed
+        );
+        assert_eq!(
+            HelperStatus::from(status::STALE_GENERATION),
+            HelperStatus::StaleGeneration
+        );
+        assert_eq!(HelperStatus::from(-99), HelperStatus::Other(-99));
+    }
+
+    #[test]
+    fn record_headers_round_trip() {
+        let mut records = vec![0u8; 2 * RECORD_STRIDE];
+        let header = RecordHeader {
+            gpa: 0x5000,
+            generation: 3,
+            ..Default::default()
+        };
+        assert!(set_record_header(&mut records, 1, &header));
+        assert_eq!(record_header(&records, 1), Some(header));
+        assert_eq!(record_header(&records, 0).map(|h| h.gpa), Some(0));
+        assert_eq!(record_header(&records, 2), None);
+        assert!(!set_record_header(&mut records, 2, &header));
+    }
+}
