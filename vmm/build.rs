@@ -22,7 +22,7 @@ const GUEST_RUSTFLAGS: [&str; 8] = [
     "-Clink-arg=-static",
     "-Clink-arg=-no-pie",
     "-Clink-arg=-Wl,--build-id=none",
-    "-Ctarget-feature=+aes,+pclmulqdq,+avx2,+sse4.1,+ssse3",
+    "-Ctarget-feature=+aes,+pclmulqdq,+sse4.1,+ssse3",
 ];
 
 fn main() {

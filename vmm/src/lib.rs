@@ -12,6 +12,7 @@
 //! Devices live in the `cgsvmm-devices` crate, migration in
 //! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
 
+pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod control;

@@ -25,6 +25,25 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until it powers off, `quit` over QMP, or Ctrl-C.
     Run(RunArgs),
+    /// Measure a component and print the numbers.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Migration helper throughput: seed vs batched protocol, 1 and 2
+    /// helpers, against the host's own AES-256-GCM rate.
+    Helper {
+        /// Pages per measurement.
+        #[arg(long, default_value_t = 16384)]
+        pages: usize,
+        /// Seconds per host AES-GCM implementation.
+        #[arg(long, default_value_t = 1.0)]
+        host_seconds: f64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,6 +149,28 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench {
+            what:
+                BenchCommand::Helper {
+                    pages,
+                    host_seconds,
+                },
+        } => {
+            let config = cgsvmm::bench::BenchConfig {
+                pages,
+                host_time: std::time::Duration::from_secs_f64(host_seconds.clamp(0.05, 60.0)),
+            };
+            match cgsvmm::bench::run(config) {
+                Ok(report) => {
+                    print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cgsvmm: error: {}", one_line(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let result = VmmConfig::try_from(args)
                 .map_err(cgsvmm::VmmError::from)

@@ -39,7 +39,8 @@
 //!  | <---- resp_seq = n, status, arg = HelloReply {version, caps, max_batch}
 //!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces; both MHs derive
 //!  |   key, session id = HKDF-SHA256(transport key, nonce_src || nonce_tgt)
-//!  | ENCRYPT_BATCH: RecordHeader{gpa, generation} x count ---> MH seals each
+//!  | ENCRYPT_BATCH: RecordHeader{gpa, generation} x count from record
+//!  |   `first` ---> MH seals each
 //!  |   page: AES-256-GCM, nonce = helper || counter, AAD = session id ||
 //!  |   gpa || generation; digest += SHA-256(gpa || generation)
 //!  | DECRYPT_BATCH: records x count ---> MH checks gpa, authenticates,
@@ -287,8 +288,9 @@ pub struct MailboxControl {
     pub heartbeat: u64,
     /// Index of the record that failed (when status != OK).
     pub fail_index: u32,
-    /// Reserved.
-    pub reserved: u32,
+    /// Request: the batch starts at this record (hosts alternate halves of
+    /// the batch area to overlap their copying with the helper's work).
+    pub first: u32,
     /// Command-specific arguments and results.
     pub arg: [u8; ARG_SIZE],
 }

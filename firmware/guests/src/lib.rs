@@ -184,3 +184,20 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// Some dependencies (ring) link `alloc` without allocating on the paths
+/// these images use; there is no heap, so any allocation fails (and the
+/// resulting panic is a triple fault the VMM reports).
+struct NoHeap;
+
+// SAFETY: never hands out memory: every allocation fails with null.
+unsafe impl core::alloc::GlobalAlloc for NoHeap {
+    unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+
+    unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
+}
+
+#[global_allocator]
+static NO_HEAP: NoHeap = NoHeap;

@@ -15,9 +15,8 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use aes_gcm::aead::{inout::InOutBuf, AeadInOut, KeyInit, Nonce, Tag};
-use aes_gcm::Aes256Gcm;
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, role, status};
@@ -36,7 +35,7 @@ pub type Failure = (i32, u32);
 struct State {
     role: u32,
     own_nonce: [u8; 32],
-    cipher: Option<Aes256Gcm>,
+    cipher: Option<LessSafeKey>,
     session_id: [u8; 16],
 }
 
@@ -137,14 +136,15 @@ impl Session {
             }
         }
         let derived = (args.role == role::TARGET).then(|| derive(&transport_key, &args.peer_nonce, &nonce));
+        let session_id = derived.as_ref().map_or([0; 16], |(_, id)| *id);
         SESSION.write(|s| {
             s.role = args.role;
             s.own_nonce = nonce;
-            s.cipher = derived.as_ref().map(|(c, _)| c.clone());
-            s.session_id = derived.as_ref().map_or([0; 16], |(_, id)| *id);
+            s.cipher = derived.map(|(c, _)| c);
+            s.session_id = session_id;
         });
         args.own_nonce = nonce;
-        args.session_id = derived.map_or([0; 16], |(_, id)| id);
+        args.session_id = session_id;
         mbox.write_arg(&args);
         Ok(())
     }
@@ -205,14 +205,14 @@ fn transport_key() -> Option<[u8; 32]> {
     (secret.magic == h::CONFIG_MAGIC).then_some(secret.key)
 }
 
-fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32]) -> (Aes256Gcm, [u8; 16]) {
+fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32]) -> (LessSafeKey, [u8; 16]) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(source_nonce);
     salt[32..].copy_from_slice(target_nonce);
     let hk = Hkdf::<Sha256>::new(Some(&salt), transport_key);
     let mut okm = [0u8; 48];
     hk.expand(h::HKDF_INFO, &mut okm).expect("48 bytes is a valid HKDF-SHA256 length");
-    let cipher = Aes256Gcm::new_from_slice(&okm[..32]).expect("32-byte key");
+    let cipher = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32-byte key"));
     let mut id = [0u8; 16];
     id.copy_from_slice(&okm[32..]);
     (cipher, id)
@@ -263,25 +263,26 @@ fn copy(dst: u64, src: u64, len: usize) {
 }
 
 /// Encrypts the page at `gpa` into `out` (shared): returns (nonce, tag).
-/// Plaintext only ever sits in the helper's private scratch page.
+/// Plaintext only ever sits in the helper's private scratch page, which is
+/// encrypted in place and then copied out.
 fn encrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, out: u64) -> Result<([u8; 12], [u8; 16]), i32> {
     env.page_index(gpa).ok_or(status::BAD_GPA)?;
     let buf = scratch(helper);
     copy(buf.as_mut_ptr() as u64, gpa, PAGE);
-    SESSION.read(|s| {
+    let sealed = SESSION.read(|s| {
         let (Some(cipher), role::SOURCE) = (s.cipher.as_ref(), s.role) else { return Err(status::NO_SESSION) };
         let nonce = SESSION.next_nonce(helper);
         let aad = aad(&s.session_id, gpa, generation);
-        // SAFETY: `out` is PAGE bytes of this helper's mailbox, ours to write.
-        let dst = unsafe { core::slice::from_raw_parts_mut(out as *mut u8, PAGE) };
-        let inout = InOutBuf::new(&buf[..], dst).expect("equal lengths");
-        let tag: Tag<Aes256Gcm> =
-            cipher.encrypt_inout_detached(&Nonce::<Aes256Gcm>::from(nonce), &aad, inout).map_err(|_| status::AUTH_FAILED)?;
+        let tag = cipher
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut buf[..])
+            .map_err(|_| status::AUTH_FAILED)?;
         let mut t = [0u8; 16];
-        t.copy_from_slice(&tag);
+        t.copy_from_slice(tag.as_ref());
         Ok((nonce, t))
-    })
-    .inspect(|_| SESSION.account(gpa, generation))
+    })?;
+    copy(out, buf.as_ptr() as u64, PAGE);
+    SESSION.account(gpa, generation);
+    Ok(sealed)
 }
 
 /// Authenticates the ciphertext at `ct` (shared) and, only if it is genuine
@@ -294,7 +295,8 @@ fn decrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, nonce: &[u8; 
         let (Some(cipher), role::TARGET) = (s.cipher.as_ref(), s.role) else { return Err(status::NO_SESSION) };
         let aad = aad(&s.session_id, gpa, generation);
         cipher
-            .decrypt_inout_detached(&Nonce::<Aes256Gcm>::from(*nonce), &aad, InOutBuf::from(&mut buf[..]), &Tag::<Aes256Gcm>::from(*tag))
+            .open_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(&aad), Tag::from(*tag), &mut buf[..], 0..)
+            .map(drop)
             .map_err(|_| status::AUTH_FAILED)
     })?;
     let slot = env.generation(index);
@@ -307,18 +309,20 @@ fn decrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, nonce: &[u8; 
     Ok(())
 }
 
-fn batch_count(mbox: &Mailbox) -> Result<u32, Failure> {
-    let count = mbox.count();
-    if count == 0 || count > h::MAX_BATCH {
-        return Err((status::BAD_BATCH, 0));
+/// The batch's records: `first..first + count`, inside the batch area.
+fn batch_range(mbox: &Mailbox) -> Result<core::ops::Range<u32>, Failure> {
+    let (first, count) = (mbox.first(), mbox.count());
+    match first.checked_add(count) {
+        Some(end) if count > 0 && end <= h::MAX_BATCH => Ok(first..end),
+        _ => Err((status::BAD_BATCH, 0)),
     }
-    Ok(count)
 }
 
 /// ENCRYPT_BATCH: for each record header {gpa, generation}, seal the page.
 pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
-    let count = batch_count(mbox)?;
-    for i in 0..count {
+    let records = batch_range(mbox)?;
+    let count = records.len() as u32;
+    for i in records {
         let at = Mailbox::record(i);
         let mut header: h::RecordHeader = mbox.read(at);
         let (nonce, tag) = encrypt_page(env, helper, header.gpa, header.generation, mbox.addr(at + 64)).map_err(|e| (e, i))?;
@@ -332,8 +336,9 @@ pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Fail
 /// DECRYPT_BATCH: verify and write each record; stop at the first failure
 /// (records before it were applied, none after it).
 pub fn decrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
-    let count = batch_count(mbox)?;
-    for i in 0..count {
+    let records = batch_range(mbox)?;
+    let count = records.len() as u32;
+    for i in records {
         let at = Mailbox::record(i);
         let header: h::RecordHeader = mbox.read(at);
         decrypt_page(env, helper, header.gpa, header.generation, &header.nonce, &header.tag, mbox.addr(at + 64))
@@ -351,9 +356,9 @@ pub fn seal(mbox: &Mailbox) -> Result<(), Failure> {
         record.nonce = nonce;
         record.ciphertext = SESSION.digest_plaintext();
         let tag = cipher
-            .encrypt_inout_detached(&Nonce::<Aes256Gcm>::from(nonce), &s.session_id, InOutBuf::from(&mut record.ciphertext[..]))
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&s.session_id), &mut record.ciphertext[..])
             .map_err(|_| (status::AUTH_FAILED, 0))?;
-        record.tag.copy_from_slice(&tag);
+        record.tag.copy_from_slice(tag.as_ref());
         Ok(record)
     })?;
     mbox.write_arg(&record);
@@ -367,11 +372,12 @@ pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
     SESSION.read(|s| {
         let (Some(cipher), role::TARGET) = (s.cipher.as_ref(), s.role) else { return Err((status::NO_SESSION, 0)) };
         cipher
-            .decrypt_inout_detached(
-                &Nonce::<Aes256Gcm>::from(record.nonce),
-                &s.session_id,
-                InOutBuf::from(&mut record.ciphertext[..]),
-                &Tag::<Aes256Gcm>::from(record.tag),
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(record.nonce),
+                Aad::from(&s.session_id),
+                Tag::from(record.tag),
+                &mut record.ciphertext[..],
+                0..,
             )
             .map_err(|_| (status::AUTH_FAILED, 0))?;
         if record.ciphertext != SESSION.digest_plaintext() {

@@ -82,6 +82,10 @@ impl Mailbox {
         self.atomic_u32(CONTROL + 16).load(Ordering::Relaxed)
     }
 
+    pub fn first(&self) -> u32 {
+        self.atomic_u32(CONTROL + 44).load(Ordering::Relaxed)
+    }
+
     pub fn count(&self) -> u32 {
         self.atomic_u32(CONTROL + 24).load(Ordering::Relaxed)
     }

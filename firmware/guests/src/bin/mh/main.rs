@@ -183,7 +183,10 @@ extern "C" fn main(params: &MirrorParams) -> ! {
             }
             mbox.set_state(h::state::AWAKE);
             mbox.bump_heartbeat();
-            idle_since = rdtsc();
+            // No reset of idle_since: woken without work, the helper looks
+            // once and leaves the CPU again; only real work earns it a
+            // polling period (which would otherwise steal a core from busy
+            // helpers every time an idle one wakes up).
         }
         core::hint::spin_loop();
     }

@@ -1,0 +1,374 @@
+//! `cgsvmm bench helper`: how fast pages move through the migration helper.
+//!
+//! One run on one machine measures, on the same pages:
+//! - the seed protocol (QEMU RFC: one page per mailbox round trip),
+//! - the batched protocol with one helper and with two in parallel,
+//!
+//! each for encryption (source VM A) and decryption (target VM B), and, as
+//! the ceiling, this process's own single-core AES-256-GCM rate on 4 KiB
+//! pages with the fastest implementation it has (RustCrypto `aes-gcm` or
+//! `ring`). The last two lines are `batched/seed ratio: <x>` (one helper,
+//! encrypt) and `helper/host-aead ratio: <x>` (one helper, encrypt, against
+//! the ceiling), for scripts.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::Aes256Gcm;
+
+use cgsvmm_migration::helper::{HelperClient, HelperError, RECORD_STRIDE};
+
+use crate::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
+use crate::memory::MIB;
+use crate::vmm::{Vmm, VmmError};
+
+const PAGE: usize = 4096;
+/// Where the benchmarked pages start: the lab data area.
+const FIRST_PAGE: u64 = cgsvmm_fw_abi::LAB_DATA_GPA;
+/// Helper requests time out after this.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A VM could not be built.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// A helper failed.
+    #[error(transparent)]
+    Helper(#[from] HelperError),
+    /// Arguments out of range.
+    #[error("{0}")]
+    Args(String),
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchConfig {
+    /// Pages per measurement.
+    pub pages: usize,
+    /// Host-side AEAD time per implementation.
+    pub host_time: Duration,
+}
+
+/// One measured rate.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Pages moved.
+    pub pages: usize,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+impl Rate {
+    /// Pages per second.
+    pub fn pages_per_sec(&self) -> f64 {
+        self.pages as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Megabytes (10^6 bytes) of page data per second.
+    pub fn mb_per_sec(&self) -> f64 {
+        self.pages_per_sec() * PAGE as f64 / 1e6
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug)]
+pub struct BenchReport {
+    /// (name, encrypt, decrypt) per protocol variant.
+    pub helper: Vec<(&'static str, Rate, Rate)>,
+    /// (implementation, encrypt) on the host.
+    pub host: Vec<(&'static str, Rate)>,
+}
+
+fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
+    let bytes = FIRST_PAGE + (pages * PAGE) as u64;
+    let memory = bytes.div_ceil(2 * MIB) * 2 * MIB + 16 * MIB;
+    let vmm = Vmm::try_from(VmmConfig {
+        memory,
+        cpus: 1,
+        mirror_cpus: 2,
+        boot: BootConfig::Lab(LabGuest::Hello),
+        qmp: None,
+        serial: SerialConfig::Null,
+        helper: Some(HelperLaunch {
+            key: Some(key),
+            debug: false,
+        }),
+    })?;
+    // The guest never runs: its memory stays still while it is measured.
+    vmm.start_mirror()?;
+    Ok(vmm)
+}
+
+fn clients(v: &Vmm) -> Result<Vec<HelperClient>, BenchError> {
+    (0..2)
+        .map(|i| {
+            let mut c = v.helper_client(i, TIMEOUT).expect("two helpers configured");
+            c.hello()?;
+            Ok(c)
+        })
+        .collect()
+}
+
+fn session(src: &mut HelperClient, dst: &mut HelperClient) -> Result<(), HelperError> {
+    let nonce = src.begin_source()?;
+    let (target_nonce, _) = dst.begin_target(nonce)?;
+    src.complete_source(target_nonce)?;
+    Ok(())
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T, HelperError>) -> Result<(T, Duration), HelperError> {
+    let start = Instant::now();
+    let out = f()?;
+    Ok((out, start.elapsed()))
+}
+
+/// Seed protocol, one page per round trip.
+fn seed_round(
+    src: &mut HelperClient,
+    dst: &mut HelperClient,
+    gpas: &[u64],
+) -> Result<(Rate, Rate), HelperError> {
+    src.seed_init()?;
+    let mut headers = Vec::with_capacity(gpas.len());
+    let mut pages = vec![[0u8; PAGE]; gpas.len()];
+    let (_, enc) = timed(|| {
+        for (gpa, page) in gpas.iter().zip(pages.iter_mut()) {
+            let mut header = Vec::new();
+            src.seed_encrypt(*gpa, &mut header, page)?;
+            headers.push(header);
+        }
+        Ok(())
+    })?;
+    let (_, dec) = timed(|| {
+        for ((gpa, header), page) in gpas.iter().zip(&headers).zip(&pages) {
+            dst.seed_decrypt(*gpa, header, page)?;
+        }
+        Ok(())
+    })?;
+    Ok((
+        Rate {
+            pages: gpas.len(),
+            elapsed: enc,
+        },
+        Rate {
+            pages: gpas.len(),
+            elapsed: dec,
+        },
+    ))
+}
+
+/// Batched protocol over `src.len()` helpers in parallel (one host thread
+/// each, as a sender would run them).
+fn batched_round(
+    src: &mut [HelperClient],
+    dst: &mut [HelperClient],
+    pages: &[(u64, u64)],
+) -> Result<(Rate, Rate), HelperError> {
+    let share = pages.len().div_ceil(src.len());
+    // Output buffers are touched before the clock starts, as a sender's
+    // reused stream buffers would be: first-touch page faults of this
+    // process are not the helper's cost.
+    let mut records: Vec<Vec<u8>> = (0..src.len())
+        .map(|_| {
+            let mut v = vec![0xffu8; share * RECORD_STRIDE];
+            v.clear();
+            v
+        })
+        .collect();
+    let (_, enc) = timed(|| {
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = src
+                .iter_mut()
+                .zip(pages.chunks(share))
+                .zip(records.iter_mut())
+                .map(|((c, chunk), out)| s.spawn(move || c.encrypt(chunk, out)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("encrypt thread panicked"))
+        })
+    })?;
+    let (_, dec) = timed(|| {
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = dst
+                .iter_mut()
+                .zip(records.iter())
+                .map(|(c, recs)| s.spawn(move || c.decrypt(recs).map(drop)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().expect("decrypt thread panicked"))
+        })
+    })?;
+    Ok((
+        Rate {
+            pages: pages.len(),
+            elapsed: enc,
+        },
+        Rate {
+            pages: pages.len(),
+            elapsed: dec,
+        },
+    ))
+}
+
+/// The host's single-core AES-256-GCM encryption rate on 4 KiB pages.
+fn host_rates(time: Duration) -> Vec<(&'static str, Rate)> {
+    let key = [7u8; 32];
+    let aad = [1u8; 32];
+    let mut page = vec![0x5au8; PAGE];
+
+    let rustcrypto = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
+    let mut n: u64 = 0;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        for _ in 0..64 {
+            n += 1;
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&n.to_le_bytes());
+            let tag = rustcrypto
+                .encrypt_inout_detached(&nonce.into(), &aad, page.as_mut_slice().into())
+                .expect("in-memory encryption");
+            std::hint::black_box(tag);
+        }
+    }
+    let rc = Rate {
+        pages: n as usize,
+        elapsed: start.elapsed(),
+    };
+
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key).expect("32-byte key"),
+    );
+    let mut n: u64 = 0;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        for _ in 0..64 {
+            n += 1;
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&n.to_le_bytes());
+            let tag = ring_key
+                .seal_in_place_separate_tag(
+                    ring::aead::Nonce::assume_unique_for_key(nonce),
+                    ring::aead::Aad::from(&aad),
+                    &mut page,
+                )
+                .expect("in-memory encryption");
+            let _ = std::hint::black_box(tag);
+        }
+    }
+    let ring_rate = Rate {
+        pages: n as usize,
+        elapsed: start.elapsed(),
+    };
+    vec![("RustCrypto aes-gcm", rc), ("ring", ring_rate)]
+}
+
+/// Runs every measurement.
+pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
+    if config.pages == 0 || config.pages > 1 << 20 {
+        return Err(BenchError::Args(format!(
+            "--pages must be 1..=1048576, got {}",
+            config.pages
+        )));
+    }
+    let key = [0x5c; 32];
+    let (a, b) = (vm(config.pages, key)?, vm(config.pages, key)?);
+    let (mut src, mut dst) = (clients(&a)?, clients(&b)?);
+    let gpas: Vec<u64> = (0..config.pages as u64)
+        .map(|i| FIRST_PAGE + i * PAGE as u64)
+        .collect();
+    let pages: Vec<(u64, u64)> = gpas.iter().map(|&g| (g, 1)).collect();
+    let mut helper = Vec::new();
+
+    // Warm-up, not reported: the first touch of each guest page by a helper
+    // vCPU costs a shadow-paging fault on this host (LAB.md), paid once per
+    // page whatever the protocol; steady state is what is compared.
+    session(&mut src[0], &mut dst[0])?;
+    batched_round(&mut src[..], &mut dst[..], &pages)?;
+
+    session(&mut src[0], &mut dst[0])?;
+    let (e, d) = seed_round(&mut src[0], &mut dst[0], &gpas)?;
+    helper.push(("seed (1 page/round trip)", e, d));
+
+    session(&mut src[0], &mut dst[0])?;
+    let (e, d) = batched_round(&mut src[..1], &mut dst[..1], &pages)?;
+    helper.push(("batched, 1 helper", e, d));
+
+    session(&mut src[0], &mut dst[0])?;
+    let (e, d) = batched_round(&mut src[..], &mut dst[..], &pages)?;
+    helper.push(("batched, 2 helpers", e, d));
+    // Sanity: what arrived is what was sent.
+    let mut ra = vec![0u8; PAGE];
+    let mut rb = vec![0u8; PAGE];
+    for &gpa in gpas.iter().step_by(97) {
+        use vm_memory::{Bytes, GuestAddress};
+        a.memory()
+            .ram
+            .read_slice(&mut ra, GuestAddress(gpa))
+            .map_err(|_| BenchError::Args("read A".into()))?;
+        b.memory()
+            .ram
+            .read_slice(&mut rb, GuestAddress(gpa))
+            .map_err(|_| BenchError::Args("read B".into()))?;
+        if ra != rb {
+            return Err(BenchError::Args(format!(
+                "page {gpa:#x} differs after the round trip"
+            )));
+        }
+    }
+    a.shutdown();
+    b.shutdown();
+
+    let host = host_rates(config.host_time);
+    Ok(BenchReport { helper, host })
+}
+
+impl BenchReport {
+    /// The report as printed, ending with the two ratio lines.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<28} {:>12} {:>10} {:>12} {:>10}",
+            "migration helper", "enc pages/s", "enc MB/s", "dec pages/s", "dec MB/s"
+        );
+        for (name, e, d) in &self.helper {
+            let _ = writeln!(
+                out,
+                "{name:<28} {:>12.0} {:>10.1} {:>12.0} {:>10.1}",
+                e.pages_per_sec(),
+                e.mb_per_sec(),
+                d.pages_per_sec(),
+                d.mb_per_sec()
+            );
+        }
+        for (name, r) in &self.host {
+            let _ = writeln!(
+                out,
+                "host {name:<23} {:>12.0} {:>10.1}   (one core, encrypt)",
+                r.pages_per_sec(),
+                r.mb_per_sec()
+            );
+        }
+        let ceiling = self
+            .host
+            .iter()
+            .map(|(_, r)| r.mb_per_sec())
+            .fold(0.0, f64::max);
+        let find = |n: &str| {
+            self.helper
+                .iter()
+                .find(|(name, ..)| name.starts_with(n))
+                .map(|(_, e, _)| e.mb_per_sec())
+        };
+        let seed = find("seed").unwrap_or(f64::NAN);
+        let one = find("batched, 1").unwrap_or(f64::NAN);
+        let two = find("batched, 2").unwrap_or(f64::NAN);
+        let _ = writeln!(out, "2 helpers/1 helper encrypt ratio: {:.2}", two / one);
+        let _ = writeln!(out, "batched/seed ratio: {:.2}", one / seed);
+        let _ = writeln!(out, "helper/host-aead ratio: {:.2}", one / ceiling);
+        out
+    }
+}
