@@ -251,11 +251,20 @@ fn bad_arguments_fail_with_one_clear_message() {
         (&["--initrd", "/tmp/x"], "--kernel"),
         (&["--guest", "nosuch"], "invalid value 'nosuch'"),
         (&["--bogus"], "unexpected argument '--bogus'"),
+        (
+            &["--transport-key-file", "/nonexistent/key"],
+            "--transport-key-file /nonexistent/key: No such file",
+        ),
     ];
+    let bad_key = tmp_path("bad.key");
+    std::fs::write(&bad_key, "not a key\n").unwrap();
+    let bad_key_args = ["--transport-key-file", bad_key.to_str().unwrap()];
+    let mut cases = cases.to_vec();
+    cases.push((&bad_key_args, "expected 64 hex digits"));
     for (args, want) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
             .arg("run")
-            .args(*args)
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -269,4 +278,93 @@ fn bad_arguments_fail_with_one_clear_message() {
         assert_eq!(errors, 1, "{args:?}: not one error line: {stderr:?}");
         assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
     }
+}
+
+#[test]
+fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
+    let Some(_one) = vm_test() else { return };
+    let key = tmp_path("transport.key");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let sock = tmp_path("helper.sock");
+    let mut vm = Vm::start(&[
+        "--cpus",
+        "2",
+        "--mirror-cpus",
+        "2",
+        "--transport-key-file",
+        key.to_str().unwrap(),
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+    ]);
+    assert!(vm
+        .wait_for_line(Duration::from_secs(5), |l| l
+            .starts_with("dirtier: vcpu 1 pass"))
+        .is_some());
+    let mut qmp = Qmp::negotiate(&sock);
+    let first = qmp.cmd("x-query-mirror");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = qmp.cmd("x-query-mirror");
+    for (i, (a, b)) in first
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(second.as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(b["payload"], "helper");
+        assert!(b["fault"].is_null(), "helper {i} faulted: {b}");
+        // Idle helpers wake now and then (and sleep in between).
+        assert!(
+            b["counter"].as_u64() > a["counter"].as_u64(),
+            "helper {i} is not alive: {a} -> {b}"
+        );
+    }
+    qmp.cmd("quit");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_file(key);
+}
+
+#[test]
+fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
+    let Some(_one) = vm_test() else { return };
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args([
+            "bench",
+            "helper",
+            "--pages",
+            "1024",
+            "--reps",
+            "1",
+            "--host-seconds",
+            "0.05",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "seed (1 page/round trip)",
+        "batched, 1 helper",
+        "batched, 2 helpers",
+        "host RustCrypto aes-gcm",
+        "host ring",
+    ] {
+        assert!(stdout.contains(row), "missing {row:?} in {stdout}");
+    }
+    let lines: Vec<&str> = stdout.lines().collect();
+    let ratio = |line: &str, prefix: &str| -> f64 {
+        let v = line
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"));
+        v.parse()
+            .unwrap_or_else(|_| panic!("{v:?} is not a number"))
+    };
+    let batched = ratio(lines[lines.len() - 2], "batched/seed ratio: ");
+    let helper = ratio(lines[lines.len() - 1], "helper/host-aead ratio: ");
+    assert!(batched > 0.0 && helper > 0.0 && helper < 10.0, "{stdout}");
 }

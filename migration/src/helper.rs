@@ -127,19 +127,31 @@ pub struct HelperClient {
 }
 
 const CONTROL: u64 = offsets::CONTROL as u64;
-const REQ_SEQ: u64 = CONTROL;
-const RESP_SEQ: u64 = CONTROL + 8;
-const CMD: u64 = CONTROL + 16;
-const STATUS: u64 = CONTROL + 20;
-const COUNT: u64 = CONTROL + 24;
-const STATE: u64 = CONTROL + 28;
-const HEARTBEAT: u64 = CONTROL + 32;
-const FAIL_INDEX: u64 = CONTROL + 40;
-const FIRST: u64 = CONTROL + 44;
-const ARG: u64 = CONTROL + 48;
-const SEED_RET: u64 = offsets::SEED_PARAMS as u64 + 20;
-const SEED_GO: u64 = offsets::SEED_PARAMS as u64 + 24;
-const SEED_DONE: u64 = offsets::SEED_PARAMS as u64 + 28;
+/// Offset of a `MailboxControl` field within the mailbox.
+macro_rules! control {
+    ($field:ident) => {
+        CONTROL + std::mem::offset_of!(h::MailboxControl, $field) as u64
+    };
+}
+const REQ_SEQ: u64 = control!(req_seq);
+const RESP_SEQ: u64 = control!(resp_seq);
+const CMD: u64 = control!(cmd);
+const STATUS: u64 = control!(status);
+const COUNT: u64 = control!(count);
+const STATE: u64 = control!(state);
+const HEARTBEAT: u64 = control!(heartbeat);
+const FAIL_INDEX: u64 = control!(fail_index);
+const FIRST: u64 = control!(first);
+const ARG: u64 = control!(arg);
+/// Offset of a `SeedParams` field within the mailbox.
+macro_rules! seed_field {
+    ($field:ident) => {
+        (offsets::SEED_PARAMS + std::mem::offset_of!(h::SeedParams, $field)) as u64
+    };
+}
+const SEED_RET: u64 = seed_field!(ret);
+const SEED_GO: u64 = seed_field!(go);
+const SEED_DONE: u64 = seed_field!(done);
 /// Spin this long on a reply before also yielding the CPU (to the helper's
 /// own vCPU thread, on a small host).
 const SPIN: Duration = Duration::from_micros(100);
@@ -192,11 +204,16 @@ impl HelperClient {
             .map_err(|_| HelperError::Memory(self.base + offset))
     }
 
-    /// Appends `len` mailbox bytes at `offset` to `out`, at memory speed
-    /// and in one pass. vm-memory's `read_slice` reads volatile words
-    /// (~2 GB/s here), which would make the host copy, not the helper, the
-    /// bottleneck of a batch.
-    fn append_bulk(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), HelperError> {
+    /// Lends `len` mailbox bytes at `offset` to `f`, for copies at memory
+    /// speed in one pass. vm-memory's `read_slice` reads volatile words
+    /// (~2 GB/s here), which would make the host's copy, not the helper,
+    /// the bottleneck.
+    fn with_bytes<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, HelperError> {
         let gpa = self.base + offset;
         let slice = self
             .mem
@@ -205,13 +222,12 @@ impl HelperClient {
         let guard = slice.ptr_guard();
         // SAFETY: `slice` covers `len` bytes of a mapping that `self.mem`
         // keeps alive for the duration of the borrow. The helper does not
-        // write these records while we copy (it answered the request and
-        // works on the other half); if a buggy or hostile guest did, the
-        // bytes would be garbage, which the receiver's authentication
-        // rejects: they are plain bytes, valid whatever their value.
+        // write these bytes while we copy them (it answered the request and
+        // works elsewhere); if a buggy or hostile guest did, the bytes would
+        // be garbage, which the receiver's authentication rejects: they are
+        // plain bytes, valid whatever their value.
         let src = unsafe { std::slice::from_raw_parts(guard.as_ptr(), len) };
-        out.extend_from_slice(src);
-        Ok(())
+        Ok(f(src))
     }
 
     fn read_obj<T: FromBytes + IntoBytes>(&self, offset: u64) -> Result<T, HelperError> {
@@ -464,7 +480,9 @@ impl HelperClient {
         out: &mut Vec<u8>,
     ) -> Result<(), HelperError> {
         let offset = (offsets::BATCH + self.slot(k) as usize * RECORD_STRIDE) as u64;
-        self.append_bulk(offset, count * RECORD_STRIDE, out)
+        self.with_bytes(offset, count * RECORD_STRIDE, |src| {
+            out.extend_from_slice(src)
+        })
     }
 
     /// Hands `records` (whole records, as [`HelperClient::encrypt`] made
@@ -570,7 +588,11 @@ impl HelperClient {
         let len = (len as usize).min(h::SEED_ENVELOPE_MAX);
         header.resize(4 + len, 0);
         self.read(offsets::SEED_HEADER as u64, header)?;
-        self.read(offsets::SEED_PAGE as u64, page)
+        // The same bulk copy as batches use, so the baseline is not slowed
+        // by a slower copy.
+        self.with_bytes(offsets::SEED_PAGE as u64, h::PAGE_SIZE, |src| {
+            page.copy_from_slice(src)
+        })
     }
 
     /// Seed DECRYPT of one page into `gpa`.

@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 
+use cgsvmm_fw_abi::helper::HelperHeader;
+use cgsvmm_migration::helper::HelperLink;
+
 use crate::exit::{ExitHandle, ExitReason};
+use crate::helper_link::HelperLinks;
 use crate::memory::Memory;
 use crate::mirror;
 use crate::qmp::{no_args, QmpBackend, QmpError};
@@ -32,16 +36,21 @@ impl RunState {
 }
 
 /// One mirror vCPU, as the debug query reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorInfo {
     /// Mirror vCPU index.
     pub index: usize,
-    /// Its loop counter (increases while it runs).
+    /// What runs there: "counter" or "helper".
+    pub payload: &'static str,
+    /// The counting payload's loop counter, or the helper's idle wake-ups:
+    /// increases while the vCPU runs.
     pub counter: u64,
     /// The guest-RAM word it last read.
     pub probe: u64,
     /// Its thread.
     pub thread_id: i32,
+    /// Why it stopped, if it faulted.
+    pub fault: Option<String>,
 }
 
 /// The VM as the control API sees it.
@@ -53,6 +62,8 @@ pub struct Controller {
     state: RunState,
     mirror_started: bool,
     events: Vec<(String, Value)>,
+    helper: Option<HelperHeader>,
+    links: Arc<HelperLinks>,
 }
 
 /// The commands the backend knows (for `query-commands`).
@@ -71,7 +82,14 @@ const COMMANDS: [&str; 10] = [
 
 impl Controller {
     /// A controller for started (paused) vCPU groups.
-    pub fn new(main: VcpuGroup, mirror: VcpuGroup, memory: Arc<Memory>, exit: ExitHandle) -> Self {
+    pub fn new(
+        main: VcpuGroup,
+        mirror: VcpuGroup,
+        memory: Arc<Memory>,
+        exit: ExitHandle,
+        helper: Option<HelperHeader>,
+        links: Arc<HelperLinks>,
+    ) -> Self {
         Self {
             main,
             mirror,
@@ -80,6 +98,8 @@ impl Controller {
             state: RunState::Paused,
             mirror_started: false,
             events: Vec::new(),
+            helper,
+            links,
         }
     }
 
@@ -130,18 +150,33 @@ impl Controller {
         &self.main
     }
 
-    /// What every mirror vCPU last published.
+    /// What every mirror vCPU last published: for the counting payload its
+    /// loop counter and probe word; for the migration helper its idle
+    /// wake-ups (heartbeat) and no probe.
     pub fn mirror_info(&self) -> Vec<MirrorInfo> {
         self.mirror
             .handles()
             .iter()
             .map(|h| {
-                let s = mirror::read_status(&self.memory, h.index());
+                let i = h.index();
+                let (counter, probe) = match &self.helper {
+                    Some(header) => (mirror::helper_heartbeat(&self.memory, header, i), 0),
+                    None => {
+                        let s = mirror::read_status(&self.memory, i);
+                        (s.counter, s.probe_value)
+                    }
+                };
                 MirrorInfo {
-                    index: h.index(),
-                    counter: s.counter,
-                    probe: s.probe_value,
+                    index: i,
+                    payload: if self.helper.is_some() {
+                        "helper"
+                    } else {
+                        "counter"
+                    },
+                    counter,
+                    probe,
                     thread_id: h.thread_id(),
+                    fault: self.links.fault(i),
                 }
             })
             .collect()
@@ -183,9 +218,9 @@ impl QmpBackend for Controller {
             no_args(args)?;
         }
         match command {
-            "query-status" => {
-                Ok(json!({"status": self.state.name(), "running": self.state == RunState::Running, "singlestep": false}))
-            }
+            "query-status" => Ok(
+                json!({"status": self.state.name(), "running": self.state == RunState::Running, "singlestep": false}),
+            ),
             "stop" => self.stop().map(|_| json!({})).map_err(vcpu_error),
             "cont" => self.cont().map(|_| json!({})).map_err(vcpu_error),
             "quit" => {
@@ -199,14 +234,21 @@ impl QmpBackend for Controller {
             }
             "query-cpus-fast" => Ok(self.cpus_fast()),
             "query-version" => Ok(crate::qmp::greeting()["QMP"]["version"].clone()),
-            "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "query-commands" => Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({"name": c})).collect(),
+            )),
             "x-query-mirror" => Ok(Value::Array(
                 self.mirror_info()
                     .iter()
-                    .map(|m| json!({"cpu-index": m.index, "counter": m.counter, "probe": m.probe, "thread-id": m.thread_id}))
+                    .map(|m| {
+                        json!({"cpu-index": m.index, "payload": m.payload, "counter": m.counter,
+                               "probe": m.probe, "thread-id": m.thread_id, "fault": m.fault})
+                    })
                     .collect(),
             )),
-            _ => Err(QmpError::not_found(format!("The command {command} has not been found"))),
+            _ => Err(QmpError::not_found(format!(
+                "The command {command} has not been found"
+            ))),
         }
     }
 

@@ -38,8 +38,11 @@ enum BenchCommand {
     /// helpers, against the host's own AES-256-GCM rate.
     Helper {
         /// Pages per measurement.
-        #[arg(long, default_value_t = 16384)]
+        #[arg(long, default_value_t = 32768)]
         pages: usize,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
         /// Seconds per host AES-GCM implementation.
         #[arg(long, default_value_t = 1.0)]
         host_seconds: f64,
@@ -153,11 +156,13 @@ fn main() -> ExitCode {
             what:
                 BenchCommand::Helper {
                     pages,
+                    reps,
                     host_seconds,
                 },
         } => {
             let config = cgsvmm::bench::BenchConfig {
                 pages,
+                reps,
                 host_time: std::time::Duration::from_secs_f64(host_seconds.clamp(0.05, 60.0)),
             };
             match cgsvmm::bench::run(config) {

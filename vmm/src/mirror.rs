@@ -145,6 +145,18 @@ pub fn write_helper_config(
     write("helper secret", header.secret_gpa, secret.as_bytes())
 }
 
+/// Helper `i`'s heartbeat: how often it woke up idle.
+pub fn helper_heartbeat(memory: &Memory, header: &HelperHeader, i: usize) -> u64 {
+    let gpa = header.mailbox_gpa
+        + i as u64 * header.mailbox_stride
+        + (helper::offsets::CONTROL + std::mem::offset_of!(helper::MailboxControl, heartbeat))
+            as u64;
+    memory
+        .mirror
+        .load::<u64>(GuestAddress(gpa), Ordering::Relaxed)
+        .unwrap_or(0)
+}
+
 /// What mirror vCPU `i` last published.
 pub fn read_status(memory: &Memory, i: usize) -> MirrorStatus {
     let load = |offset: u64| {

@@ -196,7 +196,14 @@ impl TryFrom<VmmConfig> for Vmm {
         };
         let main = VcpuGroup::new(start(main_vcpus)?);
         let mirror = VcpuGroup::new(start(mirror_vcpus)?);
-        let controller = Controller::new(main, mirror, memory.clone(), exit.clone());
+        let controller = Controller::new(
+            main,
+            mirror,
+            memory.clone(),
+            exit.clone(),
+            helper_header,
+            links.clone(),
+        );
         Ok(Self {
             config,
             controller: Arc::new(Mutex::new(controller)),

@@ -63,6 +63,36 @@ pub static SESSION: Session = Session {
     digest: [const { AtomicU64::new(0) }; 4],
 };
 
+/// One batch's share of the digest, summed locally.
+#[derive(Default)]
+pub struct Tally {
+    count: u64,
+    lanes: [u64; 4],
+}
+
+impl Tally {
+    fn add(&mut self, gpa: u64, generation: u64) {
+        let mut hasher = Sha256::new();
+        hasher.update(gpa.to_le_bytes());
+        hasher.update(generation.to_le_bytes());
+        let sum = hasher.finalize();
+        for (lane, chunk) in self.lanes.iter_mut().zip(sum.chunks_exact(8)) {
+            *lane = lane.wrapping_add(u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
+        }
+        self.count += 1;
+    }
+}
+
+/// Starts pulling a guest page into the cache while the current one is
+/// being encrypted (the copy-in is otherwise a wait on DRAM).
+fn prefetch_page(gpa: u64) {
+    for line in (0..PAGE as u64).step_by(64) {
+        // SAFETY: prefetching has no architectural effect and never faults;
+        // callers pass a validated page of guest RAM anyway.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((gpa + line) as *const i8) };
+    }
+}
+
 /// Private per-helper page buffers: plaintext never touches shared memory.
 struct Scratch(UnsafeCell<[[u8; PAGE]; h::MAX_HELPERS as usize]>);
 // SAFETY: helper i only ever touches entry i (see `scratch`).
@@ -177,15 +207,16 @@ impl Session {
         nonce
     }
 
-    fn account(&self, gpa: u64, generation: u64) {
-        let mut hasher = Sha256::new();
-        hasher.update(gpa.to_le_bytes());
-        hasher.update(generation.to_le_bytes());
-        let sum = hasher.finalize();
-        for (lane, chunk) in self.digest.iter().zip(sum.chunks_exact(8)) {
-            lane.fetch_add(u64::from_le_bytes(chunk.try_into().expect("8 bytes")), Ordering::Relaxed);
+    /// Adds what a batch processed to the session's digest (once per
+    /// batch: the shared atomics are touched by every helper).
+    fn account(&self, tally: &Tally) {
+        if tally.count == 0 {
+            return;
         }
-        self.digest_count.fetch_add(1, Ordering::Relaxed);
+        for (lane, v) in self.digest.iter().zip(tally.lanes) {
+            lane.fetch_add(v, Ordering::Relaxed);
+        }
+        self.digest_count.fetch_add(tally.count, Ordering::Relaxed);
     }
 
     fn digest_plaintext(&self) -> [u8; 40] {
@@ -265,7 +296,7 @@ fn copy(dst: u64, src: u64, len: usize) {
 /// Encrypts the page at `gpa` into `out` (shared): returns (nonce, tag).
 /// Plaintext only ever sits in the helper's private scratch page, which is
 /// encrypted in place and then copied out.
-fn encrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, out: u64) -> Result<([u8; 12], [u8; 16]), i32> {
+fn encrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, out: u64, tally: &mut Tally) -> Result<([u8; 12], [u8; 16]), i32> {
     env.page_index(gpa).ok_or(status::BAD_GPA)?;
     let buf = scratch(helper);
     copy(buf.as_mut_ptr() as u64, gpa, PAGE);
@@ -281,13 +312,22 @@ fn encrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, out: u64) -> 
         Ok((nonce, t))
     })?;
     copy(out, buf.as_ptr() as u64, PAGE);
-    SESSION.account(gpa, generation);
+    tally.add(gpa, generation);
     Ok(sealed)
 }
 
 /// Authenticates the ciphertext at `ct` (shared) and, only if it is genuine
 /// and newer than what is there, writes it to `gpa`.
-fn decrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, nonce: &[u8; 12], tag: &[u8; 16], ct: u64) -> Result<(), i32> {
+fn decrypt_page(
+    env: &Env,
+    helper: u32,
+    gpa: u64,
+    generation: u64,
+    nonce: &[u8; 12],
+    tag: &[u8; 16],
+    ct: u64,
+    tally: &mut Tally,
+) -> Result<(), i32> {
     let index = env.page_index(gpa).ok_or(status::BAD_GPA)?;
     let buf = scratch(helper);
     copy(buf.as_mut_ptr() as u64, ct, PAGE);
@@ -305,7 +345,7 @@ fn decrypt_page(env: &Env, helper: u32, gpa: u64, generation: u64, nonce: &[u8; 
     }
     copy(gpa, buf.as_ptr() as u64, PAGE);
     slot.fetch_max(generation as u32, Ordering::AcqRel);
-    SESSION.account(gpa, generation);
+    tally.add(gpa, generation);
     Ok(())
 }
 
@@ -322,15 +362,26 @@ fn batch_range(mbox: &Mailbox) -> Result<core::ops::Range<u32>, Failure> {
 pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
     let records = batch_range(mbox)?;
     let count = records.len() as u32;
-    for i in records {
+    let mut tally = Tally::default();
+    let mut next: h::RecordHeader = mbox.read(Mailbox::record(records.start));
+    let result = records.clone().try_for_each(|i| {
         let at = Mailbox::record(i);
-        let mut header: h::RecordHeader = mbox.read(at);
-        let (nonce, tag) = encrypt_page(env, helper, header.gpa, header.generation, mbox.addr(at + 64)).map_err(|e| (e, i))?;
+        let mut header = next;
+        if i + 1 < records.end {
+            next = mbox.read(Mailbox::record(i + 1));
+            if env.page_index(next.gpa).is_some() {
+                prefetch_page(next.gpa);
+            }
+        }
+        let (nonce, tag) =
+            encrypt_page(env, helper, header.gpa, header.generation, mbox.addr(at + 64), &mut tally).map_err(|e| (e, i))?;
         header.nonce = nonce;
         header.tag = tag;
         mbox.write(at, &header);
-    }
-    Ok(count)
+        Ok(())
+    });
+    SESSION.account(&tally);
+    result.map(|()| count)
 }
 
 /// DECRYPT_BATCH: verify and write each record; stop at the first failure
@@ -338,13 +389,15 @@ pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Fail
 pub fn decrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
     let records = batch_range(mbox)?;
     let count = records.len() as u32;
-    for i in records {
+    let mut tally = Tally::default();
+    let result = records.into_iter().try_for_each(|i| {
         let at = Mailbox::record(i);
         let header: h::RecordHeader = mbox.read(at);
-        decrypt_page(env, helper, header.gpa, header.generation, &header.nonce, &header.tag, mbox.addr(at + 64))
-            .map_err(|e| (e, i))?;
-    }
-    Ok(count)
+        decrypt_page(env, helper, header.gpa, header.generation, &header.nonce, &header.tag, mbox.addr(at + 64), &mut tally)
+            .map_err(|e| (e, i))
+    });
+    SESSION.account(&tally);
+    result.map(|()| count)
 }
 
 /// SEAL: the source's count and digest, encrypted and bound to the session.
@@ -391,7 +444,10 @@ pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
 /// the seed header. The generation is the nonce counter: always newer.
 pub fn seed_encrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
     let generation = SESSION.counters[0].load(Ordering::Relaxed) + 1;
-    let (nonce, tag) = encrypt_page(env, 0, gpa, generation, mbox.addr(offsets::SEED_PAGE as u64))?;
+    let mut tally = Tally::default();
+    let sealed = encrypt_page(env, 0, gpa, generation, mbox.addr(offsets::SEED_PAGE as u64), &mut tally);
+    SESSION.account(&tally);
+    let (nonce, tag) = sealed?;
     let envelope = h::SeedEnvelope { generation, nonce, tag, reserved: 0 };
     mbox.write(offsets::SEED_HEADER as u64, &(core::mem::size_of::<h::SeedEnvelope>() as u32));
     mbox.write(offsets::SEED_HEADER as u64 + 4, &envelope);
@@ -405,5 +461,8 @@ pub fn seed_decrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
         return Err(status::BAD_ARGS);
     }
     let e: h::SeedEnvelope = mbox.read(offsets::SEED_HEADER as u64 + 4);
-    decrypt_page(env, 0, gpa, e.generation, &e.nonce, &e.tag, mbox.addr(offsets::SEED_PAGE as u64))
+    let mut tally = Tally::default();
+    let result = decrypt_page(env, 0, gpa, e.generation, &e.nonce, &e.tag, mbox.addr(offsets::SEED_PAGE as u64), &mut tally);
+    SESSION.account(&tally);
+    result
 }
