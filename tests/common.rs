@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end test binaries: a `cgsvmm` child process
 //! whose output is collected, and a small QMP client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -3,6 +3,7 @@
 //!
 //! They need /dev/kvm; without it they print `SKIPPED: <reason>` and return.
 //! Tests that need hardware this host lacks live in `hardware.rs`.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

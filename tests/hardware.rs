@@ -2,6 +2,7 @@
 //! guests need native ring 0 (any VMX/SVM host), which the PVM flavour of
 //! KVM here does not give. A custom harness, so that a skip is reported as a
 //! skip, with its reason, and never as a pass.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -7,8 +7,11 @@
 //! resumes the guest's vCPUs while the mirror vCPUs keep running.
 //!
 //! Module map: `config` (what to build) → `memory`, `vm`, `boot`, `x86`
-//! (how the VM and its first instructions are set up) → `vcpu` (threads) →
-//! `control` + `qmp` (control API) → `vmm` (assembly and event loop).
+//! (how the VM and its first instructions are set up) → `mirror`, `lab`
+//! (what the mirror and lab guests are given) → `vcpu` (threads) →
+//! `helper_link` (the helper's doorbells and faults) → `control` + `qmp`
+//! (control API) → `vmm` (assembly and event loop); `bench` measures the
+//! migration helper.
 //! Devices live in the `cgsvmm-devices` crate, migration in
 //! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
 

@@ -1,6 +1,7 @@
 //! The migration helper end to end inside one process: a source VM A whose
 //! helper encrypts pages, a target VM B whose helper decrypts them, and the
 //! host in between doing what a hostile host would do to the records.
+#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 

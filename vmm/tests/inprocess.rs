@@ -1,6 +1,7 @@
 //! In-process tests: real KVM VMs built through the library, running the
 //! embedded bare-metal guests. They need /dev/kvm; without it they print why
 //! and return.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
