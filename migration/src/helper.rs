@@ -124,6 +124,7 @@ pub struct HelperClient {
     timeout: Duration,
     seq: u64,
     max_batch: u32,
+    busy_cycles: u64,
 }
 
 const CONTROL: u64 = offsets::CONTROL as u64;
@@ -177,12 +178,19 @@ impl HelperClient {
             timeout,
             seq,
             max_batch: 1,
+            busy_cycles: 0,
         }
     }
 
     /// Helper index.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// TSC cycles the helper reported spending on batches so far (its own
+    /// work, without the host's or the scheduler's share).
+    pub fn busy_cycles(&self) -> u64 {
+        self.busy_cycles
     }
 
     /// Times the helper woke up idle (it sleeps between requests).
@@ -330,6 +338,10 @@ impl HelperClient {
     /// relative to `first`.
     fn finish(&mut self, command: u32, first: u32, seq: u64) -> Result<u32, HelperError> {
         self.wait_until(|| Ok(self.load::<u64>(RESP_SEQ, Ordering::Acquire)? == seq))?;
+        if command == cmd::ENCRYPT_BATCH || command == cmd::DECRYPT_BATCH {
+            let stats: h::BatchStats = self.arg()?;
+            self.busy_cycles = self.busy_cycles.wrapping_add(stats.busy_cycles);
+        }
         let code = self.load::<i32>(STATUS, Ordering::Relaxed)?;
         if code != status::OK {
             let record = self

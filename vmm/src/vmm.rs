@@ -86,6 +86,7 @@ pub struct Vmm {
     serial: Arc<SerialDevice>,
     links: Arc<HelperLinks>,
     helper_header: Option<HelperHeader>,
+    tsc_khz: u64,
     // Kept alive for as long as the vCPUs run.
     _main_vm: VmFd,
     _mirror_vm: VmFd,
@@ -212,6 +213,7 @@ impl TryFrom<VmmConfig> for Vmm {
             serial: devices.serial,
             links,
             helper_header,
+            tsc_khz,
             _main_vm: main_vm,
             _mirror_vm: mirror_vm,
             _firmware: firmware,
@@ -322,6 +324,11 @@ impl Vmm {
             link,
             timeout,
         ))
+    }
+
+    /// The guest's TSC rate in kHz (the helpers count cycles in it).
+    pub fn tsc_khz(&self) -> u64 {
+        self.tsc_khz
     }
 
     /// Starts only the mirror vCPUs: an incoming VM's helper runs while its

@@ -201,9 +201,11 @@ pub mod cmd {
     pub const SESSION_BEGIN: u32 = 0x11;
     /// Source only: the target's nonce in, the session id out.
     pub const SESSION_PEER: u32 = 0x12;
-    /// Encrypt `count` pages named by the batch's record headers.
+    /// Encrypt `count` pages named by the batch's record headers. The
+    /// answer's `arg` holds [`super::BatchStats`].
     pub const ENCRYPT_BATCH: u32 = 0x13;
-    /// Decrypt `count` records into guest memory.
+    /// Decrypt `count` records into guest memory. The answer's `arg` holds
+    /// [`super::BatchStats`].
     pub const DECRYPT_BATCH: u32 = 0x14;
     /// Source: produce the sealed end record.
     pub const SEAL: u32 = 0x15;
@@ -311,6 +313,15 @@ pub struct HelloReply {
     pub helper_count: u32,
 }
 
+/// What a batch cost the helper (in the answer's `arg`): lets the host tell
+/// the helper's own time from its own and the scheduler's.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct BatchStats {
+    /// TSC cycles from reading the request to answering it.
+    pub busy_cycles: u64,
+}
+
 /// Session roles.
 pub mod role {
     /// Sends pages (encrypts).
@@ -380,6 +391,7 @@ const _: () = {
     assert!(core::mem::size_of::<HelloReply>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SessionArgs>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SealRecord>() <= ARG_SIZE);
+    assert!(core::mem::size_of::<BatchStats>() <= ARG_SIZE);
     assert!(4 + core::mem::size_of::<SeedEnvelope>() <= SEED_ENVELOPE_MAX);
     assert!(MAILBOX_SIZE % 4096 == 0);
 };

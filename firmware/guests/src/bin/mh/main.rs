@@ -213,8 +213,16 @@ fn serve(mbox: &Mailbox, env: &Env, index: u32) {
             SESSION.end();
             Ok(0)
         }
-        cmd::ENCRYPT_BATCH => crypto::encrypt_batch(mbox, env, index),
-        cmd::DECRYPT_BATCH => crypto::decrypt_batch(mbox, env, index),
+        cmd::ENCRYPT_BATCH | cmd::DECRYPT_BATCH => {
+            let start = rdtsc();
+            let done = if command == cmd::ENCRYPT_BATCH {
+                crypto::encrypt_batch(mbox, env, index)
+            } else {
+                crypto::decrypt_batch(mbox, env, index)
+            };
+            mbox.write_arg(&h::BatchStats { busy_cycles: rdtsc().wrapping_sub(start) });
+            done
+        }
         cmd::SEAL => crypto::seal(mbox).map(|_| 0),
         cmd::VERIFY_SEAL => crypto::verify_seal(mbox).map(|_| 0),
         cmd::DEBUG_HANG if env.debug => loop {
