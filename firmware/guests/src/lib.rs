@@ -14,10 +14,15 @@ use core::sync::atomic::{AtomicBool, Ordering};
 pub use cgsvmm_fw_abi as abi;
 
 /// Emits the image header (first bytes of the image) and the entry stub that
-/// aligns the stack and calls `$main(params)`.
+/// aligns the stack and calls `$main(params)`. Images with a header of their
+/// own after the image header (the migration helper) pass its assembly lines
+/// and constants after a `;`.
 #[macro_export]
 macro_rules! guest_image {
     ($kind:expr, $main:path) => {
+        $crate::guest_image!($kind, $main; ;);
+    };
+    ($kind:expr, $main:path; $($extra:literal),* ; $($name:ident = $value:expr),*) => {
         core::arch::global_asm!(
             ".pushsection .header, \"a\"",
             ".ascii \"CGSVFW01\"",
@@ -26,6 +31,7 @@ macro_rules! guest_image {
             ".quad __load_addr",
             ".quad _start",
             ".quad __image_end",
+            $($extra,)*
             ".popsection",
             ".pushsection .text.entry, \"ax\"",
             ".global _start",
@@ -37,6 +43,7 @@ macro_rules! guest_image {
             version = const $crate::abi::IMAGE_HEADER_VERSION,
             kind = const $kind,
             main = sym $main,
+            $($name = const $value,)*
         );
     };
 }

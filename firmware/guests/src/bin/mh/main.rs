@@ -21,21 +21,13 @@ use core::sync::atomic::AtomicU32;
 
 use cgsvmm_guests::abi::helper::{self as h, cmd, status};
 use cgsvmm_guests::abi::{self, GpaRange, MirrorParams};
-use cgsvmm_guests::{outl, rdtsc};
+use cgsvmm_guests::{guest_image, outl, rdtsc};
 
 use crypto::{Session, SESSION};
 use mailbox::Mailbox;
 
-core::arch::global_asm!(
-    ".pushsection .header, \"a\"",
-    // ImageHeader
-    ".ascii \"CGSVFW01\"",
-    ".long {version}",
-    ".long {kind}",
-    ".quad __load_addr",
-    ".quad _start",
-    ".quad __image_end",
-    // HelperHeader
+// The HelperHeader follows the image header.
+guest_image!(abi::IMAGE_KIND_HELPER, main;
     ".ascii \"CGSVMH01\"",
     ".long {abi}",
     ".long {max_helpers}",
@@ -44,21 +36,10 @@ core::arch::global_asm!(
     ".quad __mh_mailbox",
     ".quad {stride}",
     ".quad __mh_gen_table",
-    ".quad __mh_gen_table_size",
-    ".popsection",
-    ".pushsection .text.entry, \"ax\"",
-    ".global _start",
-    "_start:",
-    "and rsp, -16",
-    "call {main}",
-    "ud2",
-    ".popsection",
-    version = const abi::IMAGE_HEADER_VERSION,
-    kind = const abi::IMAGE_KIND_HELPER,
-    abi = const h::MH_ABI_VERSION,
-    max_helpers = const h::MAX_HELPERS,
-    stride = const h::MAILBOX_SIZE,
-    main = sym main,
+    ".quad __mh_gen_table_size";
+    abi = h::MH_ABI_VERSION,
+    max_helpers = h::MAX_HELPERS,
+    stride = h::MAILBOX_SIZE
 );
 
 /// How long a helper keeps polling after its last request before it leaves
