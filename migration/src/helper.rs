@@ -182,11 +182,6 @@ impl HelperClient {
         }
     }
 
-    /// Helper index.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// TSC cycles the helper reported spending on batches so far (its own
     /// work, without the host's or the scheduler's share).
     pub fn busy_cycles(&self) -> u64 {
@@ -195,9 +190,7 @@ impl HelperClient {
 
     /// Times the helper woke up idle (it sleeps between requests).
     pub fn heartbeat(&self) -> u64 {
-        self.mem
-            .load::<u64>(GuestAddress(self.base + HEARTBEAT), Ordering::Relaxed)
-            .unwrap_or(0)
+        heartbeat(&self.mem, self.base)
     }
 
     fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), HelperError> {
@@ -376,11 +369,6 @@ impl HelperClient {
         }
         self.max_batch = reply.max_batch.clamp(1, h::MAX_BATCH);
         Ok(reply)
-    }
-
-    /// Most records per batch (after [`HelperClient::hello`]).
-    pub fn max_batch(&self) -> usize {
-        self.max_batch as usize
     }
 
     fn session(
@@ -626,6 +614,13 @@ impl HelperClient {
     pub fn seed_init(&mut self) -> Result<(), HelperError> {
         self.seed_call(seed::INIT, 0)
     }
+}
+
+/// The idle wake-ups of the helper whose mailbox is at `mailbox_gpa` of
+/// `mem` (0 if the mailbox is not mapped).
+pub fn heartbeat(mem: &GuestMemoryMmap, mailbox_gpa: u64) -> u64 {
+    mem.load::<u64>(GuestAddress(mailbox_gpa + HEARTBEAT), Ordering::Relaxed)
+        .unwrap_or(0)
 }
 
 /// The header of the record at `i` in `records`.

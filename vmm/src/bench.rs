@@ -43,6 +43,9 @@ pub enum BenchError {
     /// Arguments out of range.
     #[error("{0}")]
     Args(String),
+    /// The pages that arrived are not the pages that were sent.
+    #[error("Round trip check failed: {0}")]
+    Check(String),
 }
 
 /// What to measure.
@@ -343,15 +346,13 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
         a.memory()
             .ram
             .read_slice(&mut ra, GuestAddress(gpa))
-            .map_err(|_| BenchError::Args("read A".into()))?;
+            .map_err(|_| BenchError::Check(format!("cannot read {gpa:#x} in A")))?;
         b.memory()
             .ram
             .read_slice(&mut rb, GuestAddress(gpa))
-            .map_err(|_| BenchError::Args("read B".into()))?;
+            .map_err(|_| BenchError::Check(format!("cannot read {gpa:#x} in B")))?;
         if ra != rb {
-            return Err(BenchError::Args(format!(
-                "page {gpa:#x} differs after the round trip"
-            )));
+            return Err(BenchError::Check(format!("page {gpa:#x} differs")));
         }
     }
     a.shutdown();

@@ -147,14 +147,10 @@ pub fn write_helper_config(
 
 /// Helper `i`'s heartbeat: how often it woke up idle.
 pub fn helper_heartbeat(memory: &Memory, header: &HelperHeader, i: usize) -> u64 {
-    let gpa = header.mailbox_gpa
-        + i as u64 * header.mailbox_stride
-        + (helper::offsets::CONTROL + std::mem::offset_of!(helper::MailboxControl, heartbeat))
-            as u64;
-    memory
-        .mirror
-        .load::<u64>(GuestAddress(gpa), Ordering::Relaxed)
-        .unwrap_or(0)
+    cgsvmm_migration::helper::heartbeat(
+        &memory.mirror,
+        header.mailbox_gpa + i as u64 * header.mailbox_stride,
+    )
 }
 
 /// What mirror vCPU `i` last published.

@@ -266,7 +266,6 @@ impl Vcpu {
             .map_err(VcpuError::Spawn)?;
         let mut handle = VcpuHandle {
             index,
-            role,
             label,
             events: event_tx,
             responses: resp_rx,
@@ -501,7 +500,6 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Vec<kvm_msr_entry> {
 /// Controls one vCPU thread.
 pub struct VcpuHandle {
     index: usize,
-    role: VcpuRole,
     label: String,
     events: Sender<VcpuEvent>,
     responses: Receiver<VcpuResponse>,
@@ -518,11 +516,6 @@ impl VcpuHandle {
     /// Kernel thread ID of the vCPU thread.
     pub fn thread_id(&self) -> i32 {
         self.tid
-    }
-
-    /// Group of the vCPU.
-    pub fn role(&self) -> VcpuRole {
-        self.role
     }
 
     /// Sends an event and kicks the thread out of KVM_RUN.
