@@ -38,11 +38,12 @@
 //!  | HELLO {host version}        req_seq = n -->|
 //!  | <---- resp_seq = n, status, arg = HelloReply {version, caps, max_batch}
 //!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces; both MHs derive
-//!  |   key, session id = HKDF-SHA256(transport key, nonce_src || nonce_tgt)
+//!  |   key, session id, digest key = HKDF-SHA256(transport key,
+//!  |   nonce_src || nonce_tgt)
 //!  | ENCRYPT_BATCH: RecordHeader{gpa, generation} x count from record
 //!  |   `first` ---> MH seals each
 //!  |   page: AES-256-GCM, nonce = helper || counter, AAD = session id ||
-//!  |   gpa || generation; digest += SHA-256(gpa || generation)
+//!  |   gpa || generation; digest += AES-256(digest key, gpa || generation)
 //!  | DECRYPT_BATCH: records x count ---> MH checks gpa, authenticates,
 //!  |   rejects generations not newer than the last it wrote, then writes
 //!  | SEAL (source) -> sealed {count, digest}; VERIFY_SEAL (target) <- it
@@ -60,7 +61,7 @@ use crate::GpaRange;
 /// Magic of [`HelperHeader`] ("CGSVMH01").
 pub const HELPER_MAGIC: [u8; 8] = *b"CGSVMH01";
 /// Version of this ABI (HELLO reports it; the host refuses others).
-pub const MH_ABI_VERSION: u32 = 1;
+pub const MH_ABI_VERSION: u32 = 2;
 /// Most helper vCPUs (mailboxes) an MH image provides.
 pub const MAX_HELPERS: u32 = 16;
 /// Most pages in one batch.
@@ -374,14 +375,17 @@ pub struct SealRecord {
     pub nonce: [u8; 12],
     /// Reserved.
     pub reserved: u32,
-    /// Encrypted page count (8) and digest (32).
-    pub ciphertext: [u8; 40],
+    /// Encrypted page count (8) and digest (16).
+    pub ciphertext: [u8; SEAL_PLAINTEXT],
     /// AEAD tag.
     pub tag: [u8; 16],
 }
 
+/// Bytes sealed in a [`SealRecord`]: page count (u64) and digest (2 x u64).
+pub const SEAL_PLAINTEXT: usize = 24;
+
 /// Byte string mixed into key derivation (HKDF info).
-pub const HKDF_INFO: &[u8] = b"cgsvmm migration helper v1 session";
+pub const HKDF_INFO: &[u8] = b"cgsvmm migration helper v2 session";
 
 // The layout holds together (checked at compile time).
 const _: () = {
@@ -433,7 +437,7 @@ mod tests {
         assert_eq!(offset_of!(RecordHeader, nonce), 16);
         assert_eq!(offset_of!(RecordHeader, tag), 32);
         assert_eq!(size_of::<SessionArgs>(), 88);
-        assert_eq!(size_of::<SealRecord>(), 72);
+        assert_eq!(size_of::<SealRecord>(), 56);
         assert_eq!(size_of::<SeedEnvelope>(), 40);
         assert_eq!(MAILBOX_SIZE, 0x2000 + 64 * 4160);
     }

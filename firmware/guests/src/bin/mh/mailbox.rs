@@ -49,12 +49,20 @@ impl Mailbox {
         unsafe { core::ptr::read_volatile((self.base + offset) as *const T) }
     }
 
-    /// Writes `v` at `offset`.
-    pub fn write<T: IntoBytes + zerocopy::Immutable>(&self, offset: u64, v: &T) {
-        let bytes = v.as_bytes();
-        for (i, b) in bytes.iter().enumerate() {
+    /// Writes `v` at `offset`: one volatile store of the whole value where
+    /// it is aligned (record headers), byte by byte where not (the packed
+    /// seed header).
+    pub fn write<T: IntoBytes + zerocopy::Immutable + Copy>(&self, offset: u64, v: &T) {
+        let at = self.base + offset;
+        if at % core::mem::align_of::<T>() as u64 == 0 {
+            // SAFETY: offset..offset+size_of::<T>() lies inside the mailbox
+            // and `at` is aligned for T (checked).
+            unsafe { core::ptr::write_volatile(at as *mut T, *v) };
+            return;
+        }
+        for (i, b) in v.as_bytes().iter().enumerate() {
             // SAFETY: offset..offset+len lies inside the mailbox.
-            unsafe { core::ptr::write_volatile((self.base + offset + i as u64) as *mut u8, *b) };
+            unsafe { core::ptr::write_volatile((at + i as u64) as *mut u8, *b) };
         }
     }
 
@@ -110,7 +118,7 @@ impl Mailbox {
         self.read(CONTROL + 48)
     }
 
-    pub fn write_arg<T: IntoBytes + zerocopy::Immutable>(&self, v: &T) {
+    pub fn write_arg<T: IntoBytes + zerocopy::Immutable + Copy>(&self, v: &T) {
         self.write(CONTROL + 48, v)
     }
 
