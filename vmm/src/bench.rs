@@ -11,6 +11,15 @@
 //! `ring`). The last two lines are `batched/seed ratio: <x>` (one helper,
 //! encrypt) and `helper/host-aead ratio: <x>` (one helper, encrypt, against
 //! the ceiling), for scripts.
+//!
+//! Placement and pairing, because the lab hosts are shared VMs whose speed
+//! drifts by tens of percent within a minute:
+//! - helper `i`'s vCPU and the host thread driving it run on different
+//!   CPUs (pinned), as a deployment would place them; left to the
+//!   scheduler they sometimes share one CPU and the run measures that;
+//! - the ceiling is sampled on the helper's CPU right before and after each
+//!   one-helper run, and `helper/host-aead` is the median over runs of the
+//!   run's rate over its own ceiling samples.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -25,7 +34,9 @@ use crate::memory::MIB;
 use crate::vmm::{Vmm, VmmError};
 
 const PAGE: usize = 4096;
+const SEED: &str = "seed (1 page/round trip)";
 const ONE_HELPER: &str = "batched, 1 helper";
+const TWO_HELPERS: &str = "batched, 2 helpers";
 /// Where the benchmarked pages start: the lab data area.
 const FIRST_PAGE: u64 = cgsvmm_fw_abi::LAB_DATA_GPA;
 /// Helper requests time out after this.
@@ -53,7 +64,8 @@ pub enum BenchError {
 pub struct BenchConfig {
     /// Pages per measurement.
     pub pages: usize,
-    /// Host-side AEAD time per implementation.
+    /// Host-side AEAD time per implementation when choosing the fastest;
+    /// each ceiling sample beside a helper run takes a quarter of it.
     pub host_time: Duration,
     /// Runs of each helper measurement; the median is reported (this host
     /// is noisy: single runs vary by ±40%).
@@ -95,8 +107,19 @@ pub struct BenchReport {
     /// The source helper's own time per page in the one-helper batched
     /// encryption (median run), from the cycles it reports per batch.
     pub helper_busy_per_page: Duration,
-    /// (implementation, encrypt) on the host.
+    /// (implementation, encrypt) on the host, each timed once on the
+    /// helper's CPU to pick the fastest.
     pub host: Vec<(&'static str, Rate)>,
+    /// The fastest implementation's samples beside the one-helper runs
+    /// (median).
+    pub ceiling: Rate,
+    /// Median over one-helper runs of encrypt rate / ceiling beside it.
+    pub helper_over_ceiling: f64,
+    /// Median over runs of one-helper encrypt / seed encrypt.
+    pub batched_over_seed: f64,
+    /// Where threads ran: (helper vCPU CPU, host thread CPU) per helper, or
+    /// None when the process may use only one CPU.
+    pub placement: Option<Vec<(usize, usize)>>,
 }
 
 fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
@@ -119,14 +142,73 @@ fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
     Ok(vmm)
 }
 
-fn clients(v: &Vmm) -> Result<Vec<HelperClient>, BenchError> {
+fn clients(v: &Vmm, placement: &Placement) -> Result<Vec<HelperClient>, BenchError> {
     (0..2)
         .map(|i| {
-            let mut c = v.helper_client(i, TIMEOUT).expect("two helpers configured");
+            if let Some(cpu) = placement.helper(i) {
+                v.pin_mirror(i, cpu)?;
+            }
+            let mut c = v
+                .helper_client(i, TIMEOUT)
+                .ok_or_else(|| BenchError::Args(format!("no helper {i}")))?;
             c.hello()?;
             Ok(c)
         })
         .collect()
+}
+
+/// Which CPUs helper vCPUs and the host threads driving them use.
+struct Placement {
+    cpus: Vec<usize>,
+}
+
+impl Placement {
+    /// The CPUs this process may run on.
+    fn new() -> Result<Self, BenchError> {
+        // SAFETY: cpu_set_t is plain data; the kernel fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        if rc != 0 {
+            return Err(BenchError::Args(format!(
+                "cannot read this process's CPUs: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let cpus = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect();
+        Ok(Self { cpus })
+    }
+
+    /// Helper `i`'s vCPU CPU (None: one CPU only, nothing to place).
+    fn helper(&self, i: usize) -> Option<usize> {
+        (self.cpus.len() > 1).then(|| self.cpus[(2 * i + 1) % self.cpus.len()])
+    }
+
+    /// The CPU of the host thread that drives helper `i`.
+    fn client(&self, i: usize) -> Option<usize> {
+        (self.cpus.len() > 1).then(|| self.cpus[(2 * i) % self.cpus.len()])
+    }
+
+    /// Pins the calling thread as the driver of helper `i`.
+    fn pin_client(&self, i: usize) -> Result<(), HelperError> {
+        if let Some(cpu) = self.client(i) {
+            // A failed pin only costs stability of the numbers, not their
+            // truth: carry on unpinned.
+            let _ = crate::vcpu::pin_thread(0, cpu);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> Option<Vec<(usize, usize)>> {
+        (self.cpus.len() > 1).then(|| {
+            (0..2)
+                .filter_map(|i| Some((self.helper(i)?, self.client(i)?)))
+                .collect()
+        })
+    }
 }
 
 fn session(src: &mut HelperClient, dst: &mut HelperClient) -> Result<(), HelperError> {
@@ -183,6 +265,7 @@ fn batched_round(
     src: &mut [HelperClient],
     dst: &mut [HelperClient],
     pages: &[(u64, u64)],
+    placement: &Placement,
 ) -> Result<(Rate, Rate), HelperError> {
     let share = pages.len().div_ceil(src.len());
     // Output buffers are touched before the clock starts, as a sender's
@@ -201,7 +284,13 @@ fn batched_round(
                 .iter_mut()
                 .zip(pages.chunks(share))
                 .zip(records.iter_mut())
-                .map(|((c, chunk), out)| s.spawn(move || c.encrypt(chunk, out)))
+                .enumerate()
+                .map(|(i, ((c, chunk), out))| {
+                    s.spawn(move || {
+                        placement.pin_client(i)?;
+                        c.encrypt(chunk, out)
+                    })
+                })
                 .collect();
             jobs.into_iter()
                 .try_for_each(|j| j.join().expect("encrypt thread panicked"))
@@ -212,7 +301,13 @@ fn batched_round(
             let jobs: Vec<_> = dst
                 .iter_mut()
                 .zip(records.iter())
-                .map(|(c, recs)| s.spawn(move || c.decrypt(recs).map(drop)))
+                .enumerate()
+                .map(|(i, (c, recs))| {
+                    s.spawn(move || {
+                        placement.pin_client(i)?;
+                        c.decrypt(recs).map(drop)
+                    })
+                })
                 .collect();
             jobs.into_iter()
                 .try_for_each(|j| j.join().expect("decrypt thread panicked"))
@@ -249,32 +344,75 @@ fn host_rate(time: Duration, mut seal: impl FnMut(&mut [u8], [u8; 12])) -> Rate 
     }
 }
 
-/// The host's single-core AES-256-GCM encryption rate on 4 KiB pages, per
-/// implementation.
-fn host_rates(time: Duration) -> Vec<(&'static str, Rate)> {
-    let key = [7u8; 32];
-    let aad = [1u8; 32];
-    let rustcrypto = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
-    let rc = host_rate(time, |page, nonce| {
-        let tag = rustcrypto
-            .encrypt_inout_detached(&nonce.into(), &aad, page.into())
-            .expect("in-memory encryption");
-        std::hint::black_box(tag);
-    });
-    let ring_key = ring::aead::LessSafeKey::new(
-        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key).expect("32-byte key"),
-    );
-    let ring_rate = host_rate(time, |page, nonce| {
-        let tag = ring_key
-            .seal_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::from(&aad),
-                page,
-            )
-            .expect("in-memory encryption");
-        let _ = std::hint::black_box(tag);
-    });
-    vec![("RustCrypto aes-gcm", rc), ("ring", ring_rate)]
+/// The host's AES-256-GCM implementations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostAead {
+    RustCrypto,
+    Ring,
+}
+
+impl HostAead {
+    const ALL: [HostAead; 2] = [HostAead::RustCrypto, HostAead::Ring];
+
+    fn name(self) -> &'static str {
+        match self {
+            HostAead::RustCrypto => "RustCrypto aes-gcm",
+            HostAead::Ring => "ring",
+        }
+    }
+
+    /// Its single-core encryption rate on 4 KiB pages, timed for `time` on
+    /// `cpu` (a thread pinned there; anywhere if None).
+    fn rate(self, time: Duration, cpu: Option<usize>) -> Rate {
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                if let Some(cpu) = cpu {
+                    let _ = crate::vcpu::pin_thread(0, cpu);
+                }
+                self.rate_here(time)
+            })
+            .join()
+            .expect("host AEAD thread panicked")
+        })
+    }
+
+    fn rate_here(self, time: Duration) -> Rate {
+        let key = [7u8; 32];
+        let aad = [1u8; 32];
+        match self {
+            HostAead::RustCrypto => {
+                let cipher = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
+                host_rate(time, |page, nonce| {
+                    let tag = cipher
+                        .encrypt_inout_detached(&nonce.into(), &aad, page.into())
+                        .expect("in-memory encryption");
+                    std::hint::black_box(tag);
+                })
+            }
+            HostAead::Ring => {
+                let cipher = ring::aead::LessSafeKey::new(
+                    ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
+                        .expect("32-byte key"),
+                );
+                host_rate(time, |page, nonce| {
+                    let tag = cipher
+                        .seal_in_place_separate_tag(
+                            ring::aead::Nonce::assume_unique_for_key(nonce),
+                            ring::aead::Aad::from(&aad),
+                            page,
+                        )
+                        .expect("in-memory encryption");
+                    let _ = std::hint::black_box(tag);
+                })
+            }
+        }
+    }
+}
+
+/// The middle value of `values` (NaN if empty).
+fn median_f64(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs every measurement.
@@ -285,64 +423,119 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
             config.pages
         )));
     }
+    if config.reps == 0 || config.reps > 1000 {
+        return Err(BenchError::Args(format!(
+            "--reps must be 1..=1000, got {}",
+            config.reps
+        )));
+    }
+    let placement = Placement::new()?;
+    // The measuring thread drives helper 0 (seed and one-helper runs): it
+    // is pinned as that helper's host thread, which the caller's thread
+    // should not be.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            placement.pin_client(0)?;
+            measure(config, &placement)
+        })
+        .join()
+        .expect("bench thread panicked")
+    })
+}
+
+fn measure(config: BenchConfig, placement: &Placement) -> Result<BenchReport, BenchError> {
     let key = [0x5c; 32];
     let (a, b) = (vm(config.pages, key)?, vm(config.pages, key)?);
-    let (mut src, mut dst) = (clients(&a)?, clients(&b)?);
+    let (mut src, mut dst) = (clients(&a, placement)?, clients(&b, placement)?);
     let gpas: Vec<u64> = (0..config.pages as u64)
         .map(|i| FIRST_PAGE + i * PAGE as u64)
         .collect();
     let pages: Vec<(u64, u64)> = gpas.iter().map(|&g| (g, 1)).collect();
-    let mut helper = Vec::new();
+
+    // The fastest host implementation, timed on the helper's CPU.
+    let helper_cpu = placement.helper(0);
+    let host: Vec<(&'static str, Rate)> = HostAead::ALL
+        .iter()
+        .map(|aead| (aead.name(), aead.rate(config.host_time, helper_cpu)))
+        .collect();
+    let fastest = HostAead::ALL
+        .into_iter()
+        .zip(&host)
+        .max_by(|(_, (_, x)), (_, (_, y))| x.pages_per_sec().total_cmp(&y.pages_per_sec()))
+        .map_or(HostAead::Ring, |(aead, _)| aead);
+    let sample_time = config.host_time / 4;
 
     // Warm-up, not reported: the first touch of each guest page by a helper
     // vCPU costs a shadow-paging fault on this host (LAB.md), paid once per
     // page whatever the protocol; steady state is what is compared.
     session(&mut src[0], &mut dst[0])?;
-    batched_round(&mut src[..], &mut dst[..], &pages)?;
+    batched_round(&mut src[..], &mut dst[..], &pages, placement)?;
 
-    type Round<'a> = Box<
-        dyn FnMut(&mut [HelperClient], &mut [HelperClient]) -> Result<(Rate, Rate), HelperError>
-            + 'a,
-    >;
-    let variants: [(&'static str, Round); 3] = [
-        (
-            "seed (1 page/round trip)",
-            Box::new(|s, d| seed_round(&mut s[0], &mut d[0], &gpas)),
-        ),
-        (
-            "batched, 1 helper",
-            Box::new(|s, d| batched_round(&mut s[..1], &mut d[..1], &pages)),
-        ),
-        (
-            "batched, 2 helpers",
-            Box::new(|s, d| batched_round(s, d, &pages)),
-        ),
-    ];
-    let mut busy = Vec::new();
-    for (name, mut round) in variants {
-        let mut enc = Vec::with_capacity(config.reps);
-        let mut dec = Vec::with_capacity(config.reps);
-        for _ in 0..config.reps {
-            session(&mut src[0], &mut dst[0])?;
-            let before = src[0].busy_cycles();
-            let (e, d) = round(&mut src, &mut dst)?;
-            if name == ONE_HELPER {
-                busy.push(src[0].busy_cycles() - before);
-            }
-            enc.push(e);
-            dec.push(d);
+    // Each run measures every variant in turn, so that drift of the
+    // machine's speed hits them alike.
+    let names = [SEED, ONE_HELPER, TWO_HELPERS];
+    let mut enc: Vec<Vec<Rate>> = vec![Vec::new(); names.len()];
+    let mut dec: Vec<Vec<Rate>> = vec![Vec::new(); names.len()];
+    let (mut busy, mut ceilings, mut over_ceiling, mut over_seed) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..config.reps {
+        session(&mut src[0], &mut dst[0])?;
+        let (seed_enc, seed_dec) = seed_round(&mut src[0], &mut dst[0], &gpas)?;
+
+        session(&mut src[0], &mut dst[0])?;
+        let before = fastest.rate(sample_time, helper_cpu);
+        let busy_before = src[0].busy_cycles();
+        let (one_enc, one_dec) = batched_round(&mut src[..1], &mut dst[..1], &pages, placement)?;
+        busy.push(src[0].busy_cycles() - busy_before);
+        let after = fastest.rate(sample_time, helper_cpu);
+        let ceiling = Rate {
+            pages: before.pages + after.pages,
+            elapsed: before.elapsed + after.elapsed,
+        };
+
+        session(&mut src[0], &mut dst[0])?;
+        let (two_enc, two_dec) = batched_round(&mut src, &mut dst, &pages, placement)?;
+
+        over_ceiling.push(one_enc.mb_per_sec() / ceiling.mb_per_sec());
+        over_seed.push(one_enc.mb_per_sec() / seed_enc.mb_per_sec());
+        ceilings.push(ceiling);
+        for (i, (e, d)) in [(seed_enc, seed_dec), (one_enc, one_dec), (two_enc, two_dec)]
+            .into_iter()
+            .enumerate()
+        {
+            enc[i].push(e);
+            dec[i].push(d);
         }
-        helper.push((name, median(enc), median(dec)));
     }
+    let helper = names
+        .into_iter()
+        .zip(enc.into_iter().zip(dec))
+        .map(|(name, (e, d))| (name, median(e), median(d)))
+        .collect();
     busy.sort_unstable();
     let cycles_per_page = busy.get(busy.len() / 2).copied().unwrap_or(0) / config.pages as u64;
     let helper_busy_per_page =
         Duration::from_nanos(cycles_per_page * 1_000_000 / a.tsc_khz().max(1));
-    // Sanity: what arrived is what was sent.
+    check_arrived(&a, &b, &gpas)?;
+    a.shutdown();
+    b.shutdown();
+    Ok(BenchReport {
+        helper,
+        helper_busy_per_page,
+        host,
+        ceiling: median(ceilings),
+        helper_over_ceiling: median_f64(over_ceiling),
+        batched_over_seed: median_f64(over_seed),
+        placement: placement.describe(),
+    })
+}
+
+/// Sanity: what arrived in B is what A holds.
+fn check_arrived(a: &Vmm, b: &Vmm, gpas: &[u64]) -> Result<(), BenchError> {
+    use vm_memory::{Bytes, GuestAddress};
     let mut ra = vec![0u8; PAGE];
     let mut rb = vec![0u8; PAGE];
     for &gpa in gpas.iter().step_by(97) {
-        use vm_memory::{Bytes, GuestAddress};
         a.memory()
             .ram
             .read_slice(&mut ra, GuestAddress(gpa))
@@ -355,15 +548,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
             return Err(BenchError::Check(format!("page {gpa:#x} differs")));
         }
     }
-    a.shutdown();
-    b.shutdown();
-
-    let host = host_rates(config.host_time);
-    Ok(BenchReport {
-        helper,
-        helper_busy_per_page,
-        host,
-    })
+    Ok(())
 }
 
 impl BenchReport {
@@ -393,20 +578,35 @@ impl BenchReport {
                 r.mb_per_sec()
             );
         }
-        let ceiling = self
-            .host
-            .iter()
-            .map(|(_, r)| r.mb_per_sec())
-            .fold(0.0, f64::max);
+        let ceiling = self.ceiling.mb_per_sec();
+        let _ = writeln!(
+            out,
+            "{:<28} {:>12.0} {:>10.1}   (fastest, beside each 1-helper run)",
+            "host ceiling",
+            self.ceiling.pages_per_sec(),
+            ceiling
+        );
+        match &self.placement {
+            Some(p) => {
+                let pairs: Vec<String> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (h, c))| format!("helper {i} on CPU {h}, its host thread on CPU {c}"))
+                    .collect();
+                let _ = writeln!(out, "placement: {}", pairs.join("; "));
+            }
+            None => {
+                let _ = writeln!(out, "placement: one CPU, nothing pinned");
+            }
+        }
         let find = |n: &str| {
             self.helper
                 .iter()
-                .find(|(name, ..)| name.starts_with(n))
+                .find(|(name, ..)| *name == n)
                 .map(|(_, e, _)| e.mb_per_sec())
         };
-        let seed = find("seed").unwrap_or(f64::NAN);
-        let one = find("batched, 1").unwrap_or(f64::NAN);
-        let two = find("batched, 2").unwrap_or(f64::NAN);
+        let one = find(ONE_HELPER).unwrap_or(f64::NAN);
+        let two = find(TWO_HELPERS).unwrap_or(f64::NAN);
         let busy = self.helper_busy_per_page.as_secs_f64();
         let own = if busy > 0.0 {
             PAGE as f64 / busy / 1e6
@@ -420,8 +620,12 @@ impl BenchReport {
             own / ceiling
         );
         let _ = writeln!(out, "2 helpers/1 helper encrypt ratio: {:.2}", two / one);
-        let _ = writeln!(out, "batched/seed ratio: {:.2}", one / seed);
-        let _ = writeln!(out, "helper/host-aead ratio: {:.2}", one / ceiling);
+        let _ = writeln!(out, "batched/seed ratio: {:.2}", self.batched_over_seed);
+        let _ = writeln!(
+            out,
+            "helper/host-aead ratio: {:.2}",
+            self.helper_over_ceiling
+        );
         out
     }
 }

@@ -112,6 +112,14 @@ impl Controller {
         Ok(())
     }
 
+    /// Runs mirror vCPU `index` on host CPU `cpu` only.
+    pub fn pin_mirror(&self, index: usize, cpu: usize) -> Result<(), VcpuError> {
+        match self.mirror.handles().get(index) {
+            Some(h) => h.pin(cpu),
+            None => Err(VcpuError::Gone(format!("mirror {index}"))),
+        }
+    }
+
     /// Starts both groups for the first time.
     pub fn start(&mut self) -> Result<(), VcpuError> {
         self.start_mirror()?;

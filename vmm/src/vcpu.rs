@@ -115,6 +115,28 @@ pub enum VcpuError {
     /// An unexpected answer.
     #[error("{0} answered {1}")]
     Unexpected(String, String),
+    /// The thread could not be pinned.
+    #[error("Cannot pin {0} to CPU {1}: {2}")]
+    Affinity(String, usize, std::io::Error),
+}
+
+/// Restricts thread `tid` (0: the calling thread) to CPU `cpu`.
+pub fn pin_thread(tid: i32, cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked), inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; the kernel only
+    // reads it.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The architectural state of one vCPU, as KVM reports it. Pieces the host
@@ -516,6 +538,11 @@ impl VcpuHandle {
     /// Kernel thread ID of the vCPU thread.
     pub fn thread_id(&self) -> i32 {
         self.tid
+    }
+
+    /// Runs the vCPU thread on `cpu` only.
+    pub fn pin(&self, cpu: usize) -> Result<(), VcpuError> {
+        pin_thread(self.tid, cpu).map_err(|e| VcpuError::Affinity(self.label.clone(), cpu, e))
     }
 
     /// Sends an event and kicks the thread out of KVM_RUN.

@@ -341,6 +341,15 @@ impl Vmm {
             .start_mirror()?)
     }
 
+    /// Runs mirror vCPU `index` on host CPU `cpu` only.
+    pub fn pin_mirror(&self, index: usize, cpu: usize) -> Result<(), VmmError> {
+        Ok(self
+            .controller
+            .lock()
+            .expect("controller lock poisoned")
+            .pin_mirror(index, cpu)?)
+    }
+
     /// Starts the mirror and the main vCPUs.
     pub fn start(&self) -> Result<(), VmmError> {
         Ok(self
