@@ -12,6 +12,7 @@
 //! `RecordHeader` (64 bytes: gpa, generation, nonce, tag) + 4096 bytes of
 //! ciphertext = [`RECORD_STRIDE`] bytes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,8 @@ pub enum HelperStatus {
     BadArgs,
     /// Debug commands are disabled.
     DebugDisabled,
+    /// Not run: an earlier request of the same stream failed.
+    Skipped,
     /// A code this client does not know.
     Other(i32),
 }
@@ -70,6 +73,7 @@ impl From<i32> for HelperStatus {
             status::NO_KEY => HelperStatus::NoKey,
             status::BAD_ARGS => HelperStatus::BadArgs,
             status::DEBUG_DISABLED => HelperStatus::DebugDisabled,
+            status::SKIPPED => HelperStatus::Skipped,
             other => HelperStatus::Other(other),
         }
     }
@@ -115,6 +119,25 @@ pub enum HelperError {
     Memory(u64),
 }
 
+impl HelperError {
+    /// A refusal's record index moved from its request to its stream, in
+    /// which `before` records precede the request.
+    fn at_stream_record(self, before: u32) -> Self {
+        match self {
+            HelperError::Refused {
+                command,
+                status,
+                record,
+            } => HelperError::Refused {
+                command,
+                status,
+                record: record + before,
+            },
+            other => other,
+        }
+    }
+}
+
 /// Talks to one helper through its mailbox.
 pub struct HelperClient {
     mem: GuestMemoryMmap,
@@ -136,14 +159,30 @@ macro_rules! control {
 }
 const REQ_SEQ: u64 = control!(req_seq);
 const RESP_SEQ: u64 = control!(resp_seq);
-const CMD: u64 = control!(cmd);
-const STATUS: u64 = control!(status);
-const COUNT: u64 = control!(count);
 const STATE: u64 = control!(state);
 const HEARTBEAT: u64 = control!(heartbeat);
-const FAIL_INDEX: u64 = control!(fail_index);
-const FIRST: u64 = control!(first);
 const ARG: u64 = control!(arg);
+
+/// Offset of request `n`'s slot within the mailbox.
+fn slot_offset(n: u64) -> u64 {
+    let index = (n % u64::from(h::QUEUE_DEPTH)) as usize;
+    control!(slots) + (index * std::mem::size_of::<h::RequestSlot>()) as u64
+}
+
+/// Whether `resp_seq` says request `n` has been answered.
+fn answered(resp_seq: u64, n: u64) -> bool {
+    (resp_seq.wrapping_sub(n) as i64) >= 0
+}
+
+/// The flags of the `k`th request of a stream: all but the first run only
+/// if the one before succeeded.
+fn stream_flags(k: usize) -> u32 {
+    if k == 0 {
+        0
+    } else {
+        h::flags::CHAIN
+    }
+}
 /// Offset of a `SeedParams` field within the mailbox.
 macro_rules! seed_field {
     ($field:ident) => {
@@ -330,55 +369,70 @@ impl HelperClient {
         }
     }
 
-    /// Posts a request without waiting; returns its sequence number.
+    /// Posts a request without waiting; returns its number. The caller
+    /// keeps at most `QUEUE_DEPTH` requests outstanding, and posts commands
+    /// that use `arg` alone.
     fn post(
         &mut self,
         command: u32,
+        flags: u32,
         first: u32,
         count: u32,
         arg: &[u8],
     ) -> Result<u64, HelperError> {
-        self.write(CMD, &command.to_le_bytes())?;
-        self.write(FIRST, &first.to_le_bytes())?;
-        self.write(COUNT, &count.to_le_bytes())?;
+        let n = self.seq.wrapping_add(1);
+        let request = h::RequestSlot {
+            cmd: command,
+            flags,
+            first,
+            count,
+            ..Default::default()
+        };
+        self.write(slot_offset(n), request.as_bytes())?;
         if !arg.is_empty() {
             self.write(ARG, arg)?;
         }
-        let seq = self.seq.wrapping_add(1);
-        self.store(REQ_SEQ, seq, Ordering::Release)?;
-        self.seq = seq;
+        self.store(REQ_SEQ, n, Ordering::Release)?;
+        self.seq = n;
         self.nudge()?;
-        Ok(seq)
+        Ok(n)
     }
 
-    /// Waits for the answer to request `seq` (the last one posted); returns
-    /// the answered count, or the refusal with the failing record's index
-    /// relative to `first`.
-    fn finish(&mut self, command: u32, first: u32, seq: u64) -> Result<u32, HelperError> {
-        self.wait_until(|| Ok(self.load::<u64>(RESP_SEQ, Ordering::Acquire)? == seq))?;
-        if command == cmd::ENCRYPT_BATCH || command == cmd::DECRYPT_BATCH {
-            let stats: h::BatchStats = self.arg()?;
-            self.busy_cycles = self.busy_cycles.wrapping_add(stats.busy_cycles);
-        }
-        let code = self.load::<i32>(STATUS, Ordering::Relaxed)?;
-        if code != status::OK {
-            let record = self
-                .load::<u32>(FAIL_INDEX, Ordering::Relaxed)?
-                .saturating_sub(first);
+    /// Waits for the answer to request `n`; returns the answered count, or
+    /// the refusal with the failing record's index relative to `first`.
+    fn finish(&mut self, command: u32, first: u32, n: u64) -> Result<u32, HelperError> {
+        self.wait_until(|| Ok(answered(self.load::<u64>(RESP_SEQ, Ordering::Acquire)?, n)))?;
+        let answer: h::RequestSlot = self.read_obj(slot_offset(n))?;
+        self.busy_cycles = self.busy_cycles.wrapping_add(answer.busy_cycles);
+        if answer.status != status::OK {
             return Err(HelperError::Refused {
                 command,
-                status: code.into(),
-                record,
+                status: answer.status.into(),
+                record: answer.fail_index.saturating_sub(first),
             });
         }
-        self.load::<u32>(COUNT, Ordering::Relaxed)
+        Ok(answer.count)
+    }
+
+    /// Waits out requests still queued after a refusal (CHAIN makes the
+    /// helper skip them), so the queue is empty for the next call. A helper
+    /// that stops answering or faults ends the wait: the first error is
+    /// what the caller reports anyway.
+    fn abandon(&mut self, inflight: &mut VecDeque<(usize, u64)>) {
+        while let Some((_, n)) = inflight.pop_front() {
+            let done =
+                self.wait_until(|| Ok(answered(self.load::<u64>(RESP_SEQ, Ordering::Acquire)?, n)));
+            if done.is_err() {
+                break;
+            }
+        }
     }
 
     /// Posts a request (cmd, count, arg) and waits for its answer; returns
     /// the answered count.
     fn call(&mut self, command: u32, count: u32, arg: &[u8]) -> Result<u32, HelperError> {
-        let seq = self.post(command, 0, count, arg)?;
-        self.finish(command, 0, seq)
+        let n = self.post(command, 0, 0, count, arg)?;
+        self.finish(command, 0, n)
     }
 
     fn arg<T: FromBytes + IntoBytes>(&self) -> Result<T, HelperError> {
@@ -444,58 +498,84 @@ impl HelperClient {
         self.call(cmd::SESSION_END, 0, &[]).map(drop)
     }
 
-    /// Records per request: half the batch area, so the host fills or
-    /// drains one half while the helper works on the other.
-    fn half(&self) -> usize {
-        (self.max_batch as usize / 2).max(1)
+    /// Records per request of a stream: the batch area cut in
+    /// `QUEUE_DEPTH` parts, so the host copies one part while the helper
+    /// works through the others.
+    fn part(&self) -> usize {
+        (self.max_batch / h::QUEUE_DEPTH).max(1) as usize
     }
 
-    /// Where the records of request `k` go: alternating halves.
-    fn slot(&self, k: usize) -> u32 {
-        ((k % 2) * self.half()) as u32
+    /// Requests of a stream outstanding at once (one per part).
+    fn depth(&self) -> usize {
+        (self.max_batch as usize / self.part()).clamp(1, h::QUEUE_DEPTH as usize)
+    }
+
+    /// The first record of the part that request `k` of a stream uses.
+    fn part_first(&self, k: usize) -> u32 {
+        ((k % self.depth()) * self.part()) as u32
     }
 
     /// Encrypts `pages` (gpa, generation) and appends one record per page
-    /// to `out`. While the helper encrypts one half of the batch area, the
-    /// previous half's records are copied out.
+    /// to `out`, in order. Up to `QUEUE_DEPTH` requests are queued: while
+    /// the helper works on them, the oldest answered part is copied out and
+    /// its next request posted.
     pub fn encrypt(&mut self, pages: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), HelperError> {
-        let chunks: Vec<&[(u64, u64)]> = pages.chunks(self.half()).collect();
-        let mut pending: Option<(usize, u64)> = None;
-        for k in 0..=chunks.len() {
-            if let Some(chunk) = chunks.get(k) {
-                let first = self.slot(k);
-                for (i, &(gpa, generation)) in chunk.iter().enumerate() {
-                    let header = RecordHeader {
-                        gpa,
-                        generation,
-                        ..Default::default()
-                    };
-                    self.write(
-                        (offsets::BATCH + (first as usize + i) * RECORD_STRIDE) as u64,
-                        header.as_bytes(),
-                    )?;
-                }
-                // The helper answers one request at a time: collect the
-                // previous one before posting this one.
-                let previous = match pending.take() {
-                    Some((p, seq)) => {
-                        Some((p, self.finish(cmd::ENCRYPT_BATCH, self.slot(p), seq)?))
-                    }
-                    None => None,
-                };
-                pending = Some((
-                    k,
-                    self.post(cmd::ENCRYPT_BATCH, first, chunk.len() as u32, &[])?,
-                ));
-                if let Some((p, _)) = previous {
+        let mut inflight = VecDeque::new();
+        let result = self.encrypt_stream(pages, out, &mut inflight);
+        if result.is_err() {
+            self.abandon(&mut inflight);
+        }
+        result
+    }
+
+    fn encrypt_stream(
+        &mut self,
+        pages: &[(u64, u64)],
+        out: &mut Vec<u8>,
+        inflight: &mut VecDeque<(usize, u64)>,
+    ) -> Result<(), HelperError> {
+        let chunks: Vec<&[(u64, u64)]> = pages.chunks(self.part()).collect();
+        for (k, chunk) in chunks.iter().enumerate() {
+            if inflight.len() == self.depth() {
+                if let Some((p, n)) = inflight.pop_front() {
+                    self.finish_encrypt(p, n)?;
                     self.copy_records_out(p, chunks[p].len(), out)?;
                 }
-            } else if let Some((p, seq)) = pending.take() {
-                self.finish(cmd::ENCRYPT_BATCH, self.slot(p), seq)?;
-                self.copy_records_out(p, chunks[p].len(), out)?;
             }
+            let first = self.part_first(k);
+            for (i, &(gpa, generation)) in chunk.iter().enumerate() {
+                let header = RecordHeader {
+                    gpa,
+                    generation,
+                    ..Default::default()
+                };
+                self.write(
+                    (offsets::BATCH + (first as usize + i) * RECORD_STRIDE) as u64,
+                    header.as_bytes(),
+                )?;
+            }
+            let n = self.post(
+                cmd::ENCRYPT_BATCH,
+                stream_flags(k),
+                first,
+                chunk.len() as u32,
+                &[],
+            )?;
+            inflight.push_back((k, n));
+        }
+        while let Some((p, n)) = inflight.pop_front() {
+            self.finish_encrypt(p, n)?;
+            self.copy_records_out(p, chunks[p].len(), out)?;
         }
         Ok(())
+    }
+
+    /// Waits for request `k` of an encrypt stream; a refusal names the
+    /// failing record's index in the stream.
+    fn finish_encrypt(&mut self, k: usize, n: u64) -> Result<u32, HelperError> {
+        let before = (k * self.part()) as u32;
+        self.finish(cmd::ENCRYPT_BATCH, self.part_first(k), n)
+            .map_err(|e| e.at_stream_record(before))
     }
 
     fn copy_records_out(
@@ -504,54 +584,61 @@ impl HelperClient {
         count: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), HelperError> {
-        let offset = (offsets::BATCH + self.slot(k) as usize * RECORD_STRIDE) as u64;
+        let offset = (offsets::BATCH + self.part_first(k) as usize * RECORD_STRIDE) as u64;
         self.append_out(offset, count * RECORD_STRIDE, out)
     }
 
     /// Hands `records` (whole records, as [`HelperClient::encrypt`] made
     /// them) to the helper, which writes each page only if it
     /// authenticates; returns the number applied. On an error, records
-    /// before the failing one were applied, none after it. The next half is
-    /// copied in while the helper works on the current one.
+    /// before the failing one were applied, none after it. Parts are
+    /// copied in while the helper works on the requests already queued.
     pub fn decrypt(&mut self, records: &[u8]) -> Result<usize, HelperError> {
         if records.len() % RECORD_STRIDE != 0 {
             return Err(HelperError::Truncated(records.len()));
         }
-        let chunks: Vec<&[u8]> = records.chunks(self.half() * RECORD_STRIDE).collect();
+        let mut inflight = VecDeque::new();
+        let result = self.decrypt_stream(records, &mut inflight);
+        if result.is_err() {
+            self.abandon(&mut inflight);
+        }
+        result
+    }
+
+    fn decrypt_stream(
+        &mut self,
+        records: &[u8],
+        inflight: &mut VecDeque<(usize, u64)>,
+    ) -> Result<usize, HelperError> {
         let mut applied = 0;
-        let mut pending: Option<(usize, u64)> = None;
-        for k in 0..=chunks.len() {
-            if let Some(chunk) = chunks.get(k) {
-                self.copy_in(
-                    (offsets::BATCH + self.slot(k) as usize * RECORD_STRIDE) as u64,
-                    chunk,
-                )?;
+        for (k, chunk) in records.chunks(self.part() * RECORD_STRIDE).enumerate() {
+            if inflight.len() == self.depth() {
+                if let Some((p, n)) = inflight.pop_front() {
+                    applied += self.finish_decrypt(p, n, applied)?;
+                }
             }
-            if let Some((p, seq)) = pending.take() {
-                applied += self.finish_decrypt(p, seq, applied)?;
-            }
-            if let Some(chunk) = chunks.get(k) {
-                let count = (chunk.len() / RECORD_STRIDE) as u32;
-                pending = Some((k, self.post(cmd::DECRYPT_BATCH, self.slot(k), count, &[])?));
-            }
+            let first = self.part_first(k);
+            self.copy_in(
+                (offsets::BATCH + first as usize * RECORD_STRIDE) as u64,
+                chunk,
+            )?;
+            let count = (chunk.len() / RECORD_STRIDE) as u32;
+            let n = self.post(cmd::DECRYPT_BATCH, stream_flags(k), first, count, &[])?;
+            inflight.push_back((k, n));
+        }
+        while let Some((p, n)) = inflight.pop_front() {
+            applied += self.finish_decrypt(p, n, applied)?;
         }
         Ok(applied)
     }
 
-    fn finish_decrypt(&mut self, k: usize, seq: u64, applied: usize) -> Result<usize, HelperError> {
-        match self.finish(cmd::DECRYPT_BATCH, self.slot(k), seq) {
-            Ok(n) => Ok(n as usize),
-            Err(HelperError::Refused {
-                command,
-                status,
-                record,
-            }) => Err(HelperError::Refused {
-                command,
-                status,
-                record: record + applied as u32,
-            }),
-            Err(e) => Err(e),
-        }
+    /// Waits for request `k` of a decrypt stream (`applied` records before
+    /// it succeeded); a refusal names the failing record's index in the
+    /// stream.
+    fn finish_decrypt(&mut self, k: usize, n: u64, applied: usize) -> Result<usize, HelperError> {
+        self.finish(cmd::DECRYPT_BATCH, self.part_first(k), n)
+            .map(|count| count as usize)
+            .map_err(|e| e.at_stream_record(applied as u32))
     }
 
     /// Source: the sealed end-of-stream record.

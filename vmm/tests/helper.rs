@@ -231,6 +231,71 @@ fn tampered_moved_replayed_and_foreign_records_fail_closed() {
 }
 
 #[test]
+fn a_failing_record_stops_its_stream_with_later_requests_already_queued() {
+    let Some(_one) = vm_test() else { return };
+    let (a, b) = (source(), target(KEY));
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    // 100 pages: several requests, up to QUEUE_DEPTH of them queued at once.
+    let base = 0x50_0000u64;
+    let pages: Vec<(u64, u64)> = (0..100).map(|i| (base + i * PAGE as u64, 1)).collect();
+    let mut records = Vec::new();
+    src.encrypt(&pages, &mut records).unwrap();
+    let before: Vec<Vec<u8>> = pages.iter().map(|&(gpa, _)| page(&b, gpa)).collect();
+
+    let bad = 37;
+    let mut tampered = records.clone();
+    tampered[bad * RECORD_STRIDE + 64 + 5] ^= 0x10;
+    match dst.decrypt(&tampered) {
+        Err(HelperError::Refused {
+            status: HelperStatus::AuthFailed,
+            record,
+            ..
+        }) => assert_eq!(record as usize, bad),
+        other => panic!("expected an authentication failure, got {other:?}"),
+    }
+    for (i, &(gpa, _)) in pages.iter().enumerate() {
+        if i < bad {
+            assert_eq!(page(&b, gpa), page(&a, gpa), "record {i} was not applied");
+        } else {
+            assert_eq!(
+                page(&b, gpa),
+                before[i],
+                "record {i} applied after the failure"
+            );
+        }
+    }
+
+    // The client's queue is clean: the rest of the stream goes through.
+    let rest = &records[(bad + 1) * RECORD_STRIDE..];
+    assert_eq!(dst.decrypt(rest).unwrap(), pages.len() - bad - 1);
+    assert_eq!(
+        page(&b, pages[99].0),
+        page(&a, pages[99].0),
+        "the stream after the failure did not apply"
+    );
+
+    // An encrypt stream stops at a bad GPA in the same way, and the next
+    // stream works.
+    let mut with_bad = pages.clone();
+    with_bad[70].0 = MEMORY;
+    let mut out = Vec::new();
+    match src.encrypt(&with_bad, &mut out) {
+        Err(HelperError::Refused {
+            status: HelperStatus::BadGpa,
+            record,
+            ..
+        }) => assert_eq!(record, 70),
+        other => panic!("expected a bad GPA, got {other:?}"),
+    }
+    let mut again = Vec::new();
+    src.encrypt(&pages[..20], &mut again).unwrap();
+    assert_eq!(again.len(), 20 * RECORD_STRIDE);
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
 fn wrong_transport_key_is_an_authentication_failure() {
     let Some(_one) = vm_test() else { return };
     let (a, b) = (source(), target([0x43; 32]));

@@ -31,28 +31,46 @@
 //!  | <------------------- done = 1     | ret = status
 //! ```
 //!
-//! # cgsvmm protocol (batched, one mailbox per helper, idle helpers sleep)
+//! # cgsvmm protocol (batched, queued, one mailbox per helper, idle helpers sleep)
+//!
+//! Requests are numbered 1, 2, ... and request `n` lives in
+//! `MailboxControl::slots[n % QUEUE_DEPTH]`. The host may have up to
+//! [`QUEUE_DEPTH`] requests outstanding (posted, `n > resp_seq`); the MH
+//! answers them strictly in order. So while the helper works on one part of
+//! the batch area, the host copies another part out (or in) and the next
+//! request is already waiting: the helper never idles between requests.
+//! Commands that use `arg` (all but the batches) are posted alone.
 //!
 //! ```text
 //! host                                          MH (helper i)
-//!  | HELLO {host version}        req_seq = n -->|
-//!  | <---- resp_seq = n, status, arg = HelloReply {version, caps, max_batch}
+//!  | HELLO                    slot 1, req_seq = 1 -->|
+//!  | <-- resp_seq = 1, slot status, arg = HelloReply {version, caps, max_batch}
 //!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces; both MHs derive
 //!  |   key, session id, digest key = HKDF-SHA256(transport key,
 //!  |   nonce_src || nonce_tgt)
-//!  | ENCRYPT_BATCH: RecordHeader{gpa, generation} x count from record
-//!  |   `first` ---> MH seals each
-//!  |   page: AES-256-GCM, nonce = helper || counter, AAD = session id ||
-//!  |   gpa || generation; digest += AES-256(digest key, gpa || generation)
-//!  | DECRYPT_BATCH: records x count ---> MH checks gpa, authenticates,
-//!  |   rejects generations not newer than the last it wrote, then writes
+//!  | ENCRYPT_BATCH n:   part p = records [p*16, p*16+16): RecordHeader
+//!  |   {gpa, generation} x count, then slot n, then req_seq = n -------->|
+//!  | ENCRYPT_BATCH n+1 (part p+1, flag CHAIN) ...  up to QUEUE_DEPTH      |
+//!  |                                   seals each page of part p: AES-256-GCM,
+//!  |                                   nonce = helper || counter, AAD =
+//!  |                                   session id || gpa || generation;
+//!  |                                   digest += AES-256(digest key, gpa ||
+//!  |                                   generation)
+//!  | <------------------- slot n {status, count, busy_cycles}, resp_seq = n
+//!  | copy part p out; headers of request n+QUEUE_DEPTH into part p; post it
+//!  | DECRYPT_BATCH: the same with records copied in; the MH checks the gpa,
+//!  |   authenticates, rejects generations not newer than the last it wrote,
+//!  |   then writes the page
+//!  | a CHAIN request whose predecessor failed is answered SKIPPED, unrun:
+//!  |   after a failing record, nothing later in the stream is applied
 //!  | SEAL (source) -> sealed {count, digest}; VERIFY_SEAL (target) <- it
 //!  | idle MH: state = SLEEPING, re-check req_seq, `out LAB_PORT,
 //!  |   LAB_CMD_WAIT | i << 16`; the VMM re-enters it when the host rings
 //! ```
 //!
-//! A request is posted by writing every field, then `req_seq` (release); the
-//! MH answers by writing its fields, then `resp_seq = req_seq` (release).
+//! A request is posted by writing its slot (and `arg`), then `req_seq`
+//! (release); the MH answers by writing the slot's answer fields, then
+//! `resp_seq = n` (release).
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -61,11 +79,13 @@ use crate::GpaRange;
 /// Magic of [`HelperHeader`] ("CGSVMH01").
 pub const HELPER_MAGIC: [u8; 8] = *b"CGSVMH01";
 /// Version of this ABI (HELLO reports it; the host refuses others).
-pub const MH_ABI_VERSION: u32 = 2;
+pub const MH_ABI_VERSION: u32 = 3;
 /// Most helper vCPUs (mailboxes) an MH image provides.
 pub const MAX_HELPERS: u32 = 16;
 /// Most pages in one batch.
 pub const MAX_BATCH: u32 = 64;
+/// Requests a mailbox holds at once.
+pub const QUEUE_DEPTH: u32 = 4;
 /// Guest page size the MH moves.
 pub const PAGE_SIZE: usize = 4096;
 
@@ -202,11 +222,9 @@ pub mod cmd {
     pub const SESSION_BEGIN: u32 = 0x11;
     /// Source only: the target's nonce in, the session id out.
     pub const SESSION_PEER: u32 = 0x12;
-    /// Encrypt `count` pages named by the batch's record headers. The
-    /// answer's `arg` holds [`super::BatchStats`].
+    /// Encrypt `count` pages named by the record headers from `first`.
     pub const ENCRYPT_BATCH: u32 = 0x13;
-    /// Decrypt `count` records into guest memory. The answer's `arg` holds
-    /// [`super::BatchStats`].
+    /// Decrypt `count` records from `first` into guest memory.
     pub const DECRYPT_BATCH: u32 = 0x14;
     /// Source: produce the sealed end record.
     pub const SEAL: u32 = 0x15;
@@ -244,6 +262,15 @@ pub mod status {
     pub const BAD_ARGS: i32 = -9;
     /// Debug commands are disabled.
     pub const DEBUG_DISABLED: i32 = -10;
+    /// Not run: a CHAIN request whose predecessor did not succeed.
+    pub const SKIPPED: i32 = -11;
+}
+
+/// [`RequestSlot::flags`] bits.
+pub mod flags {
+    /// Run only if the request before it succeeded (the requests of one
+    /// stream after the first carry it).
+    pub const CHAIN: u32 = 1 << 0;
 }
 
 /// `MailboxControl::state` values.
@@ -266,35 +293,52 @@ pub mod caps {
     pub const AES256_GCM: u64 = 1 << 3;
     /// Sealed end-of-stream record.
     pub const SEAL: u64 = 1 << 4;
+    /// Up to `QUEUE_DEPTH` requests outstanding, CHAIN honoured.
+    pub const QUEUE: u64 = 1 << 5;
 }
 
 /// Size of the command argument area.
 pub const ARG_SIZE: usize = 128;
 
+/// One queued request and, once answered, its result.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct RequestSlot {
+    /// `cmd::*`.
+    pub cmd: u32,
+    /// `flags::*`.
+    pub flags: u32,
+    /// Batches: the first record (hosts cycle through parts of the batch
+    /// area).
+    pub first: u32,
+    /// Request: records in the batch. Answer: records processed.
+    pub count: u32,
+    /// Answer: `status::*`.
+    pub status: i32,
+    /// Answer: index of the record that failed (when status != OK).
+    pub fail_index: u32,
+    /// Answer: TSC cycles from taking the request to answering it (the
+    /// helper's own time, without the host's or the scheduler's share).
+    pub busy_cycles: u64,
+}
+
 /// The cgsvmm protocol control block.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct MailboxControl {
-    /// Host → MH: bumped (last) to post a request.
+    /// Host → MH: the last request posted (bumped last).
     pub req_seq: u64,
-    /// MH → host: set to `req_seq` (last) when the answer is complete.
+    /// MH → host: the last request answered (set last).
     pub resp_seq: u64,
-    /// `cmd::*`.
-    pub cmd: u32,
-    /// `status::*`.
-    pub status: i32,
-    /// Request: records in the batch. Answer: records processed.
-    pub count: u32,
     /// `state::*`.
     pub state: u32,
+    /// Reserved.
+    pub reserved: u32,
     /// Bumped by the MH every time it wakes up idle.
     pub heartbeat: u64,
-    /// Index of the record that failed (when status != OK).
-    pub fail_index: u32,
-    /// Request: the batch starts at this record (hosts alternate halves of
-    /// the batch area to overlap their copying with the helper's work).
-    pub first: u32,
-    /// Command-specific arguments and results.
+    /// Request `n` is `slots[n % QUEUE_DEPTH]`.
+    pub slots: [RequestSlot; QUEUE_DEPTH as usize],
+    /// Command-specific arguments and results (one request at a time).
     pub arg: [u8; ARG_SIZE],
 }
 
@@ -312,15 +356,6 @@ pub struct HelloReply {
     pub max_batch: u32,
     /// Helpers running.
     pub helper_count: u32,
-}
-
-/// What a batch cost the helper (in the answer's `arg`): lets the host tell
-/// the helper's own time from its own and the scheduler's.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
-pub struct BatchStats {
-    /// TSC cycles from reading the request to answering it.
-    pub busy_cycles: u64,
 }
 
 /// Session roles.
@@ -395,7 +430,6 @@ const _: () = {
     assert!(core::mem::size_of::<HelloReply>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SessionArgs>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SealRecord>() <= ARG_SIZE);
-    assert!(core::mem::size_of::<BatchStats>() <= ARG_SIZE);
     assert!(4 + core::mem::size_of::<SeedEnvelope>() <= SEED_ENVELOPE_MAX);
     assert!(MAILBOX_SIZE % 4096 == 0);
 };
@@ -429,11 +463,15 @@ mod tests {
         assert_eq!(offset_of!(HelperConfig, ram), 40);
         assert_eq!(size_of::<HelperSecret>(), 48);
         assert_eq!(offset_of!(HelperSecret, key), 16);
-        assert_eq!(size_of::<MailboxControl>(), 176);
+        assert_eq!(size_of::<RequestSlot>(), 32);
+        assert_eq!(offset_of!(RequestSlot, status), 16);
+        assert_eq!(offset_of!(RequestSlot, busy_cycles), 24);
+        assert_eq!(size_of::<MailboxControl>(), 32 + 4 * 32 + ARG_SIZE);
         assert_eq!(offset_of!(MailboxControl, resp_seq), 8);
-        assert_eq!(offset_of!(MailboxControl, state), 28);
-        assert_eq!(offset_of!(MailboxControl, heartbeat), 32);
-        assert_eq!(offset_of!(MailboxControl, arg), 48);
+        assert_eq!(offset_of!(MailboxControl, state), 16);
+        assert_eq!(offset_of!(MailboxControl, heartbeat), 24);
+        assert_eq!(offset_of!(MailboxControl, slots), 32);
+        assert_eq!(offset_of!(MailboxControl, arg), 160);
         assert_eq!(offset_of!(RecordHeader, nonce), 16);
         assert_eq!(offset_of!(RecordHeader, tag), 32);
         assert_eq!(size_of::<SessionArgs>(), 88);

@@ -440,8 +440,8 @@ fn claim_page(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
 }
 
 /// The batch's records: `first..first + count`, inside the batch area.
-fn batch_range(mbox: &Mailbox) -> Result<core::ops::Range<u32>, Failure> {
-    let (first, count) = (mbox.first(), mbox.count());
+fn batch_range(request: &h::RequestSlot) -> Result<core::ops::Range<u32>, Failure> {
+    let (first, count) = (request.first, request.count);
     match first.checked_add(count) {
         Some(end) if count > 0 && end <= h::MAX_BATCH => Ok(first..end),
         _ => Err((status::BAD_BATCH, 0)),
@@ -449,8 +449,8 @@ fn batch_range(mbox: &Mailbox) -> Result<core::ops::Range<u32>, Failure> {
 }
 
 /// ENCRYPT_BATCH: for each record header {gpa, generation}, seal the page.
-pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
-    let records = batch_range(mbox)?;
+pub fn encrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
+    let records = batch_range(request)?;
     let count = records.len() as u32;
     let first_nonce = SESSION.reserve_nonces(helper, u64::from(count));
     let result = Batch::run(env, helper, role::SOURCE, |batch| {
@@ -477,8 +477,8 @@ pub fn encrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Fail
 
 /// DECRYPT_BATCH: verify and write each record; stop at the first failure
 /// (records before it were applied, none after it).
-pub fn decrypt_batch(mbox: &Mailbox, env: &Env, helper: u32) -> Result<u32, Failure> {
-    let records = batch_range(mbox)?;
+pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
+    let records = batch_range(request)?;
     let count = records.len() as u32;
     let result = Batch::run(env, helper, role::TARGET, |batch| {
         records.clone().try_for_each(|i| {

@@ -4,6 +4,7 @@
 //! Every access is volatile or atomic: the host writes these pages while we
 //! read them. Values are read once into locals before they are checked.
 
+use core::mem::{offset_of, size_of};
 use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, seed, status};
@@ -17,7 +18,16 @@ pub struct Mailbox {
     base: u64,
 }
 
-const CONTROL: u64 = offsets::CONTROL as u64;
+/// Offset of a control block field within the mailbox.
+fn control(field: usize) -> u64 {
+    (offsets::CONTROL + field) as u64
+}
+
+/// Offset of request `n`'s slot within the mailbox.
+fn slot(n: u64) -> u64 {
+    let index = (n % u64::from(h::QUEUE_DEPTH)) as usize;
+    control(offset_of!(h::MailboxControl, slots) + index * size_of::<h::RequestSlot>())
+}
 
 impl Mailbox {
     /// The mailbox at `base` (from our own HelperHeader).
@@ -72,54 +82,50 @@ impl Mailbox {
     }
 
     pub fn req_seq(&self) -> u64 {
-        self.atomic_u64(CONTROL).load(Ordering::Acquire)
+        self.atomic_u64(control(offset_of!(h::MailboxControl, req_seq))).load(Ordering::Acquire)
     }
 
     /// The last request answered (survives a restart of the helper, so a
     /// request posted before it started is still served).
     pub fn resp_seq(&self) -> u64 {
-        self.atomic_u64(CONTROL + 8).load(Ordering::Acquire)
+        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq))).load(Ordering::Acquire)
     }
 
-    /// Publishes the answer to request `req`.
-    pub fn finish(&self, req: u64) {
-        self.atomic_u64(CONTROL + 8).store(req, Ordering::Release);
+    /// Publishes the answer to request `n`.
+    pub fn finish(&self, n: u64) {
+        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq))).store(n, Ordering::Release);
     }
 
-    pub fn cmd(&self) -> u32 {
-        self.atomic_u32(CONTROL + 16).load(Ordering::Relaxed)
+    /// Request `n` as the host posted it (a snapshot).
+    pub fn request(&self, n: u64) -> h::RequestSlot {
+        self.read(slot(n))
     }
 
-    pub fn first(&self) -> u32 {
-        self.atomic_u32(CONTROL + 44).load(Ordering::Relaxed)
-    }
-
-    pub fn count(&self) -> u32 {
-        self.atomic_u32(CONTROL + 24).load(Ordering::Relaxed)
-    }
-
-    pub fn set_result(&self, code: i32, count: u32, fail_index: u32) {
-        self.atomic_i32(CONTROL + 20).store(code, Ordering::Relaxed);
-        self.atomic_u32(CONTROL + 24).store(count, Ordering::Relaxed);
-        self.atomic_u32(CONTROL + 40).store(fail_index, Ordering::Relaxed);
+    /// Request `n`'s answer.
+    pub fn set_result(&self, n: u64, code: i32, count: u32, fail_index: u32, busy_cycles: u64) {
+        let at = slot(n);
+        self.atomic_i32(at + offset_of!(h::RequestSlot, status) as u64).store(code, Ordering::Relaxed);
+        self.atomic_u32(at + offset_of!(h::RequestSlot, count) as u64).store(count, Ordering::Relaxed);
+        self.atomic_u32(at + offset_of!(h::RequestSlot, fail_index) as u64).store(fail_index, Ordering::Relaxed);
+        self.atomic_u64(at + offset_of!(h::RequestSlot, busy_cycles) as u64).store(busy_cycles, Ordering::Relaxed);
     }
 
     pub fn set_state(&self, state: u32) {
-        self.atomic_u32(CONTROL + 28).store(state, Ordering::SeqCst);
+        self.atomic_u32(control(offset_of!(h::MailboxControl, state))).store(state, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 
     pub fn bump_heartbeat(&self) {
-        self.atomic_u64(CONTROL + 32).fetch_add(1, Ordering::Relaxed);
+        self.atomic_u64(control(offset_of!(h::MailboxControl, heartbeat))).fetch_add(1, Ordering::Relaxed);
     }
 
     /// The command argument area.
     pub fn read_arg<T: FromBytes>(&self) -> T {
-        self.read(CONTROL + 48)
+        self.read(control(offset_of!(h::MailboxControl, arg)))
     }
 
     pub fn write_arg<T: IntoBytes + zerocopy::Immutable + Copy>(&self, v: &T) {
-        self.write(CONTROL + 48, v)
+        self.write(control(offset_of!(h::MailboxControl, arg)), v)
     }
 
     /// Offset of batch record `i`.

@@ -136,7 +136,9 @@ extern "C" fn main(params: &MirrorParams) -> ! {
             wait_for_work(index);
         }
     };
-    let mut last_req = mbox.resp_seq();
+    let mut served = mbox.resp_seq();
+    // Whether the last request answered succeeded (CHAIN requests need it).
+    let mut last_ok = true;
     let mut idle_since = rdtsc();
     loop {
         let mut worked = false;
@@ -144,11 +146,12 @@ extern "C" fn main(params: &MirrorParams) -> ! {
             mailbox::serve_seed(&mbox, &env);
             worked = true;
         }
-        let req = mbox.req_seq();
-        if req != last_req {
-            serve(&mbox, &env, index);
-            last_req = req;
-            mbox.finish(req);
+        // Queued requests are answered one at a time, in order.
+        if mbox.req_seq() != served {
+            let n = served.wrapping_add(1);
+            last_ok = serve(&mbox, &env, index, n, last_ok);
+            mbox.finish(n);
+            served = n;
             worked = true;
         }
         if worked {
@@ -159,7 +162,7 @@ extern "C" fn main(params: &MirrorParams) -> ! {
             mbox.set_state(h::state::SLEEPING);
             // Re-check after announcing sleep, so a request posted meanwhile
             // is seen here or rings our doorbell.
-            if mbox.req_seq() == last_req && !(index == 0 && mbox.seed_go()) {
+            if mbox.req_seq() == served && !(index == 0 && mbox.seed_go()) {
                 wait_for_work(index);
             }
             mbox.set_state(h::state::AWAKE);
@@ -173,15 +176,36 @@ extern "C" fn main(params: &MirrorParams) -> ! {
     }
 }
 
-/// Runs one cgsvmm-protocol request.
-fn serve(mbox: &Mailbox, env: &Env, index: u32) {
-    let command = mbox.cmd();
-    let result = match command {
+/// Runs request `n` (its slot is read once); returns whether it succeeded.
+/// A CHAIN request after one that did not succeed is not run.
+fn serve(mbox: &Mailbox, env: &Env, index: u32, n: u64, previous_ok: bool) -> bool {
+    let request = mbox.request(n);
+    let start = rdtsc();
+    let result = if request.flags & h::flags::CHAIN != 0 && !previous_ok {
+        Err((status::SKIPPED, request.first))
+    } else {
+        run(mbox, env, index, &request)
+    };
+    let busy = rdtsc().wrapping_sub(start);
+    match result {
+        Ok(count) => mbox.set_result(n, status::OK, count, 0, busy),
+        Err((code, at)) => mbox.set_result(n, code, 0, at, busy),
+    }
+    result.is_ok()
+}
+
+fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Result<u32, crypto::Failure> {
+    match request.cmd {
         cmd::HELLO => {
             let reply = h::HelloReply {
                 version: h::MH_ABI_VERSION,
                 helper_index: index,
-                caps: h::caps::BATCH | h::caps::MULTI_HELPER | h::caps::IDLE_WAIT | h::caps::AES256_GCM | h::caps::SEAL,
+                caps: h::caps::BATCH
+                    | h::caps::MULTI_HELPER
+                    | h::caps::IDLE_WAIT
+                    | h::caps::AES256_GCM
+                    | h::caps::SEAL
+                    | h::caps::QUEUE,
                 max_batch: h::MAX_BATCH,
                 helper_count: env.helper_count,
             };
@@ -194,16 +218,8 @@ fn serve(mbox: &Mailbox, env: &Env, index: u32) {
             SESSION.end();
             Ok(0)
         }
-        cmd::ENCRYPT_BATCH | cmd::DECRYPT_BATCH => {
-            let start = rdtsc();
-            let done = if command == cmd::ENCRYPT_BATCH {
-                crypto::encrypt_batch(mbox, env, index)
-            } else {
-                crypto::decrypt_batch(mbox, env, index)
-            };
-            mbox.write_arg(&h::BatchStats { busy_cycles: rdtsc().wrapping_sub(start) });
-            done
-        }
+        cmd::ENCRYPT_BATCH => crypto::encrypt_batch(mbox, request, env, index),
+        cmd::DECRYPT_BATCH => crypto::decrypt_batch(mbox, request, env, index),
         cmd::SEAL => crypto::seal(mbox).map(|_| 0),
         cmd::VERIFY_SEAL => crypto::verify_seal(mbox).map(|_| 0),
         cmd::DEBUG_HANG if env.debug => loop {
@@ -216,9 +232,5 @@ fn serve(mbox: &Mailbox, env: &Env, index: u32) {
         }
         cmd::DEBUG_HANG | cmd::DEBUG_FAULT => Err((status::DEBUG_DISABLED, 0)),
         _ => Err((status::BAD_COMMAND, 0)),
-    };
-    match result {
-        Ok(count) => mbox.set_result(status::OK, count, 0),
-        Err((code, at)) => mbox.set_result(code, at, at),
     }
 }
