@@ -227,6 +227,11 @@ impl HelperClient {
         self.busy_cycles
     }
 
+    /// Whether the helper has announced it is leaving the CPU (idle).
+    pub fn is_sleeping(&self) -> bool {
+        matches!(self.load::<u32>(STATE, Ordering::Acquire), Ok(h::state::SLEEPING))
+    }
+
     /// Times the helper woke up idle (it sleeps between requests).
     pub fn heartbeat(&self) -> u64 {
         heartbeat(&self.mem, self.base)
