@@ -43,6 +43,8 @@ fn main() {
         "guests/mh.ld",
         "abi/src",
         "abi/Cargo.toml",
+        "pagegcm/src",
+        "pagegcm/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", firmware.join(dir).display());
     }

@@ -229,7 +229,10 @@ impl HelperClient {
 
     /// Whether the helper has announced it is leaving the CPU (idle).
     pub fn is_sleeping(&self) -> bool {
-        matches!(self.load::<u32>(STATE, Ordering::Acquire), Ok(h::state::SLEEPING))
+        matches!(
+            self.load::<u32>(STATE, Ordering::Acquire),
+            Ok(h::state::SLEEPING)
+        )
     }
 
     /// Times the helper woke up idle (it sleeps between requests).

@@ -120,6 +120,8 @@ pub struct BenchReport {
     /// Where threads ran: (helper vCPU CPU, host thread CPU) per helper, or
     /// None when the process may use only one CPU.
     pub placement: Option<Vec<(usize, usize)>>,
+    /// The helper's capabilities (HELLO), which tell how it seals pages.
+    pub helper_caps: u64,
 }
 
 fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
@@ -142,8 +144,11 @@ fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
     Ok(vmm)
 }
 
-fn clients(v: &Vmm, placement: &Placement) -> Result<Vec<HelperClient>, BenchError> {
-    (0..2)
+/// The two helpers of `v`, pinned and greeted, and the capabilities the
+/// first one reported.
+fn clients(v: &Vmm, placement: &Placement) -> Result<(Vec<HelperClient>, u64), BenchError> {
+    let mut caps = 0;
+    let clients = (0..2)
         .map(|i| {
             if let Some(cpu) = placement.helper(i) {
                 v.pin_mirror(i, cpu)?;
@@ -151,10 +156,14 @@ fn clients(v: &Vmm, placement: &Placement) -> Result<Vec<HelperClient>, BenchErr
             let mut c = v
                 .helper_client(i, TIMEOUT)
                 .ok_or_else(|| BenchError::Args(format!("no helper {i}")))?;
-            c.hello()?;
+            let hello = c.hello()?;
+            if i == 0 {
+                caps = hello.caps;
+            }
             Ok(c)
         })
-        .collect()
+        .collect::<Result<_, BenchError>>()?;
+    Ok((clients, caps))
 }
 
 /// Which CPUs helper vCPUs and the host threads driving them use.
@@ -490,7 +499,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
 fn measure(config: BenchConfig, placement: &Placement) -> Result<BenchReport, BenchError> {
     let key = [0x5c; 32];
     let (a, b) = (vm(config.pages, key)?, vm(config.pages, key)?);
-    let (mut src, mut dst) = (clients(&a, placement)?, clients(&b, placement)?);
+    let ((mut src, caps), (mut dst, _)) = (clients(&a, placement)?, clients(&b, placement)?);
     let gpas: Vec<u64> = (0..config.pages as u64)
         .map(|i| FIRST_PAGE + i * PAGE as u64)
         .collect();
@@ -500,7 +509,12 @@ fn measure(config: BenchConfig, placement: &Placement) -> Result<BenchReport, Be
     let helper_cpu = placement.helper(0);
     let host: Vec<(&'static str, Rate)> = HostAead::ALL
         .iter()
-        .map(|aead| (aead.name(), aead.rate(config.host_time, usize::MAX, helper_cpu)))
+        .map(|aead| {
+            (
+                aead.name(),
+                aead.rate(config.host_time, usize::MAX, helper_cpu),
+            )
+        })
         .collect();
     let fastest = HostAead::ALL
         .into_iter()
@@ -565,6 +579,7 @@ fn measure(config: BenchConfig, placement: &Placement) -> Result<BenchReport, Be
         helper_over_ceiling: median_f64(over_ceiling),
         batched_over_seed: median_f64(over_seed),
         placement: placement.describe(),
+        helper_caps: caps,
     })
 }
 
@@ -637,6 +652,12 @@ impl BenchReport {
                 let _ = writeln!(out, "placement: one CPU, nothing pinned");
             }
         }
+        let seal = if self.helper_caps & cgsvmm_fw_abi::helper::caps::VAES_PAGE_SEAL != 0 {
+            "VAES/VPCLMULQDQ, straight from guest memory to the mailbox"
+        } else {
+            "ring, through a private copy"
+        };
+        let _ = writeln!(out, "helper page seal: {seal}");
         let find = |n: &str| {
             self.helper
                 .iter()

@@ -295,6 +295,9 @@ pub mod caps {
     pub const SEAL: u64 = 1 << 4;
     /// Up to `QUEUE_DEPTH` requests outstanding, CHAIN honoured.
     pub const QUEUE: u64 = 1 << 5;
+    /// Pages are sealed straight from guest memory with VAES and
+    /// VPCLMULQDQ (otherwise through a private copy with ring).
+    pub const VAES_PAGE_SEAL: u64 = 1 << 6;
 }
 
 /// Size of the command argument area.

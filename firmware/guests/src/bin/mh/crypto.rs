@@ -26,6 +26,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, role, status};
+use cgsvmm_page_gcm::PageGcm;
 use cgsvmm_guests::{memcpy, rdtsc};
 
 use crate::mailbox::Mailbox;
@@ -47,8 +48,12 @@ struct State {
 
 /// What a session's key derivation yields.
 struct Keys {
-    /// Seals and opens pages and the end record.
+    /// Opens pages; seals and opens the end record; seals pages where
+    /// `page` cannot run.
     aead: LessSafeKey,
+    /// The same key for sealing whole pages straight from guest memory to
+    /// the mailbox (CPUs with VAES and VPCLMULQDQ).
+    page: Option<PageGcm>,
     /// The digest's keyed terms.
     digest: Aes256,
 }
@@ -267,10 +272,11 @@ fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8;
     let mut okm = [0u8; 80];
     hk.expand(h::HKDF_INFO, &mut okm).expect("80 bytes is a valid HKDF-SHA256 length");
     let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32-byte key"));
+    let page = PageGcm::new(okm[..32].try_into().expect("32 bytes"));
     let mut id = [0u8; 16];
     id.copy_from_slice(&okm[32..48]);
     let digest = Aes256::new_from_slice(&okm[48..]).expect("32-byte key");
-    (Keys { aead, digest }, id)
+    (Keys { aead, page, digest }, id)
 }
 
 /// 32 fresh bytes: RDRAND where the CPU has it, always mixed with the TSC.
@@ -374,23 +380,34 @@ impl Batch<'_> {
     }
 
     /// Encrypts the page at `gpa` under `nonce` into `out` (shared): returns
-    /// the tag. Plaintext only ever sits in the helper's private scratch
-    /// page, which is encrypted in place and then copied out.
+    /// the tag. Plaintext never reaches shared memory: the fast path reads
+    /// the page once into registers and writes only ciphertext; the
+    /// general path copies it into the helper's private scratch page,
+    /// encrypts it there and copies the ciphertext out.
     fn encrypt_page(&mut self, gpa: u64, generation: u64, nonce: [u8; 12], out: u64) -> Result<[u8; 16], i32> {
         self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
-        let buf = scratch(self.helper);
-        copy(buf.as_mut_ptr() as u64, gpa, PAGE);
         let aad = aad(self.session_id, gpa, generation);
-        let tag = self
-            .keys
-            .aead
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut buf[..])
-            .map_err(|_| status::AUTH_FAILED)?;
+        let tag = match &self.keys.page {
+            // SAFETY: `gpa` is a page of guest RAM (checked above), mapped
+            // at the same address; `out` is a record's 4 KiB of mailbox, 64-byte
+            // aligned; the batch ends with `drain_stores`.
+            Some(page) => unsafe { page.seal_streaming(&nonce, &aad, gpa as *const u8, out as *mut u8) },
+            None => {
+                let buf = scratch(self.helper);
+                copy(buf.as_mut_ptr() as u64, gpa, PAGE);
+                let tag = self
+                    .keys
+                    .aead
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut buf[..])
+                    .map_err(|_| status::AUTH_FAILED)?;
+                copy_out_nt(out, buf);
+                let mut tag_bytes = [0u8; 16];
+                tag_bytes.copy_from_slice(tag.as_ref());
+                tag_bytes
+            }
+        };
         self.tally.add(&self.keys.digest, gpa, generation);
-        copy_out_nt(out, buf);
-        let mut tag_bytes = [0u8; 16];
-        tag_bytes.copy_from_slice(tag.as_ref());
-        Ok(tag_bytes)
+        Ok(tag)
     }
 
     /// Authenticates the ciphertext at `ct` (shared) and, only if it is

@@ -205,7 +205,8 @@ fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Resul
                     | h::caps::IDLE_WAIT
                     | h::caps::AES256_GCM
                     | h::caps::SEAL
-                    | h::caps::QUEUE,
+                    | h::caps::QUEUE
+                    | if cgsvmm_page_gcm::supported() { h::caps::VAES_PAGE_SEAL } else { 0 },
                 max_batch: h::MAX_BATCH,
                 helper_count: env.helper_count,
             };
