@@ -17,9 +17,10 @@
 //! - helper `i`'s vCPU and the host thread driving it run on different
 //!   CPUs (pinned), as a deployment would place them; left to the
 //!   scheduler they sometimes share one CPU and the run measures that;
-//! - the ceiling is sampled on the helper's CPU right before and after each
-//!   one-helper run, and `helper/host-aead` is the median over runs of the
-//!   run's rate over its own ceiling samples.
+//! - the one-helper encryption runs in slices of [`SLICE`] pages, each
+//!   followed by a ceiling sample of as many pages on the helper's CPU
+//!   (once the helper has left it), and `helper/host-aead` is the median
+//!   over runs of the run's rate over its own ceiling samples.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -64,8 +65,7 @@ pub enum BenchError {
 pub struct BenchConfig {
     /// Pages per measurement.
     pub pages: usize,
-    /// Host-side AEAD time per implementation when choosing the fastest;
-    /// each ceiling sample beside a helper run takes a quarter of it.
+    /// Host-side AEAD time per implementation when choosing the fastest.
     pub host_time: Duration,
     /// Runs of each helper measurement; the median is reported (this host
     /// is noisy: single runs vary by ±40%).
