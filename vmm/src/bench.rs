@@ -17,7 +17,7 @@
 //! - helper `i`'s vCPU and the host thread driving it run on different
 //!   CPUs (pinned), as a deployment would place them; left to the
 //!   scheduler they sometimes share one CPU and the run measures that;
-//! - the one-helper encryption runs in slices of [`SLICE`] pages, each
+//! - the one-helper encryption runs in slices of 2048 pages, each
 //!   followed by a ceiling sample of as many pages on the helper's CPU
 //!   (once the helper has left it), and `helper/host-aead` is the median
 //!   over runs of the run's rate over its own ceiling samples.
