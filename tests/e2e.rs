@@ -195,6 +195,13 @@ fn qmp_survives_malformed_input() {
         let reply = qmp.send_raw(bad);
         assert!(reply.get("error").is_some(), "{bad:?}: {reply}");
     }
+    // A VM without SEV has no launch measurement, and says so.
+    let reply = qmp.send_raw("{\"execute\": \"query-sev-launch-measure\"}\n");
+    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+    assert!(reply["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .contains("SEV is not enabled"));
     // A second client works alongside, and a client that vanishes is fine.
     drop(UnixStream::connect(&sock).unwrap());
     let mut other = Qmp::negotiate(&sock);
@@ -202,6 +209,27 @@ fn qmp_survives_malformed_input() {
     assert_eq!(qmp.cmd("query-status")["running"], true);
     qmp.cmd("quit");
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn sev_on_a_host_without_it_fails_with_the_reason() {
+    if std::path::Path::new("/dev/sev").exists() {
+        println!("SKIPPED: this host has /dev/sev; the SEV launch is tested in tests/hardware.rs");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["run", "--confidential", "sev", "--guest", "hello"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("SEV is not available on this host: /dev/sev"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
@@ -255,6 +283,28 @@ fn bad_arguments_fail_with_one_clear_message() {
         (
             &["--transport-key-file", "/nonexistent/key"],
             "--transport-key-file /nonexistent/key: No such file",
+        ),
+        (&["--confidential", "tdx"], "invalid value 'tdx'"),
+        (
+            &["--sev-policy", "0x3"],
+            "--sev-* flags need --confidential sev",
+        ),
+        (
+            &["--confidential", "sev", "--sev-policy", "zz"],
+            "invalid --sev-policy 'zz'",
+        ),
+        (
+            &[
+                "--confidential",
+                "sev",
+                "--sev-secret",
+                "/nonexistent/s.json",
+            ],
+            "--sev-secret /nonexistent/s.json",
+        ),
+        (
+            &["--confidential", "sev", "--transport-key-file", "/tmp/k"],
+            "launch secret (--sev-secret), not --transport-key-file",
         ),
     ];
     let bad_key = tmp_path("bad.key");

@@ -138,6 +138,7 @@ fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
             key: Some(key),
             debug: false,
         }),
+        ..Default::default()
     })?;
     // The guest never runs: its memory stays still while it is measured.
     vmm.start_mirror()?;

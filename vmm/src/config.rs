@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use crate::boot::linux::LinuxConfig;
 use crate::boot::mptable;
+use crate::confidential::Confidential;
 use crate::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
 pub use crate::mirror::HelperLaunch;
 
@@ -84,6 +85,8 @@ pub struct VmmConfig {
     /// Run the migration helper on the mirror vCPUs (instead of the
     /// counting payload).
     pub helper: Option<HelperLaunch>,
+    /// How guest memory is kept from the host.
+    pub confidential: Confidential,
 }
 
 impl Default for VmmConfig {
@@ -96,6 +99,7 @@ impl Default for VmmConfig {
             qmp: None,
             serial: SerialConfig::default(),
             helper: None,
+            confidential: Confidential::None,
         }
     }
 }
@@ -151,6 +155,9 @@ pub enum ConfigError {
         /// Why.
         why: String,
     },
+    /// Flags that do not go together.
+    #[error("{0}")]
+    Conflict(&'static str),
     /// A malformed --qmp or --serial value.
     #[error("invalid {flag} '{value}': {why}")]
     Syntax {
@@ -236,6 +243,28 @@ pub fn read_transport_key(path: &std::path::Path) -> Result<[u8; 32], ConfigErro
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     parse_transport_key(text.trim())
         .ok_or_else(|| fail("expected 64 hex digits (a 256-bit key)".into()))
+}
+
+/// Parses an SEV policy: hexadecimal with `0x`, or decimal.
+pub fn parse_policy(s: &str) -> Result<u32, ConfigError> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| ConfigError::Syntax {
+        flag: "--sev-policy",
+        value: s.to_string(),
+        why: "expected a 32-bit number (0x... or decimal)",
+    })
+}
+
+/// Reads a binary file a flag names.
+pub fn read_blob(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::File {
+        flag,
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
 }
 
 /// 64 hex digits as 32 bytes.

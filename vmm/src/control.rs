@@ -64,10 +64,11 @@ pub struct Controller {
     events: Vec<(String, Value)>,
     helper: Option<HelperHeader>,
     links: Arc<HelperLinks>,
+    sev_measurement: Option<Vec<u8>>,
 }
 
 /// The commands the backend knows (for `query-commands`).
-const COMMANDS: [&str; 10] = [
+const COMMANDS: [&str; 11] = [
     "qmp_capabilities",
     "query-status",
     "stop",
@@ -78,6 +79,7 @@ const COMMANDS: [&str; 10] = [
     "query-commands",
     "x-query-mirror",
     "system_powerdown",
+    "query-sev-launch-measure",
 ];
 
 impl Controller {
@@ -100,7 +102,13 @@ impl Controller {
             events: Vec::new(),
             helper,
             links,
+            sev_measurement: None,
         }
+    }
+
+    /// Records the SEV launch measurement (for `query-sev-launch-measure`).
+    pub fn set_sev_measurement(&mut self, measurement: Vec<u8>) {
+        self.sev_measurement = Some(measurement);
     }
 
     /// Starts only the mirror vCPUs (an incoming VM waits for its state).
@@ -254,6 +262,10 @@ impl QmpBackend for Controller {
                     })
                     .collect(),
             )),
+            "query-sev-launch-measure" => match &self.sev_measurement {
+                Some(m) => Ok(json!({"data": crate::confidential::sev::encode_base64(m)})),
+                None => Err(QmpError::generic("SEV is not enabled for this VM")),
+            },
             _ => Err(QmpError::not_found(format!(
                 "The command {command} has not been found"
             ))),

@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod confidential;
 pub mod config;
 pub mod control;
 pub mod device_manager;

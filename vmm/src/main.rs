@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cgsvmm::boot::linux::LinuxConfig;
+use cgsvmm::confidential::sev::{self, LaunchSecret, SevConfig};
+use cgsvmm::confidential::Confidential;
 use cgsvmm::config::{self, BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::Vmm;
 
@@ -24,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM and run it until it powers off, `quit` over QMP, or Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure a component and print the numbers.
     Bench {
         #[command(subcommand)]
@@ -97,18 +99,90 @@ struct RunArgs {
     /// runs on the mirror vCPUs.
     #[arg(long = "transport-key-file")]
     transport_key_file: Option<PathBuf>,
+    /// Confidential backend: none (no memory encryption) or sev (AMD SEV;
+    /// the migration helper then runs on the mirror vCPUs).
+    #[arg(long, value_enum, default_value = "none")]
+    confidential: ConfidentialArg,
+    /// SEV guest policy (0x... or decimal).
+    #[arg(long = "sev-policy", value_parser = config::parse_policy)]
+    sev_policy: Option<u32>,
+    /// SEV launch secret for the helper's transport key: a JSON file with
+    /// base64 "packet-header" and "secret", as QEMU's
+    /// sev-inject-launch-secret takes them.
+    #[arg(long = "sev-secret")]
+    sev_secret: Option<PathBuf>,
+    /// The guest owner's Diffie-Hellman certificate (SEV LAUNCH_START).
+    #[arg(long = "sev-dh-cert")]
+    sev_dh_cert: Option<PathBuf>,
+    /// The guest owner's launch session blob (SEV LAUNCH_START).
+    #[arg(long = "sev-session")]
+    sev_session: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ConfidentialArg {
+    /// No memory encryption.
+    None,
+    /// AMD SEV.
+    Sev,
 }
 
 impl TryFrom<RunArgs> for VmmConfig {
     type Error = config::ConfigError;
 
     fn try_from(a: RunArgs) -> Result<Self, Self::Error> {
-        let helper = match &a.transport_key_file {
-            Some(path) => Some(HelperLaunch {
+        let sev_flags = a.sev_policy.is_some()
+            || a.sev_secret.is_some()
+            || a.sev_dh_cert.is_some()
+            || a.sev_session.is_some();
+        let confidential = match a.confidential {
+            ConfidentialArg::None if sev_flags => {
+                return Err(config::ConfigError::Conflict(
+                    "--sev-* flags need --confidential sev",
+                ))
+            }
+            ConfidentialArg::None => Confidential::None,
+            ConfidentialArg::Sev if a.transport_key_file.is_some() => {
+                return Err(config::ConfigError::Conflict(
+                    "with --confidential sev the transport key comes in the guest owner's \
+                     launch secret (--sev-secret), not --transport-key-file",
+                ))
+            }
+            ConfidentialArg::Sev => {
+                let secret = match &a.sev_secret {
+                    Some(path) => Some(LaunchSecret::from_file(path).map_err(|e| {
+                        config::ConfigError::File {
+                            flag: "--sev-secret",
+                            path: path.clone(),
+                            why: e.to_string(),
+                        }
+                    })?),
+                    None => None,
+                };
+                let blob = |flag, path: &Option<PathBuf>| {
+                    path.as_deref()
+                        .map(|p| config::read_blob(flag, p))
+                        .transpose()
+                };
+                Confidential::Sev(SevConfig {
+                    policy: a.sev_policy.unwrap_or(sev::DEFAULT_POLICY),
+                    dh_cert: blob("--sev-dh-cert", &a.sev_dh_cert)?,
+                    session: blob("--sev-session", &a.sev_session)?,
+                    secret,
+                })
+            }
+        };
+        let helper = match (&a.transport_key_file, &confidential) {
+            (Some(path), _) => Some(HelperLaunch {
                 key: Some(config::read_transport_key(path)?),
                 debug: false,
             }),
-            None => None,
+            // The key arrives by LAUNCH_SECRET.
+            (None, Confidential::Sev(_)) => Some(HelperLaunch {
+                key: None,
+                debug: false,
+            }),
+            (None, Confidential::None) => None,
         };
         let linux = a.kernel.map(|kernel| LinuxConfig {
             kernel,
@@ -129,6 +203,7 @@ impl TryFrom<RunArgs> for VmmConfig {
             qmp: a.qmp,
             serial: a.serial,
             helper,
+            confidential,
         })
     }
 }
@@ -177,7 +252,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
-            let result = VmmConfig::try_from(args)
+            let result = VmmConfig::try_from(*args)
                 .map_err(cgsvmm::VmmError::from)
                 .and_then(Vmm::try_from)
                 .and_then(Vmm::run);

@@ -6,10 +6,12 @@
 //! mirror region, outside guest RAM, with their own GDT, TSSes, stacks and
 //! page tables there. The tables map all of guest RAM plus the mirror region,
 //! so the payload sees the guest's memory; the guest's own tables never map
-//! the region. For the helper, the VMM also writes its launch configuration
-//! (RAM ranges, helper count, TSC rate) and the secret page (the transport
-//! key; with SEV this would be LAUNCH_SECRET), at addresses the helper image
-//! itself publishes in its header.
+//! the region. With SEV they map all of it private (C-bit) but the helper's
+//! mailboxes. For the helper, the VMM also writes its launch configuration
+//! (RAM ranges, helper count, TSC rate, C-bit position) and, without SEV,
+//! the secret page (the transport key; with SEV the guest owner's
+//! LAUNCH_SECRET fills it), at addresses the helper image itself publishes
+//! in its header.
 
 use std::sync::atomic::Ordering;
 
@@ -24,6 +26,10 @@ use cgsvmm_fw_abi::helper::{self, HelperConfig, HelperHeader, HelperSecret};
 use crate::boot::images::{Image, HELPER, MIRROR};
 use crate::boot::{BootError, VcpuBoot};
 use crate::memory::Memory;
+use crate::x86::paging::{Mapping, PTE_USER};
+
+/// Mapping granule of the mirror's page tables.
+const HUGE_PAGE: u64 = 2 << 20;
 
 /// The guest-RAM word the payload copies into its status: the first word of
 /// the lab data area, where the dirtier's vCPU 0 keeps its pass number.
@@ -52,14 +58,67 @@ pub fn payload(helper: Option<&HelperLaunch>) -> Image {
     }
 }
 
+/// What the mirror vCPUs map: all guest RAM and the mirror region, private
+/// (`private`: the C-bit with SEV, else 0), except the helper's mailboxes,
+/// which it shares with the host. Mappings are 2 MiB pages, so the
+/// mailboxes must not share one with private data.
+pub fn mappings(memory: &Memory, image: &Image, private: u64) -> Result<Vec<Mapping>, BootError> {
+    let leaf = PTE_USER | private;
+    let mut mapped: Vec<Mapping> = memory
+        .layout
+        .ram_ranges()
+        .into_iter()
+        .map(|(start, len)| Mapping::new(start, len, leaf))
+        .collect();
+    let (region, region_end) = (
+        abi::MIRROR_REGION_GPA,
+        abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE,
+    );
+    let Ok(header) = image.helper_header() else {
+        mapped.push(Mapping::new(region, abi::MIRROR_REGION_SIZE, leaf));
+        return Ok(mapped);
+    };
+    let shared_start = header.mailbox_gpa & !(HUGE_PAGE - 1);
+    let shared_end = (header.mailbox_gpa + header.mailbox_stride * u64::from(header.max_helpers))
+        .next_multiple_of(HUGE_PAGE);
+    let private_items = [
+        (header.config_gpa, 4096),
+        (header.secret_gpa, 4096),
+        (header.gen_table_gpa, header.gen_table_size),
+        (abi::MIRROR_IMAGE_GPA, 4096),
+    ];
+    if private_items
+        .iter()
+        .any(|&(start, len)| start < shared_end && start + len > shared_start)
+    {
+        return Err(BootError::DoesNotFit(
+            "the helper's mailboxes share a 2 MiB page with its private data".into(),
+        ));
+    }
+    mapped.push(Mapping::new(region, shared_start - region, leaf));
+    mapped.push(Mapping::new(
+        shared_start,
+        shared_end - shared_start,
+        PTE_USER,
+    ));
+    mapped.push(Mapping::new(shared_end, region_end - shared_end, leaf));
+    Ok(mapped)
+}
+
 /// Loads the mirror payload and its boot structures into the mirror region
-/// and returns how each of the `vcpus` mirror vCPUs enters it.
-pub fn prepare(memory: &Memory, vcpus: usize, image: Image) -> Result<Vec<VcpuBoot>, BootError> {
+/// and returns how each of the `vcpus` mirror vCPUs enters it. With SEV,
+/// `c_bit` is the C-bit's position in page-table entries (0: none).
+pub fn prepare(
+    memory: &Memory,
+    vcpus: usize,
+    image: Image,
+    c_bit: u32,
+) -> Result<Vec<VcpuBoot>, BootError> {
     let mem = &memory.mirror;
     let entry = image.load(mem)?;
-    let mut mapped = memory.layout.ram_ranges();
-    mapped.push((abi::MIRROR_REGION_GPA, abi::MIRROR_REGION_SIZE));
-    let boots = cpl3::prepare(mem, &MIRROR_LAYOUT, &mapped, vcpus, entry)?;
+    let private = c_bit_mask(c_bit);
+    let mapped = mappings(memory, &image, private)?;
+    let boots = cpl3::prepare(mem, &MIRROR_LAYOUT, &mapped, private, vcpus, entry)?;
     for i in 0..vcpus {
         let params = MirrorParams {
             magic: abi::PARAMS_MAGIC,
@@ -85,6 +144,14 @@ pub fn prepare(memory: &Memory, vcpus: usize, image: Image) -> Result<Vec<VcpuBo
     Ok(boots)
 }
 
+/// The page-table bit of C-bit position `c_bit` (0: no memory encryption).
+pub fn c_bit_mask(c_bit: u32) -> u64 {
+    match c_bit {
+        1..=63 => 1 << c_bit,
+        _ => 0,
+    }
+}
+
 /// Writes the helper's launch configuration and secret page; checks that
 /// its generation table covers guest RAM.
 pub fn write_helper_config(
@@ -93,6 +160,7 @@ pub fn write_helper_config(
     helpers: usize,
     launch: &HelperLaunch,
     tsc_khz: u64,
+    c_bit: u32,
 ) -> Result<(), BootError> {
     let pages = memory.layout.size / helper::PAGE_SIZE as u64;
     if pages * 4 > header.gen_table_size {
@@ -111,7 +179,7 @@ pub fn write_helper_config(
     let mut config = HelperConfig {
         magic: helper::CONFIG_MAGIC,
         helper_count: helpers as u32,
-        c_bit: 0,
+        c_bit,
         tsc_khz,
         flags: if launch.debug {
             helper::CONFIG_FLAG_DEBUG
@@ -181,7 +249,7 @@ mod tests {
             key: Some([7; 32]),
             debug: true,
         };
-        write_helper_config(&memory, &header, 2, &launch, 2_000_000).unwrap();
+        write_helper_config(&memory, &header, 2, &launch, 2_000_000, 0).unwrap();
         let mut bytes = [0u8; size_of::<HelperConfig>()];
         memory
             .mirror
@@ -199,12 +267,55 @@ mod tests {
             .unwrap();
         assert_eq!(key, [7; 32]);
         // More helpers than mailboxes, or more RAM than the table covers, fail.
-        assert!(write_helper_config(&memory, &header, 99, &launch, 1).is_err());
+        assert!(write_helper_config(&memory, &header, 99, &launch, 1, 0).is_err());
         let big = HelperHeader {
             gen_table_size: 4096,
             ..header
         };
-        assert!(write_helper_config(&memory, &big, 1, &launch, 1).is_err());
+        assert!(write_helper_config(&memory, &big, 1, &launch, 1, 0).is_err());
+    }
+
+    #[test]
+    fn with_sev_only_the_mailboxes_are_mapped_shared() {
+        let memory = Memory::new(32 * MIB).unwrap();
+        let header = HELPER.helper_header().unwrap();
+        let c_bit = c_bit_mask(47);
+        let map = mappings(&memory, &HELPER, c_bit).unwrap();
+        let leaf_at = |gpa: u64| {
+            map.iter()
+                .find(|m| (m.start..m.start + m.len).contains(&gpa))
+                .map(|m| m.leaf)
+        };
+        for private in [
+            0,
+            32 * MIB - 1,
+            abi::MIRROR_REGION_GPA,
+            header.config_gpa,
+            header.secret_gpa,
+            header.gen_table_gpa,
+        ] {
+            assert_eq!(leaf_at(private), Some(PTE_USER | c_bit), "{private:#x}");
+        }
+        let last_mailbox =
+            header.mailbox_gpa + header.mailbox_stride * u64::from(header.max_helpers) - 1;
+        for shared in [header.mailbox_gpa, last_mailbox] {
+            assert_eq!(leaf_at(shared), Some(PTE_USER), "{shared:#x}");
+        }
+        // The whole region is mapped, once.
+        let region: u64 = map
+            .iter()
+            .filter(|m| m.start >= abi::MIRROR_REGION_GPA)
+            .map(|m| m.len)
+            .sum();
+        assert_eq!(region, abi::MIRROR_REGION_SIZE);
+        // Without SEV nothing is marked, and the counting payload maps its
+        // region as one.
+        assert!(mappings(&memory, &HELPER, 0)
+            .unwrap()
+            .iter()
+            .all(|m| m.leaf == PTE_USER));
+        assert_eq!(mappings(&memory, &MIRROR, c_bit).unwrap().len(), 2);
+        assert_eq!((c_bit_mask(0), c_bit_mask(51)), (0, 1 << 51));
     }
 
     #[test]
@@ -221,7 +332,7 @@ mod tests {
             .mirror
             .write_obj(77u64, GuestAddress(status_gpa(1)))
             .unwrap();
-        let boots = prepare(&memory, 2, MIRROR).unwrap();
+        let boots = prepare(&memory, 2, MIRROR, 0).unwrap();
         assert_eq!(boots.len(), 2);
         assert_eq!(read_status(&memory, 1).counter, 0);
         let mut bytes = [0u8; size_of::<MirrorParams>()];

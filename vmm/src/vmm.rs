@@ -22,21 +22,25 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
 use cgsvmm_devices::serial::SerialDevice;
+use cgsvmm_fw_abi as abi;
 use cgsvmm_fw_abi::helper::HelperHeader;
 use cgsvmm_migration::helper::{HelperClient, HelperLink};
 
 use crate::boot::cpl3::{self, LAB_LAYOUT};
 use crate::boot::firmware::{self, Firmware};
 use crate::boot::{images, linux, BootError, VcpuBoot};
+use crate::confidential::sev::{self, SevConfig, SevError, SevLaunch};
+use crate::confidential::Confidential;
 use crate::config::{BootConfig, ConfigError, SerialConfig, VmmConfig};
 use crate::control::Controller;
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
-use crate::memory::{slots_of, Memory, MemoryError};
+use crate::memory::{slots_of, MemSlot, Memory, MemoryError};
 use crate::qmp::{QmpServer, QmpServerError};
 use crate::vcpu::{msr_index_list, FaultSink, Vcpu, VcpuError, VcpuGroup, VcpuRole};
 use crate::vm::{self, VcpuSetup, VmError};
+use crate::x86::paging::{Mapping, PTE_USER};
 use crate::{lab, mirror};
 
 /// How often the event loop wakes up without events (to notice a stop).
@@ -75,6 +79,9 @@ pub enum VmmError {
     /// An eventfd or signal handler could not be set up.
     #[error("Cannot set up {0}: {1}")]
     Setup(&'static str, std::io::Error),
+    /// The SEV backend failed.
+    #[error(transparent)]
+    Sev(#[from] SevError),
 }
 
 /// A built VM, vCPUs created and paused.
@@ -99,6 +106,15 @@ impl TryFrom<VmmConfig> for Vmm {
 
     fn try_from(config: VmmConfig) -> Result<Self, VmmError> {
         config.validate()?;
+        // A confidential backend the host lacks fails before anything is
+        // allocated.
+        let sev = match &config.confidential {
+            Confidential::Sev(sev_config) => {
+                Some((SevLaunch::open()?, sev::c_bit_position()?, sev_config))
+            }
+            Confidential::None => None,
+        };
+        let c_bit = sev.as_ref().map_or(0, |(_, bit, _)| *bit);
         let kvm = vm::open_kvm()?;
         let memory = Arc::new(Memory::new(config.memory)?);
         let firmware = match &config.boot {
@@ -112,7 +128,16 @@ impl TryFrom<VmmConfig> for Vmm {
         }
         let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
         let main_vm = vm::create_main_vm(&kvm, &slots)?;
+        if let Some((launch, ..)) = &sev {
+            launch.init(&main_vm)?;
+            for slot in &slots {
+                launch.register(&main_vm, slot.host_addr, slot.size)?;
+            }
+        }
         let mirror_vm = vm::create_mirror_vm(&kvm, &slots)?;
+        if sev.is_some() {
+            SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
+        }
         let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
         let links = Arc::new(HelperLinks::new(config.mirror_cpus));
         let mirror_bus = device_manager::mirror_devices(&links)?;
@@ -121,19 +146,19 @@ impl TryFrom<VmmConfig> for Vmm {
             BootConfig::Lab(guest) => {
                 let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
                 let entry = image.load(&memory.ram)?;
-                cpl3::prepare(
-                    &memory.ram,
-                    &LAB_LAYOUT,
-                    &memory.layout.ram_ranges(),
-                    config.cpus,
-                    entry,
-                )?
+                let ram: Vec<Mapping> = memory
+                    .layout
+                    .ram_ranges()
+                    .into_iter()
+                    .map(|(start, len)| Mapping::new(start, len, PTE_USER))
+                    .collect();
+                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &ram, 0, config.cpus, entry)?
             }
             BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, config.cpus)?,
             BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; config.cpus],
         };
         let mirror_image = mirror::payload(config.helper.as_ref());
-        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus, mirror_image)?;
+        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus, mirror_image, c_bit)?;
 
         let cpuid = vm::supported_cpuid(&kvm)?;
         let msrs = Arc::new(msr_index_list(&kvm));
@@ -183,8 +208,25 @@ impl TryFrom<VmmConfig> for Vmm {
         let helper_header = match &config.helper {
             Some(launch) => {
                 let header = mirror_image.helper_header()?;
-                mirror::write_helper_config(&memory, &header, config.mirror_cpus, launch, tsc_khz)?;
+                mirror::write_helper_config(
+                    &memory,
+                    &header,
+                    config.mirror_cpus,
+                    launch,
+                    tsc_khz,
+                    c_bit,
+                )?;
                 Some(header)
+            }
+            None => None,
+        };
+
+        let sev_measurement = match &sev {
+            Some((launch, _, sev_config)) => {
+                let m = sev_launch(launch, &main_vm, sev_config, &slots, helper_header.as_ref())?;
+                let hex: String = m.iter().map(|b| format!("{b:02x}")).collect();
+                log::info!("SEV launch measurement: {hex}");
+                Some(m)
             }
             None => None,
         };
@@ -197,7 +239,7 @@ impl TryFrom<VmmConfig> for Vmm {
         };
         let main = VcpuGroup::new(start(main_vcpus)?);
         let mirror = VcpuGroup::new(start(mirror_vcpus)?);
-        let controller = Controller::new(
+        let mut controller = Controller::new(
             main,
             mirror,
             memory.clone(),
@@ -205,6 +247,9 @@ impl TryFrom<VmmConfig> for Vmm {
             helper_header,
             links.clone(),
         );
+        if let Some(m) = sev_measurement {
+            controller.set_sev_measurement(m);
+        }
         Ok(Self {
             config,
             controller: Arc::new(Mutex::new(controller)),
@@ -220,6 +265,32 @@ impl TryFrom<VmmConfig> for Vmm {
             _kvm: kvm,
         })
     }
+}
+
+/// The SEV launch of a built VM: firmware and the mirror region's private
+/// part (everything below the helper's mailboxes) are encrypted and
+/// measured; the owner's secret goes to the helper's secret page.
+fn sev_launch(
+    launch: &SevLaunch,
+    vm: &VmFd,
+    config: &SevConfig,
+    slots: &[MemSlot],
+    helper: Option<&HelperHeader>,
+) -> Result<Vec<u8>, VmmError> {
+    let region = abi::MIRROR_REGION_GPA;
+    let mirror = slots
+        .iter()
+        .find(|s| s.gpa == region)
+        .ok_or_else(|| BootError::DoesNotFit("no mirror region memslot".into()))?;
+    let private_end = helper.map_or(region + abi::MIRROR_REGION_SIZE, |h| h.mailbox_gpa);
+    let mut measured: Vec<(u64, u64)> = slots
+        .iter()
+        .filter(|s| s.read_only)
+        .map(|s| (s.host_addr, s.size))
+        .collect();
+    measured.push((mirror.host_addr, private_end - region));
+    let secret_page = helper.map(|h| mirror.host_addr + (h.secret_gpa - region));
+    Ok(sev::launch(launch, vm, config, &measured, secret_page)?)
 }
 
 /// The eventfd SIGINT/SIGTERM write to, and the last signal seen.

@@ -36,6 +36,7 @@ fn vm(guest: LabGuest, key: [u8; 32], helpers: usize, debug: bool) -> Vmm {
             key: Some(key),
             debug,
         }),
+        ..Default::default()
     };
     Vmm::try_from(config).expect("build VM")
 }

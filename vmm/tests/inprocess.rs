@@ -35,6 +35,7 @@ fn lab_config(guest: LabGuest, cpus: usize, serial: &Path) -> VmmConfig {
         qmp: None,
         serial: SerialConfig::File(serial.to_path_buf()),
         helper: None,
+        ..Default::default()
     }
 }
 

@@ -24,7 +24,7 @@ use cgsvmm_fw_abi as abi;
 
 use super::{BootError, VcpuBoot};
 use crate::x86::gdt::{self, flags};
-use crate::x86::paging::{self, PTE_USER};
+use crate::x86::paging::{self, Mapping, PTE_USER};
 use crate::x86::{cr0, cr4, efer};
 
 /// GDT slots.
@@ -141,13 +141,16 @@ fn tss_bytes(rsp0: u64) -> Vec<u8> {
     tss
 }
 
-/// Writes the GDT, TSSes and page tables (mapping `mapped`) into `mem`, and
-/// returns how each of the `vcpus` vCPUs enters `entry`. Parameter blocks are
-/// the caller's to write at [`Cpl3Layout::params_gpa`].
+/// Writes the GDT, TSSes and page tables (mapping `mapped`, user-accessible,
+/// plus `private`, the C-bit or 0, on the ranges and tables the caller
+/// marked so) into `mem`, and returns how each of the `vcpus` vCPUs enters
+/// `entry`. Parameter blocks are the caller's to write at
+/// [`Cpl3Layout::params_gpa`].
 pub fn prepare(
     mem: &GuestMemoryMmap,
     layout: &Cpl3Layout,
-    mapped: &[(u64, u64)],
+    mapped: &[Mapping],
+    private: u64,
     vcpus: usize,
     entry: u64,
 ) -> Result<Vec<VcpuBoot>, BootError> {
@@ -164,7 +167,7 @@ pub fn prepare(
     for i in 0..vcpus {
         write("TSS", layout.tss_gpa(i), &tss_bytes(layout.stack_top(i)))?;
     }
-    let tables = paging::identity_map(mapped, layout.tables, PTE_USER)?;
+    let tables = paging::identity_map(mapped, layout.tables, PTE_USER | private)?;
     let pml4 = tables[0].0;
     paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite {
         what: "page table",
@@ -245,7 +248,8 @@ mod tests {
     #[test]
     fn prepares_user_mode_entry_state() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let boots = prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 2, 0x10_0030).unwrap();
+        let ram = [Mapping::new(0, 16 << 20, PTE_USER)];
+        let boots = prepare(&mem, &LAB_LAYOUT, &ram, 0, 2, 0x10_0030).unwrap();
         assert_eq!(boots.len(), 2);
         let VcpuBoot::State { regs, sregs } = &boots[1] else {
             panic!("expected a state")
@@ -266,7 +270,7 @@ mod tests {
             .read_obj(GuestAddress(LAB_LAYOUT.gdt + u64::from(s.tr.selector)))
             .unwrap();
         assert_eq!((desc >> 16) & 0xff_ffff, s.tr.base & 0xff_ffff);
-        assert!(prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 0, 0).is_err());
-        assert!(prepare(&mem, &LAB_LAYOUT, &[(0, 16 << 20)], 33, 0).is_err());
+        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 0, 0).is_err());
+        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 33, 0).is_err());
     }
 }

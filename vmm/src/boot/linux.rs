@@ -327,7 +327,7 @@ fn long_mode_entry(mem: &GuestMemoryMmap, entry: u64) -> Result<VcpuBoot, BootEr
     for (i, d) in gdt.iter().enumerate() {
         write(mem, "GDT", GDT_START + i as u64 * 8, *d)?;
     }
-    let tables = paging::identity_map(&[(0, 1 << 30)], PAGE_TABLES, 0)?;
+    let tables = paging::identity_map(&[paging::Mapping::new(0, 1 << 30, 0)], PAGE_TABLES, 0)?;
     paging::write_tables(mem, &tables).map_err(|gpa| BootError::GuestWrite {
         what: "page table",
         gpa,
