@@ -220,7 +220,7 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The C-bit's position in page-table entries (CPUID 0x8000001f EBX[5:0]),
+/// The C-bit's position in page-table entries (CPUID 0x8000001f, EBX bits 5..0),
 /// if this CPU has SEV.
 pub fn c_bit_position() -> Result<u32, SevError> {
     // Leaf 0x80000000 reports the highest extended leaf.
