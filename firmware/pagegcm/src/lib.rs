@@ -360,11 +360,18 @@ fn next_odd(even: __m128i, odd: __m128i) -> __m128i {
     )
 }
 
+/// The next two round keys.
+#[target_feature(enable = "aes,sse2")]
+fn next_pair<const RCON: i32>(even: __m128i, odd: __m128i) -> (__m128i, __m128i) {
+    let even = next_even::<RCON>(even, odd);
+    (even, next_odd(even, odd))
+}
+
 /// The AES-256 key schedule (FIPS 197, 5.2): fifteen round keys.
 #[target_feature(enable = "aes,sse2")]
 fn expand_key(key: &[u8; 32]) -> [__m128i; 15] {
     // SAFETY: `key` is 32 readable bytes.
-    let (mut even, mut odd) = unsafe {
+    let (even, odd) = unsafe {
         (
             _mm_loadu_si128(key.as_ptr().cast()),
             _mm_loadu_si128(key.as_ptr().add(16).cast()),
@@ -372,31 +379,13 @@ fn expand_key(key: &[u8; 32]) -> [__m128i; 15] {
     };
     let mut rk = [even; 15];
     rk[1] = odd;
-    even = next_even::<0x01>(even, odd);
-    rk[2] = even;
-    odd = next_odd(even, odd);
-    rk[3] = odd;
-    even = next_even::<0x02>(even, odd);
-    rk[4] = even;
-    odd = next_odd(even, odd);
-    rk[5] = odd;
-    even = next_even::<0x04>(even, odd);
-    rk[6] = even;
-    odd = next_odd(even, odd);
-    rk[7] = odd;
-    even = next_even::<0x08>(even, odd);
-    rk[8] = even;
-    odd = next_odd(even, odd);
-    rk[9] = odd;
-    even = next_even::<0x10>(even, odd);
-    rk[10] = even;
-    odd = next_odd(even, odd);
-    rk[11] = odd;
-    even = next_even::<0x20>(even, odd);
-    rk[12] = even;
-    odd = next_odd(even, odd);
-    rk[13] = odd;
-    rk[14] = next_even::<0x40>(even, odd);
+    (rk[2], rk[3]) = next_pair::<0x01>(rk[0], rk[1]);
+    (rk[4], rk[5]) = next_pair::<0x02>(rk[2], rk[3]);
+    (rk[6], rk[7]) = next_pair::<0x04>(rk[4], rk[5]);
+    (rk[8], rk[9]) = next_pair::<0x08>(rk[6], rk[7]);
+    (rk[10], rk[11]) = next_pair::<0x10>(rk[8], rk[9]);
+    (rk[12], rk[13]) = next_pair::<0x20>(rk[10], rk[11]);
+    rk[14] = next_even::<0x40>(rk[12], rk[13]);
     rk
 }
 
