@@ -137,6 +137,7 @@ fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
         helper: Some(HelperLaunch {
             key: Some(key),
             debug: false,
+            ..Default::default()
         }),
         ..Default::default()
     })?;

@@ -176,11 +176,13 @@ impl TryFrom<RunArgs> for VmmConfig {
             (Some(path), _) => Some(HelperLaunch {
                 key: Some(config::read_transport_key(path)?),
                 debug: false,
+                ..Default::default()
             }),
             // The key arrives by LAUNCH_SECRET.
             (None, Confidential::Sev(_)) => Some(HelperLaunch {
                 key: None,
                 debug: false,
+                ..Default::default()
             }),
             (None, Confidential::None) => None,
         };

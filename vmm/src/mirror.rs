@@ -47,6 +47,9 @@ pub struct HelperLaunch {
     pub key: Option<[u8; 32]>,
     /// Allow the debug commands (hang, fault): tests only.
     pub debug: bool,
+    /// Seal pages the general way even where the VAES page path could
+    /// run: tests of the path CPUs without VAES take.
+    pub generic_seal: bool,
 }
 
 /// The image that runs on the mirror vCPUs.
@@ -185,6 +188,10 @@ pub fn write_helper_config(
             helper::CONFIG_FLAG_DEBUG
         } else {
             0
+        } | if launch.generic_seal {
+            helper::CONFIG_FLAG_GENERIC_SEAL
+        } else {
+            0
         },
         ram_range_count: ranges.len() as u64,
         ..Default::default()
@@ -248,6 +255,7 @@ mod tests {
         let launch = HelperLaunch {
             key: Some([7; 32]),
             debug: true,
+            ..Default::default()
         };
         write_helper_config(&memory, &header, 2, &launch, 2_000_000, 0).unwrap();
         let mut bytes = [0u8; size_of::<HelperConfig>()];

@@ -117,6 +117,9 @@ pub struct HelperHeader {
 pub const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"CGSVMHCF");
 /// The debug commands (hang, fault) are allowed: tests only.
 pub const CONFIG_FLAG_DEBUG: u64 = 1;
+/// Seal pages the general way (ring through a private copy) even where the
+/// VAES page path could run: tests of the path other CPUs take.
+pub const CONFIG_FLAG_GENERIC_SEAL: u64 = 2;
 
 /// Launch-time configuration written by the VMM (measured on SEV).
 #[repr(C)]

@@ -190,7 +190,7 @@ impl Session {
                 env.generation(i).store(0, Ordering::Relaxed);
             }
         }
-        let derived = (args.role == role::TARGET).then(|| derive(&transport_key, &args.peer_nonce, &nonce));
+        let derived = (args.role == role::TARGET).then(|| derive(&transport_key, &args.peer_nonce, &nonce, env.page_seal));
         let session_id = derived.as_ref().map_or([0; 16], |(_, id)| *id);
         SESSION.write(|s| {
             s.role = args.role;
@@ -205,14 +205,14 @@ impl Session {
     }
 
     /// SESSION_PEER (source): the target's nonce completes the key.
-    pub fn peer(mbox: &Mailbox) -> Result<(), Failure> {
+    pub fn peer(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
         let mut args: h::SessionArgs = mbox.read_arg();
         let Some(transport_key) = transport_key() else { return Err((status::NO_KEY, 0)) };
         let id = SESSION.write(|s| {
             if s.role != role::SOURCE || s.keys.is_some() {
                 return None;
             }
-            let (keys, id) = derive(&transport_key, &s.own_nonce, &args.peer_nonce);
+            let (keys, id) = derive(&transport_key, &s.own_nonce, &args.peer_nonce, env.page_seal);
             s.keys = Some(keys);
             s.session_id = id;
             Some(id)
@@ -263,8 +263,9 @@ fn transport_key() -> Option<[u8; 32]> {
     (secret.magic == h::CONFIG_MAGIC).then_some(secret.key)
 }
 
-/// HKDF output: AEAD key (32) || session id (16) || digest key (32).
-fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32]) -> (Keys, [u8; 16]) {
+/// HKDF output: AEAD key (32) || session id (16) || digest key (32). With
+/// `page_seal`, the AEAD key also goes to the VAES page path.
+fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32], page_seal: bool) -> (Keys, [u8; 16]) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(source_nonce);
     salt[32..].copy_from_slice(target_nonce);
@@ -272,7 +273,7 @@ fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8;
     let mut okm = [0u8; 80];
     hk.expand(h::HKDF_INFO, &mut okm).expect("80 bytes is a valid HKDF-SHA256 length");
     let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32-byte key"));
-    let page = PageGcm::new(okm[..32].try_into().expect("32 bytes"));
+    let page = page_seal.then(|| PageGcm::new(okm[..32].try_into().expect("32 bytes"))).flatten();
     let mut id = [0u8; 16];
     id.copy_from_slice(&okm[32..48]);
     let digest = Aes256::new_from_slice(&okm[48..]).expect("32-byte key");

@@ -68,6 +68,8 @@ pub struct Env {
     pub helper_count: u32,
     /// Debug commands allowed.
     pub debug: bool,
+    /// Pages are sealed on the VAES page path (else through ring).
+    pub page_seal: bool,
     /// TSC ticks per microsecond.
     pub tsc_per_us: u64,
 }
@@ -116,6 +118,7 @@ fn read_env() -> Option<Env> {
         gen_entries: header.gen_table_size / 4,
         helper_count: config.helper_count.min(h::MAX_HELPERS),
         debug: config.flags & h::CONFIG_FLAG_DEBUG != 0,
+        page_seal: config.flags & h::CONFIG_FLAG_GENERIC_SEAL == 0 && cgsvmm_page_gcm::supported(),
         tsc_per_us: (config.tsc_khz / 1000).max(1),
     })
 }
@@ -206,7 +209,7 @@ fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Resul
                     | h::caps::AES256_GCM
                     | h::caps::SEAL
                     | h::caps::QUEUE
-                    | if cgsvmm_page_gcm::supported() { h::caps::VAES_PAGE_SEAL } else { 0 },
+                    | if env.page_seal { h::caps::VAES_PAGE_SEAL } else { 0 },
                 max_batch: h::MAX_BATCH,
                 helper_count: env.helper_count,
             };
@@ -214,7 +217,7 @@ fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Resul
             Ok(0)
         }
         cmd::SESSION_BEGIN => Session::begin(mbox, env).map(|_| 0),
-        cmd::SESSION_PEER => Session::peer(mbox).map(|_| 0),
+        cmd::SESSION_PEER => Session::peer(mbox, env).map(|_| 0),
         cmd::SESSION_END => {
             SESSION.end();
             Ok(0)
