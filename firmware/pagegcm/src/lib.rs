@@ -56,6 +56,13 @@ pub struct PageGcm {
     folded: [__m256i; LANES],
 }
 
+/// Which way [`PageGcm::crypt`] goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Seal,
+    Open,
+}
+
 /// Whether this CPU (and OS) can run [`PageGcm`].
 pub fn supported() -> bool {
     let (max, leaf1) = (__cpuid(0).eax, __cpuid(1));
@@ -132,7 +139,7 @@ impl PageGcm {
     ) -> [u8; 16] {
         // SAFETY: `self` exists only if `supported()` held (see `new`); the
         // caller vouches for the pointers.
-        unsafe { self.seal_vaes(nonce, aad, src, dst, false) }
+        unsafe { self.crypt(nonce, aad, src, dst, Direction::Seal, false) }
     }
 
     /// As [`PageGcm::seal`], but the ciphertext goes out with non-temporal
@@ -152,16 +159,46 @@ impl PageGcm {
     ) -> [u8; 16] {
         let aligned = (dst as usize).is_multiple_of(32);
         // SAFETY: as for `seal`; streaming stores only to an aligned `dst`.
-        unsafe { self.seal_vaes(nonce, aad, src, dst, aligned) }
+        unsafe { self.crypt(nonce, aad, src, dst, Direction::Seal, aligned) }
     }
 
+    /// Opens the sealed page at `src` (nonce, aad, tag) into `dst`; returns
+    /// whether it is authentic. Each byte of `src` is read once and the tag
+    /// covers exactly the bytes read, so `src` may be shared memory the
+    /// host can change; `dst` must be private: on `false` it holds
+    /// unauthenticated bytes the caller must not use.
+    ///
+    /// # Safety
+    /// As [`PageGcm::seal`].
+    pub unsafe fn open(
+        &self,
+        nonce: &[u8; 12],
+        aad: &[u8; AAD],
+        tag: &[u8; 16],
+        src: *const u8,
+        dst: *mut u8,
+    ) -> bool {
+        // SAFETY: as for `seal`.
+        let computed = unsafe { self.crypt(nonce, aad, src, dst, Direction::Open, false) };
+        // Constant time: every byte is compared whatever the first
+        // difference.
+        computed
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+
+    /// CTR over the page from `src` to `dst` and the tag over the
+    /// ciphertext: what is written when sealing, what is read when opening.
     #[target_feature(enable = "aes,pclmulqdq,sse4.1,ssse3,avx2,vaes,vpclmulqdq")]
-    unsafe fn seal_vaes(
+    unsafe fn crypt(
         &self,
         nonce: &[u8; 12],
         aad: &[u8; AAD],
         src: *const u8,
         dst: *mut u8,
+        direction: Direction,
         stream: bool,
     ) -> [u8; 16] {
         let rk = &self.round_keys;
@@ -259,7 +296,11 @@ impl PageGcm {
                             _mm256_storeu_si256(dst.add(at).cast(), c);
                         }
                     }
-                    previous[i] = _mm256_shuffle_epi8(c, rev);
+                    let ciphertext = match direction {
+                        Direction::Seal => c,
+                        Direction::Open => p,
+                    };
+                    previous[i] = _mm256_shuffle_epi8(ciphertext, rev);
                 }
             }
         }

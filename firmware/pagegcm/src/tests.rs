@@ -109,3 +109,41 @@ fn in_place_copied_and_streamed_seals_are_alike() {
     assert_eq!(t1, t2);
     assert!(inplace == out);
 }
+
+#[test]
+fn opens_what_aes_256_gcm_sealed_and_nothing_else() {
+    let Some(_) = PageGcm::new(&[0; 32]) else {
+        println!("SKIPPED: this CPU lacks VAES/VPCLMULQDQ; the helper uses ring here");
+        return;
+    };
+    for seed in 0..8u64 {
+        let (mut key, mut nonce, mut aad) = ([0u8; 32], [0u8; 12], [0u8; AAD]);
+        let mut page = vec![0u8; PAGE];
+        fill(seed + 50, &mut key);
+        fill(seed + 60, &mut nonce);
+        fill(seed + 70, &mut aad);
+        fill(seed + 80, &mut page);
+        let gcm = PageGcm::new(&key).unwrap();
+        let (ct, tag) = reference(&key, &nonce, &aad, &page);
+        let mut out = vec![0u8; PAGE];
+        // SAFETY: both buffers are PAGE bytes.
+        assert!(unsafe { gcm.open(&nonce, &aad, &tag, ct.as_ptr(), out.as_mut_ptr()) });
+        assert!(out == page, "plaintext differs (seed {seed})");
+        // Any flipped bit of ciphertext, tag, nonce or AAD is refused.
+        let mut bad_ct = ct.clone();
+        bad_ct[(seed as usize * 509) % PAGE] ^= 0x80;
+        let mut bad_tag = tag;
+        bad_tag[15] ^= 1;
+        let mut bad_nonce = nonce;
+        bad_nonce[0] ^= 1;
+        let mut bad_aad = aad;
+        bad_aad[31] ^= 1;
+        // SAFETY: as above.
+        unsafe {
+            assert!(!gcm.open(&nonce, &aad, &tag, bad_ct.as_ptr(), out.as_mut_ptr()));
+            assert!(!gcm.open(&nonce, &aad, &bad_tag, ct.as_ptr(), out.as_mut_ptr()));
+            assert!(!gcm.open(&bad_nonce, &aad, &tag, ct.as_ptr(), out.as_mut_ptr()));
+            assert!(!gcm.open(&nonce, &bad_aad, &tag, ct.as_ptr(), out.as_mut_ptr()));
+        }
+    }
+}

@@ -412,16 +412,30 @@ impl Batch<'_> {
     }
 
     /// Authenticates the ciphertext at `ct` (shared) and, only if it is
-    /// genuine and newer than what is there, writes it to `gpa`.
+    /// genuine and newer than what is there, writes it to `gpa`. Either path
+    /// reads the shared ciphertext once into private memory (the VAES path
+    /// decrypting as it reads), so the host cannot change it between the
+    /// check and the write.
     fn decrypt_page(&mut self, gpa: u64, generation: u64, nonce: &[u8; 12], tag: &[u8; 16], ct: u64) -> Result<(), i32> {
         let index = self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
         let buf = scratch(self.helper);
-        copy(buf.as_mut_ptr() as u64, ct, PAGE);
         let aad = aad(self.session_id, gpa, generation);
-        self.keys
-            .aead
-            .open_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(&aad), Tag::from(*tag), &mut buf[..], 0..)
-            .map_err(|_| status::AUTH_FAILED)?;
+        match &self.keys.page {
+            // SAFETY: `ct` is a record's 4 KiB of mailbox, read once; `buf`
+            // is this helper's private scratch page.
+            Some(page) => {
+                if !unsafe { page.open(nonce, &aad, tag, ct as *const u8, buf.as_mut_ptr()) } {
+                    return Err(status::AUTH_FAILED);
+                }
+            }
+            None => {
+                copy(buf.as_mut_ptr() as u64, ct, PAGE);
+                self.keys
+                    .aead
+                    .open_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(&aad), Tag::from(*tag), &mut buf[..], 0..)
+                    .map_err(|_| status::AUTH_FAILED)?;
+            }
+        }
         let slot = self.env.generation(index);
         claim_page(slot, generation)?;
         copy(gpa, buf.as_ptr() as u64, PAGE);
