@@ -157,6 +157,62 @@ fn pages_round_trip_from_vm_a_into_vm_b_byte_for_byte() {
 }
 
 #[test]
+fn two_helpers_writing_one_page_never_mix_its_generations() {
+    let Some(_one) = vm_test() else { return };
+    let a = vm(LabGuest::Hello, KEY, 1, false);
+    a.start_mirror().unwrap();
+    let b = target(KEY);
+    let mut src = client(&a, 0);
+    let (mut dst0, mut dst1) = (client(&b, 0), client(&b, 1));
+    let pages: Vec<u64> = (0..256).map(|i| 0x50_0000 + i * PAGE as u64).collect();
+    let fill = |v: u8| {
+        for &gpa in &pages {
+            a.memory()
+                .ram
+                .write_slice(&[v; PAGE], GuestAddress(gpa))
+                .unwrap();
+        }
+    };
+    for round in 0..4u8 {
+        session(&mut src, &mut dst0);
+        let stream = |src: &mut HelperClient, generation| {
+            let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, generation)).collect();
+            let mut out = Vec::new();
+            src.encrypt(&list, &mut out).unwrap();
+            out
+        };
+        fill(2 * round + 1);
+        let older = stream(&mut src, 1);
+        fill(2 * round + 2);
+        let newer = stream(&mut src, 2);
+        // A host hands both generations of every page to two helpers at
+        // once: each page must end whole, and the newer.
+        std::thread::scope(|s| {
+            let old = s.spawn(|| dst0.decrypt(&older));
+            let new = s.spawn(|| dst1.decrypt(&newer));
+            assert_eq!(new.join().unwrap().unwrap(), pages.len());
+            match old.join().unwrap() {
+                Ok(_) => {}
+                Err(HelperError::Refused {
+                    status: HelperStatus::StaleGeneration,
+                    ..
+                }) => {}
+                Err(e) => panic!("older stream: {e}"),
+            }
+        });
+        for &gpa in &pages {
+            assert_eq!(
+                page(&b, gpa),
+                vec![2 * round + 2; PAGE],
+                "round {round}, {gpa:#x}"
+            );
+        }
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
 fn both_seal_paths_interoperate() {
     let Some(_one) = vm_test() else { return };
     // The source seals through ring (what CPUs without VAES do); the target
