@@ -165,8 +165,12 @@ const ARG: u64 = control!(arg);
 
 /// Offset of request `n`'s slot within the mailbox.
 fn slot_offset(n: u64) -> u64 {
-    let index = (n % u64::from(h::QUEUE_DEPTH)) as usize;
-    control!(slots) + (index * std::mem::size_of::<h::RequestSlot>()) as u64
+    h::request_slot_offset(n) as u64
+}
+
+/// Offset of batch record `i` within the mailbox.
+fn record_offset(i: usize) -> u64 {
+    h::record_offset(i) as u64
 }
 
 /// Whether `resp_seq` says request `n` has been answered.
@@ -409,7 +413,7 @@ impl HelperClient {
     /// Waits for the answer to request `n`; returns the answered count, or
     /// the refusal with the failing record's index relative to `first`.
     fn finish(&mut self, command: u32, first: u32, n: u64) -> Result<u32, HelperError> {
-        self.wait_until(|| Ok(answered(self.load::<u64>(RESP_SEQ, Ordering::Acquire)?, n)))?;
+        self.wait_answered(n)?;
         let answer: h::RequestSlot = self.read_obj(slot_offset(n))?;
         self.busy_cycles = self.busy_cycles.wrapping_add(answer.busy_cycles);
         if answer.status != status::OK {
@@ -428,12 +432,15 @@ impl HelperClient {
     /// what the caller reports anyway.
     fn abandon(&mut self, inflight: &mut VecDeque<(usize, u64)>) {
         while let Some((_, n)) = inflight.pop_front() {
-            let done =
-                self.wait_until(|| Ok(answered(self.load::<u64>(RESP_SEQ, Ordering::Acquire)?, n)));
-            if done.is_err() {
+            if self.wait_answered(n).is_err() {
                 break;
             }
         }
+    }
+
+    /// Waits until request `n` has been answered.
+    fn wait_answered(&self, n: u64) -> Result<(), HelperError> {
+        self.wait_until(|| Ok(answered(self.load::<u64>(RESP_SEQ, Ordering::Acquire)?, n)))
     }
 
     /// Posts a request (cmd, count, arg) and waits for its answer; returns
@@ -557,10 +564,7 @@ impl HelperClient {
                     generation,
                     ..Default::default()
                 };
-                self.write(
-                    (offsets::BATCH + (first as usize + i) * RECORD_STRIDE) as u64,
-                    header.as_bytes(),
-                )?;
+                self.write(record_offset(first as usize + i), header.as_bytes())?;
             }
             let n = self.post(
                 cmd::ENCRYPT_BATCH,
@@ -592,7 +596,7 @@ impl HelperClient {
         count: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), HelperError> {
-        let offset = (offsets::BATCH + self.part_first(k) as usize * RECORD_STRIDE) as u64;
+        let offset = record_offset(self.part_first(k) as usize);
         self.append_out(offset, count * RECORD_STRIDE, out)
     }
 
@@ -626,10 +630,7 @@ impl HelperClient {
                 }
             }
             let first = self.part_first(k);
-            self.copy_in(
-                (offsets::BATCH + first as usize * RECORD_STRIDE) as u64,
-                chunk,
-            )?;
+            self.copy_in(record_offset(first as usize), chunk)?;
             let count = (chunk.len() / RECORD_STRIDE) as u32;
             let n = self.post(cmd::DECRYPT_BATCH, stream_flags(k), first, count, &[])?;
             inflight.push_back((k, n));
@@ -741,7 +742,8 @@ const COPY_PIECE: usize = 2048;
 ///
 /// On this lab's AMD EPYC, `rep movsb` (which glibc's `memcpy` uses from
 /// 4 KiB up) runs 15x slower when `dst` lies 1..31 bytes after `src`
-/// modulo 4 KiB: 45 µs instead of 3 µs for 32 records. A heap buffer
+/// modulo 4 KiB (measured; pieces are used up to 63, a margin for other
+/// CPUs): 45 µs instead of 3 µs for 32 records. A heap buffer
 /// starts 16 bytes past a page boundary and mailbox records are page
 /// aligned, so a plain copy hits exactly that case; 2 KiB pieces keep to
 /// the C library's vector loop.

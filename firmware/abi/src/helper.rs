@@ -170,6 +170,19 @@ pub mod offsets {
 pub const RECORD_STRIDE: usize = 64 + PAGE_SIZE;
 /// Bytes of one mailbox.
 pub const MAILBOX_SIZE: usize = offsets::BATCH + MAX_BATCH as usize * RECORD_STRIDE;
+
+/// Offset within a mailbox of batch record `i`.
+pub const fn record_offset(i: usize) -> usize {
+    offsets::BATCH + i * RECORD_STRIDE
+}
+
+/// Offset within a mailbox of request `n`'s [`RequestSlot`].
+pub const fn request_slot_offset(n: u64) -> usize {
+    let index = (n % QUEUE_DEPTH as u64) as usize;
+    offsets::CONTROL
+        + core::mem::offset_of!(MailboxControl, slots)
+        + index * core::mem::size_of::<RequestSlot>()
+}
 /// Largest seed envelope.
 pub const SEED_ENVELOPE_MAX: usize = 1024;
 
@@ -484,5 +497,9 @@ mod tests {
         assert_eq!(size_of::<SealRecord>(), 56);
         assert_eq!(size_of::<SeedEnvelope>(), 40);
         assert_eq!(MAILBOX_SIZE, 0x2000 + 64 * 4160);
+        assert_eq!(record_offset(0), 0x2000);
+        assert_eq!(record_offset(63) + RECORD_STRIDE, MAILBOX_SIZE);
+        assert_eq!(request_slot_offset(1), 0x400 + 32 + 32);
+        assert_eq!(request_slot_offset(4), request_slot_offset(0));
     }
 }

@@ -4,7 +4,7 @@
 //! Every access is volatile or atomic: the host writes these pages while we
 //! read them. Values are read once into locals before they are checked.
 
-use core::mem::{offset_of, size_of};
+use core::mem::offset_of;
 use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, seed, status};
@@ -25,8 +25,7 @@ fn control(field: usize) -> u64 {
 
 /// Offset of request `n`'s slot within the mailbox.
 fn slot(n: u64) -> u64 {
-    let index = (n % u64::from(h::QUEUE_DEPTH)) as usize;
-    control(offset_of!(h::MailboxControl, slots) + index * size_of::<h::RequestSlot>())
+    h::request_slot_offset(n) as u64
 }
 
 impl Mailbox {
@@ -130,7 +129,7 @@ impl Mailbox {
 
     /// Offset of batch record `i`.
     pub fn record(i: u32) -> u64 {
-        (offsets::BATCH + i as usize * h::RECORD_STRIDE) as u64
+        h::record_offset(i as usize) as u64
     }
 
     pub fn seed_go(&self) -> bool {
