@@ -204,13 +204,12 @@ impl Placement {
     }
 
     /// Pins the calling thread as the driver of helper `i`.
-    fn pin_client(&self, i: usize) -> Result<(), HelperError> {
+    fn pin_client(&self, i: usize) {
         if let Some(cpu) = self.client(i) {
             // A failed pin only costs stability of the numbers, not their
             // truth: carry on unpinned.
             let _ = crate::vcpu::pin_thread(0, cpu);
         }
-        Ok(())
     }
 
     fn describe(&self) -> Option<Vec<(usize, usize)>> {
@@ -270,6 +269,15 @@ fn seed_round(
     ))
 }
 
+/// An empty buffer with room for `pages` records, its memory touched before
+/// any clock starts, as a sender's reused stream buffers would be:
+/// first-touch page faults of this process are not the helper's cost.
+fn record_buffer(pages: usize) -> Vec<u8> {
+    let mut v = vec![0xffu8; pages * RECORD_STRIDE];
+    v.clear();
+    v
+}
+
 /// Batched protocol over `src.len()` helpers in parallel (one host thread
 /// each, as a sender would run them).
 fn batched_round(
@@ -279,16 +287,7 @@ fn batched_round(
     placement: &Placement,
 ) -> Result<(Rate, Rate), HelperError> {
     let share = pages.len().div_ceil(src.len());
-    // Output buffers are touched before the clock starts, as a sender's
-    // reused stream buffers would be: first-touch page faults of this
-    // process are not the helper's cost.
-    let mut records: Vec<Vec<u8>> = (0..src.len())
-        .map(|_| {
-            let mut v = vec![0xffu8; share * RECORD_STRIDE];
-            v.clear();
-            v
-        })
-        .collect();
+    let mut records: Vec<Vec<u8>> = (0..src.len()).map(|_| record_buffer(share)).collect();
     let (_, enc) = timed(|| {
         std::thread::scope(|s| {
             let jobs: Vec<_> = src
@@ -298,7 +297,7 @@ fn batched_round(
                 .enumerate()
                 .map(|(i, ((c, chunk), out))| {
                     s.spawn(move || {
-                        placement.pin_client(i)?;
+                        placement.pin_client(i);
                         c.encrypt(chunk, out)
                     })
                 })
@@ -315,7 +314,7 @@ fn batched_round(
                 .enumerate()
                 .map(|(i, (c, recs))| {
                     s.spawn(move || {
-                        placement.pin_client(i)?;
+                        placement.pin_client(i);
                         c.decrypt(recs).map(drop)
                     })
                 })
@@ -351,8 +350,7 @@ fn paired_round(
     aead: HostAead,
     cpu: Option<usize>,
 ) -> Result<(Rate, Rate, Rate), HelperError> {
-    let mut records = vec![0xffu8; pages.len() * RECORD_STRIDE];
-    records.clear();
+    let mut records = record_buffer(pages.len());
     let mut enc = Duration::ZERO;
     let mut ceiling = Rate {
         pages: 0,
@@ -490,7 +488,7 @@ pub fn run(config: BenchConfig) -> Result<BenchReport, BenchError> {
     // should not be.
     std::thread::scope(|s| {
         s.spawn(|| {
-            placement.pin_client(0)?;
+            placement.pin_client(0);
             measure(config, &placement)
         })
         .join()

@@ -20,6 +20,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use cgsvmm_fw_abi as abi;
 
+use crate::x86::paging::Mapping;
+
 /// Bytes in a MiB.
 pub const MIB: u64 = 1 << 20;
 /// Bytes in a GiB.
@@ -89,6 +91,14 @@ impl MemoryLayout {
             ranges.push((HIGH_RAM_START, self.above_4g()));
         }
         ranges
+    }
+
+    /// The RAM ranges as identity mappings with leaf flags `leaf`.
+    pub fn ram_mappings(&self, leaf: u64) -> Vec<Mapping> {
+        self.ram_ranges()
+            .into_iter()
+            .map(|(start, len)| Mapping::new(start, len, leaf))
+            .collect()
     }
 
     /// The highest guest-physical address of RAM plus one.

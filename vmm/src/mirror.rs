@@ -67,12 +67,7 @@ pub fn payload(helper: Option<&HelperLaunch>) -> Image {
 /// mailboxes must not share one with private data.
 pub fn mappings(memory: &Memory, image: &Image, private: u64) -> Result<Vec<Mapping>, BootError> {
     let leaf = PTE_USER | private;
-    let mut mapped: Vec<Mapping> = memory
-        .layout
-        .ram_ranges()
-        .into_iter()
-        .map(|(start, len)| Mapping::new(start, len, leaf))
-        .collect();
+    let mut mapped = memory.layout.ram_mappings(leaf);
     let (region, region_end) = (
         abi::MIRROR_REGION_GPA,
         abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE,

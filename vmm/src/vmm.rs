@@ -40,7 +40,7 @@ use crate::memory::{slots_of, MemSlot, Memory, MemoryError};
 use crate::qmp::{QmpServer, QmpServerError};
 use crate::vcpu::{msr_index_list, FaultSink, Vcpu, VcpuError, VcpuGroup, VcpuRole};
 use crate::vm::{self, VcpuSetup, VmError};
-use crate::x86::paging::{Mapping, PTE_USER};
+use crate::x86::paging::PTE_USER;
 use crate::{lab, mirror};
 
 /// How often the event loop wakes up without events (to notice a stop).
@@ -146,12 +146,7 @@ impl TryFrom<VmmConfig> for Vmm {
             BootConfig::Lab(guest) => {
                 let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
                 let entry = image.load(&memory.ram)?;
-                let ram: Vec<Mapping> = memory
-                    .layout
-                    .ram_ranges()
-                    .into_iter()
-                    .map(|(start, len)| Mapping::new(start, len, PTE_USER))
-                    .collect();
+                let ram = memory.layout.ram_mappings(PTE_USER);
                 cpl3::prepare(&memory.ram, &LAB_LAYOUT, &ram, 0, config.cpus, entry)?
             }
             BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, config.cpus)?,
