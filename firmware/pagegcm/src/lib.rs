@@ -32,6 +32,9 @@
 
 use core::arch::x86_64::*;
 
+use subtle::ConstantTimeEq;
+use zeroize::Zeroize;
+
 /// Bytes sealed per call.
 pub const PAGE: usize = 4096;
 /// Bytes of associated data per call.
@@ -43,7 +46,6 @@ const LANES: usize = 8;
 const STEP: usize = LANES * 32;
 
 /// An AES-256 key with its GHASH powers, ready to seal pages.
-#[derive(Clone, Copy)]
 pub struct PageGcm {
     round_keys: [__m128i; 15],
     /// H^1 (POLYVAL domain).
@@ -56,11 +58,61 @@ pub struct PageGcm {
     folded: [__m256i; LANES],
 }
 
+impl Drop for PageGcm {
+    /// The key schedule and the GHASH powers are key material: wiped when
+    /// the session that owns them ends.
+    fn drop(&mut self) {
+        self.round_keys.zeroize();
+        self.h.zeroize();
+        self.powers.zeroize();
+        self.folded.zeroize();
+    }
+}
+
 /// Which way [`PageGcm::crypt`] goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
     Seal,
     Open,
+}
+
+/// Where [`PageGcm::crypt`] reads its input from, 32 bytes at a time; it
+/// asks for each piece of the page exactly once, in order.
+trait Source {
+    /// The 32 bytes at offset `at`.
+    ///
+    /// # Safety
+    /// `at + 32 <= PAGE`, the source is readable for [`PAGE`] bytes and the
+    /// CPU has AVX.
+    unsafe fn load(&mut self, at: usize) -> __m256i;
+}
+
+/// A page that others may change while it is read (guest memory, the
+/// helper's mailbox). Each piece is read by one `vmovdqu` in an `asm!`
+/// statement with side effects, which the compiler may neither repeat nor
+/// split: every byte is read once by construction, not by what the
+/// optimiser happens to emit, so what is authenticated is exactly what was
+/// read.
+struct SharedPage(*const u8);
+
+impl Source for SharedPage {
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn load(&mut self, at: usize) -> __m256i {
+        let v: __m256i;
+        // SAFETY: the caller keeps `at + 32` inside the readable page; the
+        // instruction reads those 32 bytes (no alignment needed) and
+        // touches nothing else.
+        unsafe {
+            core::arch::asm!(
+                "vmovdqu {v}, ymmword ptr [{p}]",
+                v = out(ymm_reg) v,
+                p = in(reg) self.0.add(at),
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        v
+    }
 }
 
 /// Whether this CPU (and OS) can run [`PageGcm`].
@@ -69,11 +121,14 @@ pub fn supported() -> bool {
     if max < 7 {
         return false;
     }
-    let aes = leaf1.ecx & (1 << 25) != 0;
-    let pclmul = leaf1.ecx & (1 << 1) != 0;
-    let osxsave = leaf1.ecx & (1 << 27) != 0;
-    let avx = leaf1.ecx & (1 << 28) != 0;
-    if !(aes && pclmul && osxsave && avx) {
+    let bit = |reg: u32, n: u32| reg & (1 << n) != 0;
+    let ssse3 = bit(leaf1.ecx, 9);
+    let sse41 = bit(leaf1.ecx, 19);
+    let aes = bit(leaf1.ecx, 25);
+    let pclmul = bit(leaf1.ecx, 1);
+    let osxsave = bit(leaf1.ecx, 27);
+    let avx = bit(leaf1.ecx, 28);
+    if !(ssse3 && sse41 && aes && pclmul && osxsave && avx) {
         return false;
     }
     // SAFETY: OSXSAVE is set, so XGETBV is enabled.
@@ -82,10 +137,7 @@ pub fn supported() -> bool {
         return false;
     }
     let leaf7 = __cpuid_count(7, 0);
-    let avx2 = leaf7.ebx & (1 << 5) != 0;
-    let vaes = leaf7.ecx & (1 << 9) != 0;
-    let vpclmul = leaf7.ecx & (1 << 10) != 0;
-    avx2 && vaes && vpclmul
+    bit(leaf7.ebx, 5) && bit(leaf7.ecx, 9) && bit(leaf7.ecx, 10) // AVX2, VAES, VPCLMULQDQ
 }
 
 impl PageGcm {
@@ -110,7 +162,7 @@ impl PageGcm {
             pow[i] = dot(pow[i - 1], h);
         }
         let pair =
-            |a: __m128i, b: __m128i| _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(a), b);
+            |a: __m128i, b: __m128i| _mm256_inserti128_si256::<1>(_mm256_zextsi128_si256(a), b);
         let powers: [__m256i; LANES] =
             core::array::from_fn(|i| pair(pow[2 * (LANES - i)], pow[2 * (LANES - i) - 1]));
         let folded = powers.map(|p| _mm256_xor_si256(p, _mm256_shuffle_epi32::<0x4e>(p)));
@@ -139,7 +191,16 @@ impl PageGcm {
     ) -> [u8; 16] {
         // SAFETY: `self` exists only if `supported()` held (see `new`); the
         // caller vouches for the pointers.
-        unsafe { self.crypt(nonce, aad, src, dst, Direction::Seal, false) }
+        unsafe {
+            self.crypt(
+                nonce,
+                aad,
+                &mut SharedPage(src),
+                dst,
+                Direction::Seal,
+                false,
+            )
+        }
     }
 
     /// As [`PageGcm::seal`], but the ciphertext goes out with non-temporal
@@ -159,7 +220,16 @@ impl PageGcm {
     ) -> [u8; 16] {
         let aligned = (dst as usize).is_multiple_of(32);
         // SAFETY: as for `seal`; streaming stores only to an aligned `dst`.
-        unsafe { self.crypt(nonce, aad, src, dst, Direction::Seal, aligned) }
+        unsafe {
+            self.crypt(
+                nonce,
+                aad,
+                &mut SharedPage(src),
+                dst,
+                Direction::Seal,
+                aligned,
+            )
+        }
     }
 
     /// Opens the sealed page at `src` (nonce, aad, tag) into `dst`; returns
@@ -179,24 +249,28 @@ impl PageGcm {
         dst: *mut u8,
     ) -> bool {
         // SAFETY: as for `seal`.
-        let computed = unsafe { self.crypt(nonce, aad, src, dst, Direction::Open, false) };
-        // Constant time: every byte is compared whatever the first
-        // difference.
-        computed
-            .iter()
-            .zip(tag)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        let computed = unsafe {
+            self.crypt(
+                nonce,
+                aad,
+                &mut SharedPage(src),
+                dst,
+                Direction::Open,
+                false,
+            )
+        };
+        // Constant time: no branch on where the tags differ.
+        computed.ct_eq(tag).into()
     }
 
     /// CTR over the page from `src` to `dst` and the tag over the
     /// ciphertext: what is written when sealing, what is read when opening.
     #[target_feature(enable = "aes,pclmulqdq,sse4.1,ssse3,avx2,vaes,vpclmulqdq")]
-    unsafe fn crypt(
+    unsafe fn crypt<S: Source>(
         &self,
         nonce: &[u8; 12],
         aad: &[u8; AAD],
-        src: *const u8,
+        src: &mut S,
         dst: *mut u8,
         direction: Direction,
         stream: bool,
@@ -258,7 +332,10 @@ impl PageGcm {
                 if hashing && r < LANES {
                     let mut y = previous[r];
                     if r == 0 {
-                        y = _mm256_xor_si256(y, _mm256_castsi128_si256(s));
+                        // The low lane takes the running state; the high
+                        // lane must stay as it is (zero-extended, never the
+                        // cast, whose upper half is undefined).
+                        y = _mm256_xor_si256(y, _mm256_zextsi128_si256(s));
                     }
                     let hp = self.powers[r];
                     lo = _mm256_xor_si256(lo, _mm256_clmulepi64_epi128::<0x00>(y, hp));
@@ -286,7 +363,7 @@ impl PageGcm {
                 for (i, xi) in x.iter().enumerate() {
                     let at = step * STEP + i * 32;
                     // SAFETY: `at + 32 <= PAGE`: inside both pages.
-                    let p = unsafe { _mm256_loadu_si256(src.add(at).cast()) };
+                    let p = unsafe { src.load(at) };
                     let c = _mm256_xor_si256(_mm256_aesenclast_epi128(*xi, keys[14]), p);
                     // SAFETY: as above; `stream` only with `dst` 32-byte aligned.
                     unsafe {
@@ -336,12 +413,10 @@ fn mul_x(v: __m128i) -> __m128i {
         _mm_slli_epi64::<1>(v),
         _mm_slli_si128::<8>(_mm_srli_epi64::<63>(v)),
     );
-    let carry = _mm_extract_epi64::<1>(v) < 0;
-    if carry {
-        _mm_xor_si128(shifted, _mm_set_epi64x(0xc200_0000_0000_0000u64 as i64, 1))
-    } else {
-        shifted
-    }
+    // All ones if bit 127 is set, else zero: no branch on the key's bits.
+    let carry = _mm_shuffle_epi32::<0xff>(_mm_srai_epi32::<31>(v));
+    let poly = _mm_set_epi64x(0xc200_0000_0000_0000u64 as i64, 1);
+    _mm_xor_si128(shifted, _mm_and_si128(carry, poly))
 }
 
 /// D * x^-128 mod POLYVAL's polynomial for the 256-bit D = d1 * x^128 + d0.
@@ -439,5 +514,106 @@ fn encrypt_block(rk: &[__m128i; 15], block: __m128i) -> __m128i {
     _mm_aesenclast_si128(x, rk[14])
 }
 
-#[cfg(test)]
-mod tests;
+/// Hooks for the crate's tests (`tests/page_seal.rs`): the building blocks
+/// alone, for known-answer tests, and how often the page seal reads each
+/// piece of its source. Not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// Whether the building blocks (AES-NI, PCLMULQDQ, SSSE3, SSE4.1) run
+    /// on this CPU.
+    pub fn blocks_supported() -> bool {
+        let leaf1 = __cpuid(1);
+        [1, 9, 19, 25].iter().all(|&n| leaf1.ecx & (1 << n) != 0)
+    }
+
+    /// AES-256 of one block (FIPS 197), through the crate's key schedule.
+    pub fn aes256_encrypt_block(key: &[u8; 32], block: &[u8; 16]) -> Option<[u8; 16]> {
+        if !blocks_supported() {
+            return None;
+        }
+        // SAFETY: the features the functions need were checked above; the
+        // loads and stores touch 16-byte arrays of ours.
+        unsafe {
+            let rk = expand_key(key);
+            let c = encrypt_block(&rk, _mm_loadu_si128(block.as_ptr().cast()));
+            let mut out = [0u8; 16];
+            _mm_storeu_si128(out.as_mut_ptr().cast(), c);
+            Some(out)
+        }
+    }
+
+    /// POLYVAL(H, X_1, ..., X_n) (RFC 8452), with the crate's field
+    /// arithmetic.
+    pub fn polyval(h: &[u8; 16], blocks: &[[u8; 16]]) -> Option<[u8; 16]> {
+        if !blocks_supported() {
+            return None;
+        }
+        // SAFETY: as above.
+        unsafe {
+            let h = _mm_loadu_si128(h.as_ptr().cast());
+            let mut s = _mm_setzero_si128();
+            for x in blocks {
+                s = dot(_mm_xor_si128(s, _mm_loadu_si128(x.as_ptr().cast())), h);
+            }
+            let mut out = [0u8; 16];
+            _mm_storeu_si128(out.as_mut_ptr().cast(), s);
+            Some(out)
+        }
+    }
+
+    /// POLYVAL's `mulX` of one element.
+    pub fn mul_x(v: &[u8; 16]) -> Option<[u8; 16]> {
+        if !blocks_supported() {
+            return None;
+        }
+        // SAFETY: as above.
+        unsafe {
+            let r = super::mul_x(_mm_loadu_si128(v.as_ptr().cast()));
+            let mut out = [0u8; 16];
+            _mm_storeu_si128(out.as_mut_ptr().cast(), r);
+            Some(out)
+        }
+    }
+
+    /// A source that counts the reads of each 32-byte piece.
+    struct Counting<'a> {
+        page: &'a [u8; PAGE],
+        reads: [u32; PAGE / 32],
+    }
+
+    impl Source for Counting<'_> {
+        #[target_feature(enable = "avx")]
+        unsafe fn load(&mut self, at: usize) -> __m256i {
+            self.reads[at / 32] += 1;
+            // SAFETY: `at + 32 <= PAGE` (the caller's contract).
+            unsafe { _mm256_loadu_si256(self.page.as_ptr().add(at).cast()) }
+        }
+    }
+
+    /// Seals (`seal`) or opens `page` as [`PageGcm`] does and returns the
+    /// tag and how many times each 32-byte piece of `page` was read.
+    pub fn read_counts(
+        gcm: &PageGcm,
+        nonce: &[u8; 12],
+        aad: &[u8; AAD],
+        page: &[u8; PAGE],
+        seal: bool,
+    ) -> ([u8; 16], [u32; PAGE / 32]) {
+        let mut out = [0u8; PAGE];
+        let mut src = Counting {
+            page,
+            reads: [0; PAGE / 32],
+        };
+        let direction = if seal {
+            Direction::Seal
+        } else {
+            Direction::Open
+        };
+        // SAFETY: `gcm` exists only where `supported()` held; `out` is a
+        // writable page of ours.
+        let tag = unsafe { gcm.crypt(nonce, aad, &mut src, out.as_mut_ptr(), direction, false) };
+        (tag, src.reads)
+    }
+}
