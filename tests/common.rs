@@ -18,25 +18,55 @@ pub fn one_vm() -> std::sync::MutexGuard<'static, ()> {
     ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The lock that runs this VM test alone, or None (after printing why)
-/// when the host has no usable KVM.
-pub fn vm_test() -> Option<std::sync::MutexGuard<'static, ()>> {
-    let guard = one_vm();
-    kvm_available().then_some(guard)
-}
-
-pub fn kvm_available() -> bool {
-    match std::fs::OpenOptions::new()
+/// Why the tests that need KVM cannot run here, if they cannot.
+pub fn kvm_missing() -> Option<String> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            println!("SKIPPED: /dev/kvm is not usable here ({e}); this test needs KVM");
+        .err()
+        .map(|e| format!("/dev/kvm is not usable here ({e})"))
+}
+
+pub fn kvm_available() -> bool {
+    match kvm_missing() {
+        None => true,
+        Some(why) => {
+            println!("SKIPPED: {why}; this test needs KVM");
             false
         }
     }
+}
+
+/// `(name, function)` pairs of test functions, for [`run_tests`].
+#[macro_export]
+macro_rules! named {
+    ($($f:ident),* $(,)?) => {
+        [$((stringify!($f), $f as fn())),*]
+    };
+}
+
+/// Runs this binary's tests (its own harness, libtest's output): each group
+/// is ignored when its skip reason is `Some`, with the reason printed once,
+/// so that a test that did not run is reported as ignored, never as passed.
+pub fn run_tests(groups: &[(Option<String>, &[(&'static str, fn())])]) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let mut trials = Vec::new();
+    for (skip, tests) in groups {
+        if let Some(why) = skip {
+            println!("SKIPPED (ignored below): {why}: {} test(s)", tests.len());
+        }
+        for &(name, f) in *tests {
+            trials.push(
+                libtest_mimic::Trial::test(name, move || {
+                    f();
+                    Ok(())
+                })
+                .with_ignored_flag(skip.is_some()),
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit()
 }
 
 pub fn tmp_path(name: &str) -> PathBuf {

@@ -5,6 +5,7 @@
 //! Tests that need hardware this host lacks live in `hardware.rs`.
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
@@ -15,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{last_pass, tmp_path, vm_test, Qmp, Vm};
+use common::{last_pass, one_vm, tmp_path, Qmp, Vm};
 
-#[test]
 fn dirtier_runs_on_both_vcpus_until_quit() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let sock = tmp_path("quit.sock");
     let mut vm = Vm::start(&[
         "--memory",
@@ -63,9 +63,8 @@ fn dirtier_runs_on_both_vcpus_until_quit() {
     assert!(!sock.exists(), "socket left behind");
 }
 
-#[test]
 fn ctrl_c_exits_cleanly() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let mut vm = Vm::start(&["--cpus", "1"]);
     assert!(vm
         .wait_for_line(Duration::from_secs(5), |l| l
@@ -80,9 +79,8 @@ fn ctrl_c_exits_cleanly() {
     );
 }
 
-#[test]
 fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let sock = tmp_path("stop.sock");
     let vm = Vm::start(&[
         "--memory",
@@ -165,9 +163,8 @@ fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
     assert_eq!(cpus.as_array().map(Vec::len), Some(2));
 }
 
-#[test]
 fn qmp_survives_malformed_input() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let sock = tmp_path("bad.sock");
     let mut vm = Vm::start(&[
         "--guest",
@@ -211,12 +208,7 @@ fn qmp_survives_malformed_input() {
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
-#[test]
 fn sev_on_a_host_without_it_fails_with_the_reason() {
-    if std::path::Path::new("/dev/sev").exists() {
-        println!("SKIPPED: this host has /dev/sev; the SEV launch is tested in tests/hardware.rs");
-        return;
-    }
     let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
         .args(["run", "--confidential", "sev", "--guest", "hello"])
         .stdin(Stdio::null())
@@ -232,9 +224,8 @@ fn sev_on_a_host_without_it_fails_with_the_reason() {
     assert!(out.stdout.is_empty());
 }
 
-#[test]
 fn hello_exits_zero_after_its_line() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let mut vm = Vm::start(&["--guest", "hello"]);
     assert_eq!(
         vm.wait_exit(Duration::from_secs(20)),
@@ -249,7 +240,6 @@ fn hello_exits_zero_after_its_line() {
     );
 }
 
-#[test]
 fn bad_arguments_fail_with_one_clear_message() {
     let cases: &[(&[&str], &str)] = &[
         (&["--cpus", "0"], "--cpus must be between 1 and 32, got 0"),
@@ -331,9 +321,8 @@ fn bad_arguments_fail_with_one_clear_message() {
     }
 }
 
-#[test]
 fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let key = tmp_path("transport.key");
     std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
     let sock = tmp_path("helper.sock");
@@ -375,9 +364,8 @@ fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
     let _ = std::fs::remove_file(key);
 }
 
-#[test]
 fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
         .args([
             "bench",
@@ -418,4 +406,26 @@ fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
     let batched = ratio(lines[lines.len() - 2], "batched/seed ratio: ");
     let helper = ratio(lines[lines.len() - 1], "helper/host-aead ratio: ");
     assert!(batched > 0.0 && helper > 0.0 && helper < 10.0, "{stdout}");
+}
+
+fn main() {
+    let sev = std::path::Path::new("/dev/sev").exists().then(|| {
+        "this host has /dev/sev: the refusal on hosts without SEV cannot be seen".to_string()
+    });
+    common::run_tests(&[
+        (
+            common::kvm_missing(),
+            &named!(
+                dirtier_runs_on_both_vcpus_until_quit,
+                ctrl_c_exits_cleanly,
+                stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes,
+                qmp_survives_malformed_input,
+                hello_exits_zero_after_its_line,
+                the_migration_helper_runs_on_the_mirror_when_a_key_is_given,
+                bench_helper_prints_its_numbers_and_the_two_ratio_lines
+            ),
+        ),
+        (sev, &named!(sev_on_a_host_without_it_fails_with_the_reason)),
+        (None, &named!(bad_arguments_fail_with_one_clear_message)),
+    ]);
 }

@@ -21,6 +21,9 @@ pub enum LabRequest {
     /// Helper vCPU `n` waits for work: keep it out of KVM_RUN until its
     /// doorbell rings (or a short timeout passes).
     Wait(u16),
+    /// The helper on this vCPU serves nothing (unusable configuration, or
+    /// its index refused): keep it out of KVM_RUN.
+    HelperRefused,
     /// A value this VMM does not know.
     Unknown(u32),
 }
@@ -34,6 +37,7 @@ impl From<u32> for LabRequest {
             abi::LAB_CMD_POWER_OFF => LabRequest::PowerOff,
             abi::LAB_CMD_FAIL => LabRequest::Fail,
             abi::LAB_CMD_YIELD => LabRequest::Yield,
+            abi::LAB_CMD_HELPER_REFUSED => LabRequest::HelperRefused,
             other => LabRequest::Unknown(other),
         }
     }
@@ -86,6 +90,7 @@ mod tests {
         port.write(0, &3u32.to_le_bytes());
         port.write(0, &9u32.to_le_bytes());
         port.write(0, &(4u32 | 3 << 16).to_le_bytes());
+        port.write(0, &5u32.to_le_bytes());
         port.write(0, &[1]);
         port.write(2, &[1, 0]);
         assert_eq!(
@@ -96,6 +101,7 @@ mod tests {
                 LabRequest::Yield,
                 LabRequest::Unknown(9),
                 LabRequest::Wait(3),
+                LabRequest::HelperRefused,
             ]
         );
     }

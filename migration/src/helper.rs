@@ -18,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use cgsvmm_fw_abi::helper::{self as h, cmd, offsets, role, seed, status};
 pub use cgsvmm_fw_abi::helper::{HelloReply, RecordHeader, SealRecord, RECORD_STRIDE};
+pub use cgsvmm_fw_abi::GpaRange;
 
 /// How the client reaches the helper's vCPU beyond the mailbox.
 pub trait HelperLink: Send + Sync {
@@ -56,6 +57,16 @@ pub enum HelperStatus {
     DebugDisabled,
     /// Not run: an earlier request of the same stream failed.
     Skipped,
+    /// A session is already open (end it first).
+    SessionOpen,
+    /// The session is closed (sealed or verified): end it and begin anew.
+    SessionClosed,
+    /// A private page was never sealed or written in this session.
+    Incomplete,
+    /// A declared shared range is malformed.
+    BadRanges,
+    /// The helper's CPU gives no usable randomness: no session.
+    NoEntropy,
     /// A code this client does not know.
     Other(i32),
 }
@@ -74,6 +85,11 @@ impl From<i32> for HelperStatus {
             status::BAD_ARGS => HelperStatus::BadArgs,
             status::DEBUG_DISABLED => HelperStatus::DebugDisabled,
             status::SKIPPED => HelperStatus::Skipped,
+            status::SESSION_OPEN => HelperStatus::SessionOpen,
+            status::SESSION_CLOSED => HelperStatus::SessionClosed,
+            status::INCOMPLETE => HelperStatus::Incomplete,
+            status::BAD_RANGES => HelperStatus::BadRanges,
+            status::NO_ENTROPY => HelperStatus::NoEntropy,
             other => HelperStatus::Other(other),
         }
     }
@@ -117,6 +133,9 @@ pub enum HelperError {
     /// The mailbox is not where the helper said.
     #[error("Mailbox access at {0:#x} failed")]
     Memory(u64),
+    /// More shared ranges than the helper takes.
+    #[error("{0} shared ranges: the helper takes at most {max}", max = h::MAX_SHARED_RANGES)]
+    TooManyRanges(usize),
 }
 
 impl HelperError {
@@ -650,15 +669,48 @@ impl HelperClient {
             .map_err(|e| e.at_stream_record(applied as u32))
     }
 
-    /// Source: the sealed end-of-stream record.
-    pub fn seal(&mut self) -> Result<SealRecord, HelperError> {
-        self.call(cmd::SEAL, 0, &[])?;
-        self.arg()
+    /// Writes the declared shared ranges where SEAL and VERIFY_SEAL read
+    /// them and returns their arguments.
+    fn seal_args(
+        &self,
+        shared: &[GpaRange],
+        record: SealRecord,
+    ) -> Result<h::SealArgs, HelperError> {
+        if shared.len() > h::MAX_SHARED_RANGES as usize {
+            return Err(HelperError::TooManyRanges(shared.len()));
+        }
+        let bytes: Vec<u8> = shared
+            .iter()
+            .flat_map(|r| r.as_bytes().iter().copied())
+            .collect();
+        self.copy_in(record_offset(0), &bytes)?;
+        Ok(h::SealArgs {
+            record,
+            shared_count: shared.len() as u32,
+            reserved: 0,
+        })
     }
 
-    /// Target: verifies the source's sealed record against what arrived.
-    pub fn verify_seal(&mut self, record: &SealRecord) -> Result<(), HelperError> {
-        self.call(cmd::VERIFY_SEAL, 0, record.as_bytes()).map(drop)
+    /// Source: the sealed end-of-stream record, once every RAM page outside
+    /// `shared` (ascending, disjoint, page-aligned ranges the guest
+    /// declared shared) was encrypted in this session. Ends the session's
+    /// encryption.
+    pub fn seal(&mut self, shared: &[GpaRange]) -> Result<SealRecord, HelperError> {
+        let args = self.seal_args(shared, SealRecord::new_zeroed())?;
+        self.call(cmd::SEAL, 0, args.as_bytes())?;
+        Ok(self.arg::<h::SealArgs>()?.record)
+    }
+
+    /// Target: verifies the source's sealed record against what arrived,
+    /// under the same `shared` ranges; every other RAM page must have been
+    /// written in this session. Ends the session, whatever the outcome.
+    pub fn verify_seal(
+        &mut self,
+        record: &SealRecord,
+        shared: &[GpaRange],
+    ) -> Result<(), HelperError> {
+        let args = self.seal_args(shared, *record)?;
+        self.call(cmd::VERIFY_SEAL, 0, args.as_bytes()).map(drop)
     }
 
     /// Sends a raw command (for tests of the helper's debug commands).

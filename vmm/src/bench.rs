@@ -221,7 +221,10 @@ impl Placement {
     }
 }
 
+/// A fresh session between `src` and `dst` (any earlier one ended).
 fn session(src: &mut HelperClient, dst: &mut HelperClient) -> Result<(), HelperError> {
+    src.end()?;
+    dst.end()?;
     let nonce = src.begin_source()?;
     let (target_nonce, _) = dst.begin_target(nonce)?;
     src.complete_source(target_nonce)?;

@@ -234,6 +234,15 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
 
 /// Reads a transport key file: 64 hex digits (256 bits), surrounding
 /// whitespace allowed.
+/// A UUID in its usual text form (`--uuid`), as 16 bytes in that order.
+pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
+    uuid::Uuid::try_parse(s)
+        .map(|u| *u.as_bytes())
+        .map_err(|e| {
+            format!("not a UUID ({e}); expected e.g. 6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42")
+        })
+}
+
 pub fn read_transport_key(path: &std::path::Path) -> Result<[u8; 32], ConfigError> {
     let fail = |why: String| ConfigError::File {
         flag: "--transport-key-file",

@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ use crate::memory::Memory;
 /// that pausing it stays quick, long enough that an idle mirror costs
 /// almost no CPU.
 pub const YIELD_SLEEP: Duration = Duration::from_millis(1);
+/// How long a helper that serves nothing stays out of KVM_RUN each time it
+/// says so (short enough not to hold up a pause or shutdown of its vCPU).
+pub const REFUSED_SLEEP: Duration = Duration::from_millis(20);
 
 /// Errors of adding devices.
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +92,19 @@ pub fn mirror_devices(links: &Arc<HelperLinks>) -> Result<Arc<Bus>, DeviceError>
     let mut bus = Bus::new();
     bus.insert(Arc::new(DebugPort::default()), DEBUG_PORT, 1)?;
     let links = links.clone();
+    let refusal_reported = AtomicBool::new(false);
     let port = LabPort::new(move |request| match request {
         LabRequest::Wait(index) => links.wait(usize::from(index), WAIT_TIMEOUT),
         LabRequest::Yield => std::thread::sleep(YIELD_SLEEP),
+        LabRequest::HelperRefused => {
+            if !refusal_reported.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "A migration helper serves nothing: its launch configuration is unusable \
+                     or its index is out of range or another helper's"
+                );
+            }
+            std::thread::sleep(REFUSED_SLEEP);
+        }
         other => log::warn!("mirror: ignored lab request {other:?}"),
     });
     bus.insert(Arc::new(port), u64::from(abi::LAB_PORT), LAB_PORT_LEN)?;

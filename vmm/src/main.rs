@@ -99,6 +99,11 @@ struct RunArgs {
     /// runs on the mirror vCPUs.
     #[arg(long = "transport-key-file")]
     transport_key_file: Option<PathBuf>,
+    /// The VM's UUID (as QEMU's -uuid): bound into the migration helper's
+    /// session keys, so give every VM that shares a transport key its own,
+    /// and the migration target the source's.
+    #[arg(long, value_parser = config::parse_uuid)]
+    uuid: Option<[u8; 16]>,
     /// Confidential backend: none (no memory encryption) or sev (AMD SEV;
     /// the migration helper then runs on the mirror vCPUs).
     #[arg(long, value_enum, default_value = "none")]
@@ -175,13 +180,13 @@ impl TryFrom<RunArgs> for VmmConfig {
         let helper = match (&a.transport_key_file, &confidential) {
             (Some(path), _) => Some(HelperLaunch {
                 key: Some(config::read_transport_key(path)?),
-                debug: false,
+                vm_id: a.uuid.unwrap_or_default(),
                 ..Default::default()
             }),
             // The key arrives by LAUNCH_SECRET.
             (None, Confidential::Sev(_)) => Some(HelperLaunch {
                 key: None,
-                debug: false,
+                vm_id: a.uuid.unwrap_or_default(),
                 ..Default::default()
             }),
             (None, Confidential::None) => None,

@@ -50,6 +50,11 @@ pub struct HelperLaunch {
     /// Seal pages the general way even where the VAES page path could
     /// run: tests of the path CPUs without VAES take.
     pub generic_seal: bool,
+    /// The VM's identity (`--uuid`), bound into every session key.
+    pub vm_id: [u8; 16],
+    /// Make the helper behave as on a CPU without RDSEED and RDRAND, which
+    /// refuses every session: tests of that refusal.
+    pub no_hw_entropy: bool,
 }
 
 /// The image that runs on the mirror vCPUs.
@@ -179,16 +184,16 @@ pub fn write_helper_config(
         helper_count: helpers as u32,
         c_bit,
         tsc_khz,
-        flags: if launch.debug {
-            helper::CONFIG_FLAG_DEBUG
-        } else {
-            0
-        } | if launch.generic_seal {
-            helper::CONFIG_FLAG_GENERIC_SEAL
-        } else {
-            0
-        },
+        flags: [
+            (launch.debug, helper::CONFIG_FLAG_DEBUG),
+            (launch.generic_seal, helper::CONFIG_FLAG_GENERIC_SEAL),
+            (launch.no_hw_entropy, helper::CONFIG_FLAG_NO_HW_ENTROPY),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |flags, (_, flag)| flags | flag),
         ram_range_count: ranges.len() as u64,
+        vm_id: launch.vm_id,
         ..Default::default()
     };
     for (slot, (start, len)) in config.ram.iter_mut().zip(ranges) {

@@ -7,17 +7,20 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use cgsvmm::boot::cpl3::MIRROR_LAYOUT;
 use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::memory::MIB;
 use cgsvmm::Vmm;
 use cgsvmm_fw_abi::helper::{caps, cmd};
 use cgsvmm_migration::helper::{
-    record_header, set_record_header, HelperClient, HelperError, HelperStatus, RECORD_STRIDE,
+    record_header, set_record_header, GpaRange, HelperClient, HelperError, HelperStatus,
+    RECORD_STRIDE,
 };
 
+#[macro_use]
 #[path = "../../tests/common.rs"]
 mod common;
-use common::vm_test;
+use common::one_vm;
 
 const KEY: [u8; 32] = [0x42; 32];
 const MEMORY: u64 = 32 * MIB;
@@ -48,6 +51,7 @@ fn vm_sealing(
             key: Some(key),
             debug,
             generic_seal,
+            ..Default::default()
         }),
         ..Default::default()
     };
@@ -95,8 +99,11 @@ fn page(v: &Vmm, gpa: u64) -> Vec<u8> {
     buf
 }
 
-/// Source and target agree on a session; returns its id.
+/// Source and target agree on a session (ending any before); returns its
+/// id.
 fn session(src: &mut HelperClient, dst: &mut HelperClient) -> [u8; 16] {
+    src.end().expect("end source session");
+    dst.end().expect("end target session");
     let source_nonce = src.begin_source().expect("begin source");
     let (target_nonce, target_id) = dst.begin_target(source_nonce).expect("begin target");
     let source_id = src.complete_source(target_nonce).expect("complete source");
@@ -104,16 +111,38 @@ fn session(src: &mut HelperClient, dst: &mut HelperClient) -> [u8; 16] {
     source_id
 }
 
-fn refused(r: Result<usize, HelperError>) -> HelperStatus {
+/// Guest RAM outside `pages` (sorted), as the shared ranges SEAL and
+/// VERIFY_SEAL take: the pages a test did not send are declared shared.
+fn shared_except(pages: &[u64]) -> Vec<GpaRange> {
+    let mut out = Vec::new();
+    let mut cursor = 0;
+    for &gpa in pages {
+        if gpa > cursor {
+            out.push(GpaRange {
+                start: cursor,
+                end: gpa,
+            });
+        }
+        cursor = gpa + PAGE as u64;
+    }
+    if cursor < MEMORY {
+        out.push(GpaRange {
+            start: cursor,
+            end: MEMORY,
+        });
+    }
+    out
+}
+
+fn refused<T: std::fmt::Debug>(r: Result<T, HelperError>) -> HelperStatus {
     match r {
         Err(HelperError::Refused { status, .. }) => status,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
-#[test]
 fn pages_round_trip_from_vm_a_into_vm_b_byte_for_byte() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target(KEY));
     let (mut src0, mut src1) = (client(&a, 0), client(&a, 1));
     let (mut dst0, mut dst1) = (client(&b, 0), client(&b, 1));
@@ -138,8 +167,9 @@ fn pages_round_trip_from_vm_a_into_vm_b_byte_for_byte() {
 
     assert_eq!(dst1.decrypt(&records.1).unwrap(), second.len());
     assert_eq!(dst0.decrypt(&records.0).unwrap(), first.len());
-    let seal = src0.seal().unwrap();
-    dst1.verify_seal(&seal).expect("seal verifies");
+    // Every page went through the helpers: nothing is declared shared.
+    let seal = src0.seal(&[]).unwrap();
+    dst1.verify_seal(&seal, &[]).expect("seal verifies");
 
     let mut ram_a = vec![0u8; MEMORY as usize];
     let mut ram_b = vec![0u8; MEMORY as usize];
@@ -156,9 +186,8 @@ fn pages_round_trip_from_vm_a_into_vm_b_byte_for_byte() {
     b.shutdown();
 }
 
-#[test]
 fn two_helpers_writing_one_page_never_mix_its_generations() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let a = vm(LabGuest::Hello, KEY, 1, false);
     a.start_mirror().unwrap();
     let b = target(KEY);
@@ -212,9 +241,8 @@ fn two_helpers_writing_one_page_never_mix_its_generations() {
     b.shutdown();
 }
 
-#[test]
 fn both_seal_paths_interoperate() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     // The source seals through ring (what CPUs without VAES do); the target
     // opens with ring whatever the source's path. The VAES path is the
     // default elsewhere in these tests.
@@ -248,14 +276,16 @@ fn both_seal_paths_interoperate() {
     for &(gpa, _) in &pages {
         assert_eq!(page(&b, gpa), page(&a, gpa), "{gpa:#x}");
     }
-    dst.verify_seal(&src.seal().unwrap()).unwrap();
+    let gpas: Vec<u64> = pages.iter().map(|p| p.0).collect();
+    let shared = shared_except(&gpas);
+    dst.verify_seal(&src.seal(&shared).unwrap(), &shared)
+        .unwrap();
     a.shutdown();
     b.shutdown();
 }
 
-#[test]
 fn tampered_moved_replayed_and_foreign_records_fail_closed() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target(KEY));
     let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
     session(&mut src, &mut dst);
@@ -341,9 +371,8 @@ fn tampered_moved_replayed_and_foreign_records_fail_closed() {
     b.shutdown();
 }
 
-#[test]
 fn a_failing_record_stops_its_stream_with_later_requests_already_queued() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target(KEY));
     let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
     session(&mut src, &mut dst);
@@ -406,9 +435,8 @@ fn a_failing_record_stops_its_stream_with_later_requests_already_queued() {
     b.shutdown();
 }
 
-#[test]
 fn wrong_transport_key_is_an_authentication_failure() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target([0x43; 32]));
     let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
     let source_nonce = src.begin_source().unwrap();
@@ -424,61 +452,95 @@ fn wrong_transport_key_is_an_authentication_failure() {
     b.shutdown();
 }
 
-#[test]
 fn the_sealed_end_record_catches_a_missing_page() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target(KEY));
     let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
-    session(&mut src, &mut dst);
-    let mut records = Vec::new();
-    src.encrypt(
-        &[(0x40_0000, 1), (0x40_1000, 1), (0x40_2000, 1)],
-        &mut records,
-    )
-    .unwrap();
-    // The host drops the middle record.
+    let gpas = [0x40_0000u64, 0x40_1000, 0x40_2000];
+    let pages: Vec<(u64, u64)> = gpas.iter().map(|&g| (g, 1)).collect();
+    let declared = shared_except(&gpas);
+    let without_middle = shared_except(&[gpas[0], gpas[2]]);
+    let stream = |src: &mut HelperClient, dst: &mut HelperClient| {
+        session(src, dst);
+        let mut records = Vec::new();
+        src.encrypt(&pages, &mut records).unwrap();
+        records
+    };
+    let status = |r: Result<(), HelperError>| refused(r.map(|()| 0));
+
+    // The host drops the middle record: the target never wrote that page.
+    let records = stream(&mut src, &mut dst);
+    let seal = src.seal(&declared).unwrap();
     let mut delivered = records[..RECORD_STRIDE].to_vec();
     delivered.extend_from_slice(&records[2 * RECORD_STRIDE..]);
     assert_eq!(dst.decrypt(&delivered).unwrap(), 2);
-    let seal = src.seal().unwrap();
-    let err = dst.verify_seal(&seal).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HelperError::Refused {
-                status: HelperStatus::SealMismatch,
-                ..
-            }
-        ),
-        "{err}"
+    assert_eq!(
+        status(dst.verify_seal(&seal, &declared)),
+        HelperStatus::Incomplete
     );
-    // A forged seal does not authenticate; the complete stream verifies.
-    let mut forged = seal;
-    forged.ciphertext[0] ^= 1;
-    let err = dst.verify_seal(&forged).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HelperError::Refused {
-                status: HelperStatus::AuthFailed,
-                ..
-            }
-        ),
-        "{err}"
+    // VERIFY_SEAL ended the session: the missing record cannot follow.
+    assert_eq!(
+        refused(dst.decrypt(&records[RECORD_STRIDE..2 * RECORD_STRIDE])),
+        HelperStatus::SessionClosed
+    );
+
+    // The host drops it and declares that page shared on both sides: the
+    // count in the seal gives it away.
+    let records = stream(&mut src, &mut dst);
+    let seal = src.seal(&without_middle).unwrap();
+    assert_eq!(dst.decrypt(&delivered_from(&records)).unwrap(), 2);
+    assert_eq!(
+        status(dst.verify_seal(&seal, &without_middle)),
+        HelperStatus::SealMismatch
+    );
+
+    // Everything delivered, but the target's host declares other shared
+    // ranges than the source's: the seal carries their hash.
+    let records = stream(&mut src, &mut dst);
+    let seal = src.seal(&declared).unwrap();
+    assert_eq!(dst.decrypt(&records).unwrap(), 3);
+    let mut other = declared.clone();
+    other[0].end -= PAGE as u64;
+    other.insert(
+        1,
+        GpaRange {
+            start: other[0].end,
+            end: other[0].end + PAGE as u64,
+        },
     );
     assert_eq!(
-        dst.decrypt(&records[RECORD_STRIDE..2 * RECORD_STRIDE])
-            .unwrap(),
-        1
+        status(dst.verify_seal(&seal, &other)),
+        HelperStatus::SealMismatch
     );
-    dst.verify_seal(&seal).expect("complete stream verifies");
+
+    // A forged seal does not authenticate; the complete stream verifies.
+    let records = stream(&mut src, &mut dst);
+    let seal = src.seal(&declared).unwrap();
+    assert_eq!(dst.decrypt(&records).unwrap(), 3);
+    let mut forged = seal;
+    forged.ciphertext[0] ^= 1;
+    assert_eq!(
+        status(dst.verify_seal(&forged, &declared)),
+        HelperStatus::AuthFailed
+    );
+    let records = stream(&mut src, &mut dst);
+    let seal = src.seal(&declared).unwrap();
+    assert_eq!(dst.decrypt(&records).unwrap(), 3);
+    dst.verify_seal(&seal, &declared)
+        .expect("complete stream verifies");
     a.shutdown();
     b.shutdown();
 }
 
-#[test]
+/// Records 0 and 2 of a three-record stream.
+fn delivered_from(records: &[u8]) -> Vec<u8> {
+    let mut out = records[..RECORD_STRIDE].to_vec();
+    out.extend_from_slice(&records[2 * RECORD_STRIDE..]);
+    out
+}
+
 fn seed_protocol_round_trips_one_page_at_a_time() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let (a, b) = (source(), target(KEY));
     let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
     session(&mut src, &mut dst);
@@ -507,9 +569,8 @@ fn seed_protocol_round_trips_one_page_at_a_time() {
     b.shutdown();
 }
 
-#[test]
 fn a_hung_or_crashed_helper_is_a_typed_error_within_the_limit() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let v = vm(LabGuest::Hello, KEY, 2, true);
     v.start_mirror().unwrap();
     let limit = Duration::from_millis(500);
@@ -555,9 +616,8 @@ fn a_hung_or_crashed_helper_is_a_typed_error_within_the_limit() {
     w.shutdown();
 }
 
-#[test]
 fn idle_helpers_leave_the_cpu_and_wake_for_work() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let b = target(KEY);
     let mut c = client(&b, 0);
     let before = c.heartbeat();
@@ -602,4 +662,460 @@ fn idle_helpers_leave_the_cpu_and_wake_for_work() {
         "idle helpers used {ticks} clock ticks in 300 ms"
     );
     b.shutdown();
+}
+
+/// A VM with `helpers` helper vCPUs launched as `launch` says (key and
+/// anything else), its guest not started, its helpers not yet started.
+fn vm_launch(helpers: usize, launch: HelperLaunch) -> Vmm {
+    let config = VmmConfig {
+        memory: MEMORY,
+        cpus: 1,
+        mirror_cpus: helpers,
+        boot: BootConfig::Lab(LabGuest::Hello),
+        serial: SerialConfig::Null,
+        helper: Some(launch),
+        ..Default::default()
+    };
+    Vmm::try_from(config).expect("build VM")
+}
+
+fn keyed(key: [u8; 32]) -> HelperLaunch {
+    HelperLaunch {
+        key: Some(key),
+        ..Default::default()
+    }
+}
+
+/// Gives mirror vCPU `vcpu` the helper index `index` (as a host could).
+fn set_helper_index(v: &Vmm, vcpu: usize, index: u64) {
+    let params = MIRROR_LAYOUT.params_gpa(vcpu);
+    let offset = std::mem::offset_of!(cgsvmm_fw_abi::MirrorParams, vcpu_index) as u64;
+    v.memory()
+        .mirror
+        .write_obj(index, GuestAddress(params + offset))
+        .unwrap();
+}
+
+/// A HELLO to helper `i`'s mailbox, with a short limit: whether anybody
+/// answers it.
+fn answers(v: &Vmm, i: usize) -> bool {
+    let mut c = v.helper_client(i, Duration::from_millis(300)).unwrap();
+    match c.hello() {
+        Ok(_) => true,
+        Err(HelperError::Timeout { .. }) => false,
+        Err(e) => panic!("helper {i}: {e}"),
+    }
+}
+
+fn begin_racing_encrypt_on_another_helper_never_repeats_a_nonce() {
+    let _one = one_vm();
+    let a = vm(LabGuest::Hello, KEY, 2, false);
+    a.start_mirror().unwrap();
+    let b = target(KEY);
+    let (mut s0, mut s1, mut dst) = (client(&a, 0), client(&a, 1), client(&b, 0));
+    session(&mut s0, &mut dst);
+    // BEGIN while a session is open is refused outright.
+    assert_eq!(refused(s0.begin_source()), HelperStatus::SessionOpen);
+    assert_eq!(
+        refused(dst.begin_target([1; 32])),
+        HelperStatus::SessionOpen
+    );
+
+    // Helper 0 ends and begins sessions as fast as it can while helper 1
+    // encrypts: every nonce of the run must be new (counters are never
+    // reset within a boot, and reserved under the session lock).
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let pages: Vec<(u64, u64)> = (0..64).map(|i| (0x50_0000 + i * PAGE as u64, 1)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let (mut batches, mut sessions) = (0, 0);
+    std::thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let mut n = 0u8;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s0.end().unwrap();
+                s0.begin_source().unwrap();
+                s0.complete_source([n; 32]).unwrap();
+                n = n.wrapping_add(1);
+            }
+            n
+        });
+        for _ in 0..300 {
+            let mut out = Vec::new();
+            match s1.encrypt(&pages, &mut out) {
+                Ok(()) => {
+                    batches += 1;
+                    for i in 0..pages.len() {
+                        let nonce = record_header(&out, i).unwrap().nonce;
+                        assert!(seen.insert(nonce), "nonce {nonce:02x?} used twice");
+                    }
+                }
+                Err(HelperError::Refused {
+                    status: HelperStatus::NoSession,
+                    ..
+                }) => {}
+                Err(e) => panic!("encrypt: {e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sessions = churn.join().unwrap();
+    });
+    println!(
+        "{batches} batches in {sessions} sessions, {} nonces, none twice",
+        seen.len()
+    );
+    assert!(batches >= 3 && sessions >= 3, "the race did not happen");
+    a.shutdown();
+    b.shutdown();
+}
+
+fn begin_target_racing_decrypt_never_tears_or_replays_a_page() {
+    let _one = one_vm();
+    let a = vm(LabGuest::Hello, KEY, 1, false);
+    a.start_mirror().unwrap();
+    let b = target(KEY);
+    let (mut src, mut dst0, mut dst1) = (client(&a, 0), client(&b, 0), client(&b, 1));
+    let pages: Vec<u64> = (0..128).map(|i| 0x50_0000 + i * PAGE as u64).collect();
+    let fill = |v: u8| {
+        for &gpa in &pages {
+            a.memory()
+                .ram
+                .write_slice(&[v; PAGE], GuestAddress(gpa))
+                .unwrap();
+        }
+    };
+    for round in 1..=20u8 {
+        session(&mut src, &mut dst0);
+        fill(round);
+        let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, 1)).collect();
+        let mut records = Vec::new();
+        src.encrypt(&list, &mut records).unwrap();
+        // One helper applies the stream while another ends the session and
+        // begins a new one (resetting the generation table).
+        std::thread::scope(|s| {
+            let apply = s.spawn(|| dst0.decrypt(&records));
+            std::thread::sleep(Duration::from_micros(50 * u64::from(round)));
+            dst1.end().unwrap();
+            dst1.begin_target([round; 32]).unwrap();
+            match apply.join().unwrap() {
+                Ok(_)
+                | Err(HelperError::Refused {
+                    status: HelperStatus::AuthFailed | HelperStatus::NoSession,
+                    ..
+                }) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        });
+        // Whatever was applied is whole: this round's page or an older one.
+        for &gpa in &pages {
+            let p = page(&b, gpa);
+            assert!(
+                p.iter().all(|&x| x == p[0]) && p[0] <= round,
+                "round {round}: torn page {gpa:#x}"
+            );
+        }
+        // The old session's records never apply in the new one.
+        assert_eq!(refused(dst0.decrypt(&records)), HelperStatus::AuthFailed);
+    }
+    // Nothing was left claimed: a clean session still applies every page.
+    session(&mut src, &mut dst0);
+    let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, 1)).collect();
+    let mut records = Vec::new();
+    src.encrypt(&list, &mut records).unwrap();
+    assert_eq!(dst1.decrypt(&records).unwrap(), pages.len());
+    let shared = shared_except(&pages);
+    dst0.verify_seal(&src.seal(&shared).unwrap(), &shared)
+        .unwrap();
+    a.shutdown();
+    b.shutdown();
+}
+
+fn sessions_close_no_encrypt_after_seal_no_decrypt_after_verify() {
+    let _one = one_vm();
+    let (a, b) = (source(), target(KEY));
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    let first = [0x40_0000u64, 0x40_1000];
+    let mut r = Vec::new();
+    src.encrypt(&[(first[0], 1), (first[1], 1)], &mut r)
+        .unwrap();
+    let shared = shared_except(&first);
+    let seal = src.seal(&shared).unwrap();
+    let mut late = Vec::new();
+    assert_eq!(
+        refused(src.encrypt(&[(0x40_2000, 1)], &mut late)),
+        HelperStatus::SessionClosed
+    );
+    assert_eq!(refused(src.seal(&shared)), HelperStatus::SessionClosed);
+    assert!(late.is_empty());
+    let (mut header, mut p) = (Vec::new(), [0u8; PAGE]);
+    assert_eq!(
+        refused(src.seed_encrypt(0x40_3000, &mut header, &mut p)),
+        HelperStatus::SessionClosed
+    );
+
+    assert_eq!(dst.decrypt(&r).unwrap(), 2);
+    dst.verify_seal(&seal, &shared).unwrap();
+    let before = page(&b, first[0]);
+    assert_eq!(refused(dst.decrypt(&r)), HelperStatus::SessionClosed);
+    assert_eq!(
+        refused(dst.verify_seal(&seal, &shared)),
+        HelperStatus::SessionClosed
+    );
+    assert_eq!(page(&b, first[0]), before);
+    // END, then a new session works on both sides.
+    session(&mut src, &mut dst);
+    let mut again = Vec::new();
+    src.encrypt(&[(first[0], 1)], &mut again).unwrap();
+    assert_eq!(dst.decrypt(&again).unwrap(), 1);
+    a.shutdown();
+    b.shutdown();
+}
+
+fn a_stream_that_skips_a_private_page_fails_seal_and_verify() {
+    let _one = one_vm();
+    let (a, b) = (source(), target(KEY));
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    // Half of RAM declared shared, the other half private: the host sends
+    // all private pages but one.
+    let private: Vec<u64> = (MEMORY / 2 / PAGE as u64..MEMORY / PAGE as u64)
+        .map(|p| p * PAGE as u64)
+        .collect();
+    let shared = [GpaRange {
+        start: 0,
+        end: MEMORY / 2,
+    }];
+    let skipped = private[777];
+    let sent: Vec<(u64, u64)> = private
+        .iter()
+        .filter(|&&g| g != skipped)
+        .map(|&g| (g, 1))
+        .collect();
+    let mut records = Vec::new();
+    src.encrypt(&sent, &mut records).unwrap();
+    match src.seal(&shared) {
+        Err(HelperError::Refused {
+            status: HelperStatus::Incomplete,
+            record,
+            ..
+        }) => assert_eq!(
+            u64::from(record),
+            skipped / PAGE as u64,
+            "names the missing page"
+        ),
+        other => panic!("SEAL of an incomplete stream: {other:?}"),
+    }
+    // Malformed shared ranges are refused, not skipped over.
+    let overlapping = [
+        GpaRange {
+            start: 0,
+            end: 0x2000,
+        },
+        GpaRange {
+            start: 0x1000,
+            end: MEMORY / 2,
+        },
+    ];
+    assert_eq!(refused(src.seal(&overlapping)), HelperStatus::BadRanges);
+    let outside = [GpaRange {
+        start: 0,
+        end: MEMORY + PAGE as u64,
+    }];
+    assert_eq!(refused(src.seal(&outside)), HelperStatus::BadRanges);
+    // A refused SEAL leaves the session open: the missing page follows.
+    let mut last = Vec::new();
+    src.encrypt(&[(skipped, 1)], &mut last).unwrap();
+    let seal = src.seal(&shared).unwrap();
+
+    // The target got everything but that page.
+    assert_eq!(dst.decrypt(&records).unwrap(), sent.len());
+    assert_eq!(
+        refused(dst.verify_seal(&seal, &shared)),
+        HelperStatus::Incomplete
+    );
+    a.shutdown();
+    b.shutdown();
+}
+
+fn two_helpers_configured_with_one_index_never_share_a_mailbox() {
+    let _one = one_vm();
+    // Mirror vCPU 1 is told it is helper 0 too; vCPU 2 that it is helper 9
+    // of 3.
+    let b = vm_launch(3, keyed(KEY));
+    set_helper_index(&b, 1, 0);
+    set_helper_index(&b, 2, 9);
+    b.start_mirror().unwrap();
+    let a = vm(LabGuest::Hello, KEY, 1, false);
+    a.start_mirror().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(answers(&b, 0), "the first claimant of index 0 serves it");
+    assert!(!answers(&b, 1), "nobody claimed index 1");
+    assert!(!answers(&b, 2), "index 9 of 3 was refused");
+    // The one helper on mailbox 0 works it alone: streams apply whole.
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    let pages: Vec<(u64, u64)> = (0..512).map(|i| (0x50_0000 + i * PAGE as u64, 1)).collect();
+    for i in 0..pages.len() as u64 {
+        a.memory()
+            .ram
+            .write_obj(i ^ 0x5a5a, GuestAddress(0x50_0000 + i * PAGE as u64))
+            .unwrap();
+    }
+    let mut records = Vec::new();
+    src.encrypt(&pages, &mut records).unwrap();
+    assert_eq!(dst.decrypt(&records).unwrap(), pages.len());
+    for &(gpa, _) in &pages {
+        assert_eq!(page(&b, gpa), page(&a, gpa), "{gpa:#x}");
+    }
+    // Neither refused vCPU faulted or stopped the VM.
+    assert_eq!(b.exit_handle().reason(), None);
+    a.shutdown();
+    b.shutdown();
+}
+
+fn a_helper_with_unusable_ram_ranges_serves_nothing() {
+    let _one = one_vm();
+    let header = cgsvmm::boot::images::HELPER.helper_header().unwrap();
+    let ram = std::mem::offset_of!(cgsvmm_fw_abi::helper::HelperConfig, ram) as u64;
+    let bad: [(u64, u64); 3] = [
+        (0x1000, 0x800),        // reversed and unaligned
+        (0, 0xf900_0000),       // over the helper's own region
+        (0x10_0000, 0x10_0000), // empty
+    ];
+    for (start, end) in bad {
+        let b = vm_launch(1, keyed(KEY));
+        let mem = &b.memory().mirror;
+        mem.write_obj(start, GuestAddress(header.config_gpa + ram))
+            .unwrap();
+        mem.write_obj(end, GuestAddress(header.config_gpa + ram + 8))
+            .unwrap();
+        b.start_mirror().unwrap();
+        assert!(
+            !answers(&b, 0),
+            "a helper configured with RAM {start:#x}..{end:#x} answered"
+        );
+        b.shutdown();
+    }
+}
+
+fn no_session_without_hardware_entropy() {
+    let _one = one_vm();
+    let b = vm_launch(
+        1,
+        HelperLaunch {
+            no_hw_entropy: true,
+            ..keyed(KEY)
+        },
+    );
+    b.start_mirror().unwrap();
+    let mut c = client(&b, 0);
+    assert_eq!(refused(c.begin_source()), HelperStatus::NoEntropy);
+    assert_eq!(refused(c.begin_target([7; 32])), HelperStatus::NoEntropy);
+    let mut out = Vec::new();
+    assert_eq!(
+        refused(c.encrypt(&[(0x40_0000, 1)], &mut out)),
+        HelperStatus::NoSession
+    );
+    b.shutdown();
+}
+
+fn a_transport_key_shared_by_two_vms_does_not_carry_pages_between_them() {
+    let _one = one_vm();
+    let id = |b: u8| HelperLaunch {
+        vm_id: [b; 16],
+        ..keyed(KEY)
+    };
+    let a = vm_launch(1, id(1));
+    a.start_mirror().unwrap();
+    let same = vm_launch(1, id(1));
+    same.start_mirror().unwrap();
+    let other = vm_launch(1, id(2));
+    other.start_mirror().unwrap();
+    let mut src = client(&a, 0);
+    a.memory()
+        .ram
+        .write_obj(0x1234_5678u64, GuestAddress(0x50_0000))
+        .unwrap();
+    for (target, opens) in [(&other, false), (&same, true)] {
+        let mut dst = client(target, 0);
+        src.end().unwrap();
+        let (target_nonce, target_id) = dst.begin_target(src.begin_source().unwrap()).unwrap();
+        let source_id = src.complete_source(target_nonce).unwrap();
+        assert_eq!(source_id == target_id, opens, "session ids");
+        let mut records = Vec::new();
+        src.encrypt(&[(0x50_0000, 1)], &mut records).unwrap();
+        let result = dst.decrypt(&records);
+        if opens {
+            assert_eq!(result.unwrap(), 1);
+            assert_eq!(page(target, 0x50_0000), page(&a, 0x50_0000));
+        } else {
+            assert_eq!(refused(result), HelperStatus::AuthFailed);
+            assert_ne!(page(target, 0x50_0000), page(&a, 0x50_0000));
+        }
+    }
+    for v in [a, same, other] {
+        v.shutdown();
+    }
+}
+
+/// Why the helper cannot take its VAES page path on this CPU, if it cannot.
+fn page_path_missing() -> Option<String> {
+    use std::arch::is_x86_feature_detected as has_feature;
+    let has = has_feature!("ssse3")
+        && has_feature!("sse4.1")
+        && has_feature!("aes")
+        && has_feature!("pclmulqdq")
+        && has_feature!("avx2")
+        && has_feature!("vaes")
+        && has_feature!("vpclmulqdq");
+    (!has).then(|| "this CPU lacks VAES or VPCLMULQDQ (the helper seals through ring)".into())
+}
+
+/// Runs only where the CPU has every feature of the page path: the helper
+/// must then take it (a helper that silently fell back would pass every
+/// other test).
+fn the_fast_page_path_runs_wherever_the_cpu_has_it() {
+    let _one = one_vm();
+    let b = target(KEY);
+    let mut c = b.helper_client(0, TIMEOUT).unwrap();
+    let caps = c.hello().unwrap().caps;
+    assert_ne!(
+        caps & caps::VAES_PAGE_SEAL,
+        0,
+        "the CPU has the page path's features, the helper does not use it"
+    );
+    b.shutdown();
+}
+
+fn main() {
+    let kvm = common::kvm_missing();
+    common::run_tests(&[
+        (
+            kvm.clone(),
+            &named!(
+                pages_round_trip_from_vm_a_into_vm_b_byte_for_byte,
+                two_helpers_writing_one_page_never_mix_its_generations,
+                both_seal_paths_interoperate,
+                tampered_moved_replayed_and_foreign_records_fail_closed,
+                a_failing_record_stops_its_stream_with_later_requests_already_queued,
+                wrong_transport_key_is_an_authentication_failure,
+                the_sealed_end_record_catches_a_missing_page,
+                seed_protocol_round_trips_one_page_at_a_time,
+                a_hung_or_crashed_helper_is_a_typed_error_within_the_limit,
+                idle_helpers_leave_the_cpu_and_wake_for_work,
+                begin_racing_encrypt_on_another_helper_never_repeats_a_nonce,
+                begin_target_racing_decrypt_never_tears_or_replays_a_page,
+                sessions_close_no_encrypt_after_seal_no_decrypt_after_verify,
+                a_stream_that_skips_a_private_page_fails_seal_and_verify,
+                two_helpers_configured_with_one_index_never_share_a_mailbox,
+                a_helper_with_unusable_ram_ranges_serves_nothing,
+                no_session_without_hardware_entropy,
+                a_transport_key_shared_by_two_vms_does_not_carry_pages_between_them,
+            ),
+        ),
+        (
+            kvm.or_else(page_path_missing),
+            &named!(the_fast_page_path_runs_wherever_the_cpu_has_it),
+        ),
+    ]);
 }

@@ -16,9 +16,10 @@ use cgsvmm::mirror::PROBE_GPA;
 use cgsvmm::Vmm;
 
 // Shared with the end-to-end tests: one VM at a time, KVM detection.
+#[macro_use]
 #[path = "../../tests/common.rs"]
 mod common;
-use common::vm_test;
+use common::one_vm;
 
 fn serial_file(name: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cgsvmm-{name}-{}.log", std::process::id()));
@@ -57,9 +58,8 @@ fn ram_word(vmm: &Vmm, gpa: u64) -> u64 {
         .expect("inside RAM")
 }
 
-#[test]
 fn hello_prints_and_powers_off() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let log = serial_file("hello");
     let vmm = Vmm::try_from(lab_config(LabGuest::Hello, 2, &log)).expect("build VM");
     let reason = vmm.run().expect("run");
@@ -69,9 +69,8 @@ fn hello_prints_and_powers_off() {
     let _ = std::fs::remove_file(log);
 }
 
-#[test]
 fn mirror_vm_reads_what_the_main_vm_wrote() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let log = serial_file("mirror-sees");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
     let controller = vmm.controller();
@@ -100,9 +99,8 @@ fn mirror_vm_reads_what_the_main_vm_wrote() {
     let _ = std::fs::remove_file(log);
 }
 
-#[test]
 fn pausing_main_vcpus_leaves_the_mirror_running() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let log = serial_file("pause");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 2, &log)).expect("build VM");
     let controller = vmm.controller();
@@ -159,9 +157,8 @@ fn pausing_main_vcpus_leaves_the_mirror_running() {
     let _ = std::fs::remove_file(log);
 }
 
-#[test]
 fn dirtier_catches_a_stale_page() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let log = serial_file("stale");
     let vmm = Vmm::try_from(lab_config(LabGuest::Dirtier, 1, &log)).expect("build VM");
     let controller = vmm.controller();
@@ -194,9 +191,8 @@ fn dirtier_catches_a_stale_page() {
     let _ = std::fs::remove_file(log);
 }
 
-#[test]
 fn dirtier_uses_ram_on_both_sides_of_the_hole() {
-    let Some(_one) = vm_test() else { return };
+    let _one = one_vm();
     let log = serial_file("high");
     let config = VmmConfig {
         memory: 3584 * MIB,
@@ -228,4 +224,17 @@ fn dirtier_uses_ram_on_both_sides_of_the_hole() {
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(!out.contains("MEMORY-ERROR"), "{out}");
     let _ = std::fs::remove_file(log);
+}
+
+fn main() {
+    common::run_tests(&[(
+        common::kvm_missing(),
+        &named!(
+            hello_prints_and_powers_off,
+            mirror_vm_reads_what_the_main_vm_wrote,
+            pausing_main_vcpus_leaves_the_mirror_running,
+            dirtier_catches_a_stale_page,
+            dirtier_uses_ram_on_both_sides_of_the_hole
+        ),
+    )]);
 }

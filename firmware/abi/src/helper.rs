@@ -79,7 +79,7 @@ use crate::GpaRange;
 /// Magic of [`HelperHeader`] ("CGSVMH01").
 pub const HELPER_MAGIC: [u8; 8] = *b"CGSVMH01";
 /// Version of this ABI (HELLO reports it; the host refuses others).
-pub const MH_ABI_VERSION: u32 = 3;
+pub const MH_ABI_VERSION: u32 = 4;
 /// Most helper vCPUs (mailboxes) an MH image provides.
 pub const MAX_HELPERS: u32 = 16;
 /// Most pages in one batch.
@@ -120,6 +120,10 @@ pub const CONFIG_FLAG_DEBUG: u64 = 1;
 /// Seal pages the general way (ring through a private copy) even where the
 /// VAES page path could run: tests of the path other CPUs take.
 pub const CONFIG_FLAG_GENERIC_SEAL: u64 = 2;
+/// Behave as on a CPU without RDSEED and RDRAND (tests of the refusal; on
+/// this lab's hosts CPUID at CPL3 is the host's and cannot hide them). It
+/// can only make the helper refuse sessions.
+pub const CONFIG_FLAG_NO_HW_ENTROPY: u64 = 4;
 
 /// Launch-time configuration written by the VMM (measured on SEV).
 #[repr(C)]
@@ -137,8 +141,15 @@ pub struct HelperConfig {
     pub flags: u64,
     /// Valid entries of `ram`.
     pub ram_range_count: u64,
-    /// Guest RAM: the only GPAs ENCRYPT and DECRYPT accept.
+    /// Guest RAM: the only GPAs ENCRYPT and DECRYPT accept. Page aligned,
+    /// ascending, disjoint and outside the mirror region, or the helper
+    /// serves nothing.
     pub ram: [GpaRange; 2],
+    /// The VM's identity (its UUID, chosen by the guest owner): measured
+    /// with the rest of this page and bound into every session key with
+    /// the RAM ranges, so that a transport key shared by several VMs
+    /// cannot carry one VM's pages into another.
+    pub vm_id: [u8; 16],
 }
 
 /// The transport key page.
@@ -280,6 +291,21 @@ pub mod status {
     pub const DEBUG_DISABLED: i32 = -10;
     /// Not run: a CHAIN request whose predecessor did not succeed.
     pub const SKIPPED: i32 = -11;
+    /// SESSION_BEGIN while a session is open (SESSION_END first).
+    pub const SESSION_OPEN: i32 = -12;
+    /// The session is closed: no ENCRYPT after SEAL, no DECRYPT after
+    /// VERIFY_SEAL, no second SEAL.
+    pub const SESSION_CLOSED: i32 = -13;
+    /// SEAL / VERIFY_SEAL: a RAM page outside the shared ranges was never
+    /// sealed (source) or written (target) in this session; `fail_index`
+    /// holds its page number (GPA / 4096, low 32 bits).
+    pub const INCOMPLETE: i32 = -14;
+    /// SEAL / VERIFY_SEAL: shared range `fail_index` is malformed
+    /// (unaligned, empty, out of order, overlapping, outside RAM).
+    pub const BAD_RANGES: i32 = -15;
+    /// The CPU gives no usable randomness (no RDSEED/RDRAND, failing, or
+    /// stuck): no session.
+    pub const NO_ENTROPY: i32 = -16;
 }
 
 /// [`RequestSlot::flags`] bits.
@@ -421,7 +447,7 @@ pub struct RecordHeader {
     pub pad: [u8; 16],
 }
 
-/// SEAL / VERIFY_SEAL record (in `arg`): `count || digest` encrypted.
+/// The sealed end record: `count || digest || shared hash` encrypted.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct SealRecord {
@@ -429,17 +455,43 @@ pub struct SealRecord {
     pub nonce: [u8; 12],
     /// Reserved.
     pub reserved: u32,
-    /// Encrypted page count (8) and digest (16).
+    /// Encrypted: page count (u64), digest (2 x u64), the first 16 bytes
+    /// of SHA-256 over the declared shared ranges.
     pub ciphertext: [u8; SEAL_PLAINTEXT],
     /// AEAD tag.
     pub tag: [u8; 16],
 }
 
-/// Bytes sealed in a [`SealRecord`]: page count (u64) and digest (2 x u64).
-pub const SEAL_PLAINTEXT: usize = 24;
+/// Bytes sealed in a [`SealRecord`]: page count (u64), digest (2 x u64) and
+/// the shared ranges' hash (16).
+pub const SEAL_PLAINTEXT: usize = 40;
 
-/// Byte string mixed into key derivation (HKDF info).
-pub const HKDF_INFO: &[u8] = b"cgsvmm migration helper v2 session";
+/// SEAL and VERIFY_SEAL arguments (in `arg`). The host declares which RAM
+/// pages are shared (plaintext, not the helpers' business) as
+/// `shared_count` [`GpaRange`]s at the start of the batch area: page
+/// aligned, ascending, disjoint, each inside one RAM range. Every other
+/// RAM page must have been sealed (source) or written (target) in this
+/// session, and both sides must declare the same ranges (the seal carries
+/// their hash).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct SealArgs {
+    /// SEAL: out; VERIFY_SEAL: in.
+    pub record: SealRecord,
+    /// Shared ranges in the batch area.
+    pub shared_count: u32,
+    /// Reserved.
+    pub reserved: u32,
+}
+
+/// Most shared ranges SEAL and VERIFY_SEAL take (as many as fit in the
+/// batch area).
+pub const MAX_SHARED_RANGES: u32 = ((MAX_BATCH as usize * RECORD_STRIDE) / 16) as u32;
+
+/// Byte string that starts the key derivation's HKDF info; the VM's
+/// identity follows (`vm_id`, RAM range count and ranges, see
+/// [`HelperConfig`]).
+pub const HKDF_INFO: &[u8] = b"cgsvmm migration helper v4 session";
 
 // The layout holds together (checked at compile time).
 const _: () = {
@@ -448,7 +500,7 @@ const _: () = {
     assert!(core::mem::size_of::<RecordHeader>() == 64);
     assert!(core::mem::size_of::<HelloReply>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SessionArgs>() <= ARG_SIZE);
-    assert!(core::mem::size_of::<SealRecord>() <= ARG_SIZE);
+    assert!(core::mem::size_of::<SealArgs>() <= ARG_SIZE);
     assert!(4 + core::mem::size_of::<SeedEnvelope>() <= SEED_ENVELOPE_MAX);
     assert!(MAILBOX_SIZE % 4096 == 0);
 };
@@ -478,8 +530,9 @@ mod tests {
         assert_eq!(size_of::<HelperHeader>(), 64);
         assert_eq!(offset_of!(HelperHeader, config_gpa), 16);
         assert_eq!(offset_of!(HelperHeader, gen_table_size), 56);
-        assert_eq!(size_of::<HelperConfig>(), 72);
+        assert_eq!(size_of::<HelperConfig>(), 88);
         assert_eq!(offset_of!(HelperConfig, ram), 40);
+        assert_eq!(offset_of!(HelperConfig, vm_id), 72);
         assert_eq!(size_of::<HelperSecret>(), 48);
         assert_eq!(offset_of!(HelperSecret, key), 16);
         assert_eq!(size_of::<RequestSlot>(), 32);
@@ -494,7 +547,10 @@ mod tests {
         assert_eq!(offset_of!(RecordHeader, nonce), 16);
         assert_eq!(offset_of!(RecordHeader, tag), 32);
         assert_eq!(size_of::<SessionArgs>(), 88);
-        assert_eq!(size_of::<SealRecord>(), 56);
+        assert_eq!(size_of::<SealRecord>(), 72);
+        assert_eq!(size_of::<SealArgs>(), 80);
+        assert_eq!(offset_of!(SealArgs, shared_count), 72);
+        assert_eq!(MAX_SHARED_RANGES, 16640);
         assert_eq!(size_of::<SeedEnvelope>(), 40);
         assert_eq!(MAILBOX_SIZE, 0x2000 + 64 * 4160);
         assert_eq!(record_offset(0), 0x2000);

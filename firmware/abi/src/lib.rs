@@ -95,6 +95,11 @@ pub const LAB_CMD_YIELD: u32 = 3;
 /// of KVM_RUN until its doorbell rings or a short timeout passes.
 pub const LAB_CMD_WAIT: u32 = 4;
 
+/// The helper on this vCPU serves nothing (its launch configuration is
+/// unusable, or its index is out of range or already another helper's):
+/// the VMM keeps it out of KVM_RUN for a while each time it says so.
+pub const LAB_CMD_HELPER_REFUSED: u32 = 5;
+
 /// COM1, the serial port the lab guests print on.
 pub const SERIAL_PORT: u16 = 0x3f8;
 

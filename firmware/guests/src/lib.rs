@@ -4,14 +4,22 @@
 //! and entry stub ([`guest_image!`]), the memory functions the compiler
 //! calls, port I/O, serial output, the TSC clock and the panic handler. It
 //! runs at CPL3 in 64-bit mode on page tables the VMM built; it has no
-//! interrupt handlers and never executes a privileged instruction.
+//! interrupt handlers and never executes a privileged instruction. The
+//! helper's building blocks that need no guest (locks, index claims,
+//! entropy, range checks, wiping keys) live here too, so that they are
+//! unit-tested on the host (`cargo test` in this directory).
 
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 pub use cgsvmm_fw_abi as abi;
+
+pub mod entropy;
+pub mod ranges;
+pub mod sync;
+pub mod wiped;
 
 /// Emits the image header (first bytes of the image) and the entry stub that
 /// aligns the stack and calls `$main(params)`. Images with a header of their
@@ -111,6 +119,7 @@ macro_rules! sprint {
     };
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // No IDT: the undefined opcode becomes a triple fault, which the VMM
@@ -127,7 +136,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 
 /// # Safety
 /// As C `memcpy`: `dst` and `src` valid for `n` bytes and not overlapping.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees both ranges are valid and disjoint.
     unsafe {
@@ -139,7 +148,7 @@ pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut 
 
 /// # Safety
 /// As C `memmove`: `dst` and `src` valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
         // SAFETY: a forward copy is correct when dst is below src or past it.
@@ -157,7 +166,7 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
 
 /// # Safety
 /// As C `memset`: `dst` valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees the range is valid.
     unsafe {
@@ -169,7 +178,7 @@ pub unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
 
 /// # Safety
 /// As C `memcmp`: `a` and `b` valid for `n` bytes.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
@@ -186,7 +195,7 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 
 /// # Safety
 /// As C `bcmp`.
-#[no_mangle]
+#[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
@@ -195,9 +204,11 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// Some dependencies (ring) link `alloc` without allocating on the paths
 /// these images use; there is no heap, so any allocation fails (and the
 /// resulting panic is a triple fault the VMM reports).
+#[cfg(not(test))]
 struct NoHeap;
 
 // SAFETY: never hands out memory: every allocation fails with null.
+#[cfg(not(test))]
 unsafe impl core::alloc::GlobalAlloc for NoHeap {
     unsafe fn alloc(&self, _layout: core::alloc::Layout) -> *mut u8 {
         core::ptr::null_mut()
@@ -206,5 +217,6 @@ unsafe impl core::alloc::GlobalAlloc for NoHeap {
     unsafe fn dealloc(&self, _ptr: *mut u8, _layout: core::alloc::Layout) {}
 }
 
+#[cfg(not(test))]
 #[global_allocator]
 static NO_HEAP: NoHeap = NoHeap;

@@ -1,22 +1,30 @@
-//! Transport encryption: the session (key, id, nonce counters, digest of
-//! what was sent or received) and the page operations.
+//! Transport encryption: the session (keys, id, nonce counters, digest of
+//! what was sent or received, where it stands) and the page operations.
 //!
-//! - key, session id = HKDF-SHA256(ikm = transport key, salt = source nonce
-//!   || target nonce, info = HKDF_INFO), 32 + 16 bytes;
-//! - page nonce = helper index (u32 LE) || per-helper counter (u64 LE): the
-//!   counters start at 1 with every session (fresh key) and only grow, so a
-//!   nonce never repeats under one key; the seal uses helper u32::MAX;
+//! - key, session id, digest key = HKDF-SHA256(ikm = transport key, salt =
+//!   source nonce || target nonce, info = HKDF_INFO || the VM's identity
+//!   from the measured launch configuration), 32 + 16 + 32 bytes;
+//! - page nonce = helper index (u32 LE) || that helper's counter (u64 LE).
+//!   The counters live in the session state, are reserved only under the
+//!   session lock and are never reset within a boot, so no (key, nonce)
+//!   pair can repeat whatever the host does (and keys are fresh per session
+//!   anyway); the seal uses helper u32::MAX;
 //! - AAD = session id || gpa || generation: a record moved to another GPA,
 //!   replayed with another generation or taken from another session fails
 //!   authentication;
-//! - digest key = the next 32 bytes of the same HKDF output;
 //! - digest: count and two u64 lanes, the wrapping sums over records of the
 //!   two halves of AES-256(digest key, gpa || generation). The same on both
 //!   sides whatever the order in which records travel; keyed, so the host,
 //!   which sees every (gpa, generation), cannot know the terms and so cannot
 //!   pick records to drop whose terms sum to zero.
+//!
+//! A session goes Idle -> (source) Begun -> Open -> Sealed, or Idle ->
+//! (target) Open -> Closed, and back to Idle only by SESSION_END. BEGIN,
+//! PEER, SEAL, VERIFY_SEAL and END take the session lock exclusively, so no
+//! batch runs while keys, counters, the digest or the generation table
+//! change; batches share it. Keys are wiped when dropped: at SEAL, at
+//! VERIFY_SEAL and at END.
 
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
@@ -24,10 +32,15 @@ use aes::Aes256;
 use hkdf::Hkdf;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, role, status};
+use cgsvmm_guests::abi::GpaRange;
+use cgsvmm_guests::memcpy;
+use cgsvmm_guests::ranges::{coverage, Coverage};
+use cgsvmm_guests::sync::RwSpin;
+use cgsvmm_guests::wiped::Wiped;
 use cgsvmm_page_gcm::PageGcm;
-use cgsvmm_guests::{memcpy, rdtsc};
 
 use crate::mailbox::Mailbox;
 use crate::Env;
@@ -35,55 +48,71 @@ use crate::Env;
 const PAGE: usize = h::PAGE_SIZE;
 /// Nonce "helper index" of the sealed end record.
 const SEAL_HELPER: u32 = u32::MAX;
+/// Nonce counters: one per helper and one for the seal.
+const COUNTERS: usize = h::MAX_HELPERS as usize + 1;
 
 /// A failed command: (status code, index of the failing record).
 pub type Failure = (i32, u32);
 
-struct State {
-    role: u32,
+/// Where the session stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No session: SESSION_BEGIN may start one.
+    Idle,
+    /// Source: own nonce handed out, waiting for the target's (PEER).
+    SourceBegun,
+    /// Source: keys derived; ENCRYPT until SEAL.
+    SourceOpen,
+    /// Source: sealed; only SESSION_END.
+    SourceSealed,
+    /// Target: keys derived; DECRYPT until VERIFY_SEAL.
+    TargetOpen,
+    /// Target: VERIFY_SEAL ran, whatever it found; only SESSION_END.
+    TargetClosed,
+}
+
+/// The one session of this MH, shared by every helper vCPU (behind
+/// [`SESSION`]'s lock).
+pub struct State {
+    phase: Phase,
     own_nonce: [u8; 32],
     keys: Option<Keys>,
     session_id: [u8; 16],
+    /// Next nonce counter of each helper (and of the seal), minus one.
+    /// Never reset: see the module doc.
+    counters: [AtomicU64; COUNTERS],
+    digest_count: AtomicU64,
+    digest: [AtomicU64; DIGEST_LANES],
 }
 
-/// What a session's key derivation yields.
+/// What a session's key derivation yields; every part is wiped when it is
+/// dropped.
 struct Keys {
     /// Opens pages; seals and opens the end record; seals pages where
     /// `page` cannot run.
-    aead: LessSafeKey,
+    aead: Wiped<LessSafeKey>,
     /// The same key for sealing whole pages straight from guest memory to
     /// the mailbox (CPUs with VAES and VPCLMULQDQ).
     page: Option<PageGcm>,
     /// The digest's keyed terms.
-    digest: Aes256,
-}
-
-/// The one session of this MH, shared by every helper vCPU.
-pub struct Session {
-    /// Readers count; WRITER while a session command changes `state`.
-    lock: AtomicU32,
-    state: UnsafeCell<State>,
-    counters: [AtomicU64; h::MAX_HELPERS as usize + 1],
-    digest_count: AtomicU64,
-    digest: [AtomicU64; DIGEST_LANES],
+    digest: Wiped<Aes256>,
 }
 
 /// u64 lanes of the digest (one AES block).
 const DIGEST_LANES: usize = 2;
 
-// SAFETY: `state` is only accessed under `lock` (shared for readers,
-// exclusive for the writer); everything else is atomic.
-unsafe impl Sync for Session {}
-
-const WRITER: u32 = 1 << 31;
-
-pub static SESSION: Session = Session {
-    lock: AtomicU32::new(0),
-    state: UnsafeCell::new(State { role: 0, own_nonce: [0; 32], keys: None, session_id: [0; 16] }),
-    counters: [const { AtomicU64::new(0) }; h::MAX_HELPERS as usize + 1],
+pub static SESSION: RwSpin<State> = RwSpin::new(State {
+    phase: Phase::Idle,
+    own_nonce: [0; 32],
+    keys: None,
+    session_id: [0; 16],
+    counters: [const { AtomicU64::new(0) }; COUNTERS],
     digest_count: AtomicU64::new(0),
     digest: [const { AtomicU64::new(0) }; DIGEST_LANES],
-};
+});
+
+/// Generation-table mark of a page the source sealed in this session.
+const SEALED: u32 = 1;
 
 /// One batch's share of the digest, summed locally.
 #[derive(Default)]
@@ -105,133 +134,11 @@ impl Tally {
     }
 }
 
-/// Starts pulling a guest page into the cache while the current one is
-/// being encrypted (the copy-in is otherwise a wait on DRAM). One prefetch
-/// per two lines: the hardware fetches the pair, and a full 64 would stall
-/// on the fill buffers (measured: 60-200 cycles a page more).
-fn prefetch_page(gpa: u64) {
-    for line in (0..PAGE as u64).step_by(128) {
-        // SAFETY: prefetching has no architectural effect and never faults;
-        // callers pass a validated page of guest RAM anyway.
-        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((gpa + line) as *const i8) };
-    }
-}
-
-/// Private per-helper page buffers: plaintext never touches shared memory.
-#[repr(align(4096))]
-struct Scratch(UnsafeCell<[[u8; PAGE]; h::MAX_HELPERS as usize]>);
-// SAFETY: helper i only ever touches entry i (see `scratch`).
-unsafe impl Sync for Scratch {}
-static SCRATCH: Scratch = Scratch(UnsafeCell::new([[0; PAGE]; h::MAX_HELPERS as usize]));
-
-fn scratch(index: u32) -> &'static mut [u8; PAGE] {
-    // SAFETY: each helper vCPU calls this with its own index only and holds
-    // the reference for the duration of one page operation.
-    unsafe { &mut (*SCRATCH.0.get())[index as usize % h::MAX_HELPERS as usize] }
-}
-
-impl Session {
-    fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
-        loop {
-            let s = self.lock.load(Ordering::Relaxed);
-            if s & WRITER == 0 && self.lock.compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
-                break;
-            }
-            core::hint::spin_loop();
-        }
-        // SAFETY: a reader holds the lock: no writer can run.
-        let r = f(unsafe { &*self.state.get() });
-        self.lock.fetch_sub(1, Ordering::Release);
-        r
-    }
-
-    fn write<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        while self.lock.compare_exchange_weak(0, WRITER, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            core::hint::spin_loop();
-        }
-        // SAFETY: the writer holds the lock exclusively.
-        let r = f(unsafe { &mut *self.state.get() });
-        self.lock.store(0, Ordering::Release);
-        r
-    }
-
-    fn reset_counters(&self) {
-        for c in &self.counters {
-            c.store(0, Ordering::Relaxed);
-        }
-        self.digest_count.store(0, Ordering::Relaxed);
-        for d in &self.digest {
-            d.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Forgets the session.
-    pub fn end(&self) {
-        self.write(|s| {
-            s.keys = None;
-            s.role = 0;
-            s.session_id = [0; 16];
-        });
-        self.reset_counters();
-    }
-
-    /// SESSION_BEGIN: a fresh nonce; the target also derives the key now.
-    pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
-        let mut args: h::SessionArgs = mbox.read_arg();
-        let Some(transport_key) = transport_key() else { return Err((status::NO_KEY, 0)) };
-        if args.role != role::SOURCE && args.role != role::TARGET {
-            return Err((status::BAD_ARGS, 0));
-        }
-        let nonce = fresh_nonce();
-        SESSION.reset_counters();
-        if args.role == role::TARGET {
-            // A new incoming session starts from nothing written.
-            for i in 0..env.ram_pages().min(env.gen_entries) {
-                env.generation(i).store(0, Ordering::Relaxed);
-            }
-        }
-        let derived = (args.role == role::TARGET).then(|| derive(&transport_key, &args.peer_nonce, &nonce, env.page_seal));
-        let session_id = derived.as_ref().map_or([0; 16], |(_, id)| *id);
-        SESSION.write(|s| {
-            s.role = args.role;
-            s.own_nonce = nonce;
-            s.keys = derived.map(|(k, _)| k);
-            s.session_id = session_id;
-        });
-        args.own_nonce = nonce;
-        args.session_id = session_id;
-        mbox.write_arg(&args);
-        Ok(())
-    }
-
-    /// SESSION_PEER (source): the target's nonce completes the key.
-    pub fn peer(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
-        let mut args: h::SessionArgs = mbox.read_arg();
-        let Some(transport_key) = transport_key() else { return Err((status::NO_KEY, 0)) };
-        let id = SESSION.write(|s| {
-            if s.role != role::SOURCE || s.keys.is_some() {
-                return None;
-            }
-            let (keys, id) = derive(&transport_key, &s.own_nonce, &args.peer_nonce, env.page_seal);
-            s.keys = Some(keys);
-            s.session_id = id;
-            Some(id)
-        });
-        let Some(id) = id else { return Err((status::NO_SESSION, 0)) };
-        args.session_id = id;
-        mbox.write_arg(&args);
-        Ok(())
-    }
-
-    /// Reserves `n` nonce counters of `helper`; returns the first (the
-    /// counters start at 1 with every session and only grow).
-    fn reserve_nonces(&self, helper: u32, n: u64) -> u64 {
-        let slot = (helper as usize).min(h::MAX_HELPERS as usize);
+impl State {
+    /// Reserves `n` nonce counters of `helper`; returns the first.
+    fn reserve(&self, helper: u32, n: u64) -> u64 {
+        let slot = (helper as usize).min(COUNTERS - 1);
         self.counters[slot].fetch_add(n, Ordering::Relaxed) + 1
-    }
-
-    fn next_nonce(&self, helper: u32) -> [u8; 12] {
-        page_nonce(helper, self.reserve_nonces(helper, 1))
     }
 
     /// Adds what a batch processed to the session's digest (once per
@@ -246,68 +153,163 @@ impl Session {
         self.digest_count.fetch_add(tally.count, Ordering::Relaxed);
     }
 
-    fn digest_plaintext(&self) -> [u8; h::SEAL_PLAINTEXT] {
+    /// Count, digest and the shared ranges' hash, as the seal carries them.
+    fn seal_plaintext(&self, shared_hash: &[u8; 16]) -> [u8; h::SEAL_PLAINTEXT] {
         let mut out = [0u8; h::SEAL_PLAINTEXT];
         out[..8].copy_from_slice(&self.digest_count.load(Ordering::Relaxed).to_le_bytes());
         for (i, lane) in self.digest.iter().enumerate() {
             out[8 + i * 8..16 + i * 8].copy_from_slice(&lane.load(Ordering::Relaxed).to_le_bytes());
         }
+        out[24..].copy_from_slice(shared_hash);
         out
     }
+
+    /// Back to no session: keys wiped (by their drop), ids forgotten.
+    fn clear(&mut self) {
+        self.keys = None;
+        self.phase = Phase::Idle;
+        self.own_nonce.zeroize();
+        self.session_id.zeroize();
+    }
+
+    /// A fresh session's digest and generation table (every page unsent).
+    fn reset_tallies(&mut self, env: &Env) {
+        self.digest_count.store(0, Ordering::Relaxed);
+        for d in &self.digest {
+            d.store(0, Ordering::Relaxed);
+        }
+        for i in 0..env.ram_pages().min(env.gen_entries) {
+            env.generation(i).store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Starts pulling a guest page into the cache while the current one is
+/// being encrypted (the copy-in is otherwise a wait on DRAM). One prefetch
+/// per two lines: the hardware fetches the pair, and a full 64 would stall
+/// on the fill buffers (measured: 60-200 cycles a page more).
+fn prefetch_page(gpa: u64) {
+    for line in (0..PAGE as u64).step_by(128) {
+        // SAFETY: prefetching has no architectural effect and never faults;
+        // callers pass a validated page of guest RAM anyway.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((gpa + line) as *const i8) };
+    }
+}
+
+/// Private per-helper page buffers: plaintext never touches shared memory.
+#[repr(align(4096))]
+struct Scratch(core::cell::UnsafeCell<[[u8; PAGE]; h::MAX_HELPERS as usize]>);
+// SAFETY: helper i only ever touches entry i (see `scratch`).
+unsafe impl Sync for Scratch {}
+static SCRATCH: Scratch = Scratch(core::cell::UnsafeCell::new([[0; PAGE]; h::MAX_HELPERS as usize]));
+
+/// Helper `index`'s scratch page. The index was claimed (`IndexClaims`):
+/// below MAX_HELPERS and no other helper's.
+fn scratch(index: u32) -> &'static mut [u8; PAGE] {
+    // SAFETY: each helper vCPU calls this with its own claimed index only
+    // and holds the reference for the duration of one page operation; an
+    // index past the array would panic (a fault), never alias.
+    unsafe { &mut (*SCRATCH.0.get())[index as usize] }
+}
+
+/// SESSION_BEGIN: refused while a session is open; otherwise a fresh nonce
+/// from the CPU, a fresh digest and generation table, and for the target
+/// the keys at once.
+pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    let mut args: h::SessionArgs = mbox.read_arg();
+    if args.role != role::SOURCE && args.role != role::TARGET {
+        return Err((status::BAD_ARGS, 0));
+    }
+    let (nonce, session_id) = SESSION.write(|s| {
+        if s.phase != Phase::Idle {
+            return Err((status::SESSION_OPEN, 0));
+        }
+        s.clear();
+        let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
+        let nonce = fresh_nonce(env);
+        let result = nonce.map(|nonce| {
+            s.reset_tallies(env);
+            s.own_nonce = nonce;
+            if args.role == role::TARGET {
+                let (keys, id) = derive(&key, &args.peer_nonce, &nonce, env);
+                s.keys = Some(keys);
+                s.session_id = id;
+                s.phase = Phase::TargetOpen;
+            } else {
+                s.phase = Phase::SourceBegun;
+            }
+            (nonce, s.session_id)
+        });
+        key.zeroize();
+        result
+    })?;
+    args.own_nonce = nonce;
+    args.session_id = session_id;
+    mbox.write_arg(&args);
+    Ok(())
+}
+
+/// SESSION_PEER (source): the target's nonce completes the key.
+pub fn peer(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    let mut args: h::SessionArgs = mbox.read_arg();
+    let id = SESSION.write(|s| {
+        if s.phase != Phase::SourceBegun {
+            return Err((status::NO_SESSION, 0));
+        }
+        let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
+        let (keys, id) = derive(&key, &s.own_nonce, &args.peer_nonce, env);
+        key.zeroize();
+        s.keys = Some(keys);
+        s.session_id = id;
+        s.phase = Phase::SourceOpen;
+        Ok(id)
+    })?;
+    args.session_id = id;
+    mbox.write_arg(&args);
+    Ok(())
+}
+
+/// SESSION_END (and the seed protocol's RESET): forgets the session; the
+/// keys are wiped. Nonce counters go on.
+pub fn end() {
+    SESSION.write(State::clear);
 }
 
 fn transport_key() -> Option<[u8; 32]> {
     let header = crate::helper_header();
     // SAFETY: the secret page named by our header is mapped and private.
-    let secret: h::HelperSecret = unsafe { core::ptr::read_volatile(header.secret_gpa as *const h::HelperSecret) };
-    (secret.magic == h::CONFIG_MAGIC).then_some(secret.key)
+    let mut secret: h::HelperSecret = unsafe { core::ptr::read_volatile(header.secret_gpa as *const h::HelperSecret) };
+    let key = (secret.magic == h::CONFIG_MAGIC).then_some(secret.key);
+    secret.key.zeroize();
+    key
 }
 
 /// HKDF output: AEAD key (32) || session id (16) || digest key (32). With
-/// `page_seal`, the AEAD key also goes to the VAES page path.
-fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32], page_seal: bool) -> (Keys, [u8; 16]) {
+/// the page path, the AEAD key also goes to it.
+fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32], env: &Env) -> (Keys, [u8; 16]) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(source_nonce);
     salt[32..].copy_from_slice(target_nonce);
     let hk = Hkdf::<Sha256>::new(Some(&salt), transport_key);
     let mut okm = [0u8; 80];
-    hk.expand(h::HKDF_INFO, &mut okm).expect("80 bytes is a valid HKDF-SHA256 length");
-    let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &okm[..32]).expect("32-byte key"));
-    let page = page_seal.then(|| PageGcm::new(okm[..32].try_into().expect("32 bytes"))).flatten();
+    hk.expand(&env.hkdf_info, &mut okm).expect("80 bytes is a valid HKDF-SHA256 length");
+    let mut aead_key: [u8; 32] = okm[..32].try_into().expect("32 bytes");
+    let aead = Wiped::new(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key).expect("32-byte key")));
+    let page = if env.page_seal { PageGcm::new(&aead_key) } else { None };
+    aead_key.zeroize();
     let mut id = [0u8; 16];
     id.copy_from_slice(&okm[32..48]);
-    let digest = Aes256::new_from_slice(&okm[48..]).expect("32-byte key");
+    let digest = Wiped::new(Aes256::new_from_slice(&okm[48..]).expect("32-byte key"));
+    okm.zeroize();
     (Keys { aead, page, digest }, id)
 }
 
-/// 32 fresh bytes: RDRAND where the CPU has it, always mixed with the TSC.
-fn fresh_nonce() -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    for _ in 0..4 {
-        hasher.update(rdrand().unwrap_or(0).to_le_bytes());
-        hasher.update(rdtsc().to_le_bytes());
+/// 32 fresh bytes from the CPU, or the session is refused.
+fn fresh_nonce(env: &Env) -> Result<[u8; 32], Failure> {
+    if env.no_hw_entropy {
+        return Err((status::NO_ENTROPY, 0));
     }
-    hasher.finalize().into()
-}
-
-fn rdrand() -> Option<u64> {
-    // CPUID.1:ECX bit 30.
-    let has = core::arch::x86_64::__cpuid(1).ecx & (1 << 30) != 0;
-    if !has {
-        return None;
-    }
-    #[target_feature(enable = "rdrand")]
-    fn step() -> Option<u64> {
-        let mut v = 0u64;
-        for _ in 0..10 {
-            if core::arch::x86_64::_rdrand64_step(&mut v) == 1 {
-                return Some(v);
-            }
-        }
-        None
-    }
-    // SAFETY: the CPU supports the target feature (checked above).
-    unsafe { step() }
+    cgsvmm_guests::entropy::hardware().map_err(|_| (status::NO_ENTROPY, 0))
 }
 
 /// The nonce of `helper`'s `counter`th record.
@@ -363,21 +365,31 @@ fn drain_stores() {
 struct Batch<'a> {
     env: &'a Env,
     helper: u32,
+    state: &'a State,
     keys: &'a Keys,
     session_id: &'a [u8; 16],
     tally: Tally,
 }
 
 impl Batch<'_> {
-    /// Runs `f` on the session as `want` (SOURCE or TARGET) sees it.
-    fn run<R>(env: &Env, helper: u32, want: u32, f: impl FnOnce(&mut Batch) -> R) -> Result<R, i32> {
+    /// Runs `f` on the session if it is `want` (SourceOpen or TargetOpen).
+    fn run<R>(env: &Env, helper: u32, want: Phase, f: impl FnOnce(&mut Batch) -> R) -> Result<R, i32> {
         SESSION.read(|s| {
-            let (Some(keys), true) = (s.keys.as_ref(), s.role == want) else { return Err(status::NO_SESSION) };
-            let mut batch = Batch { env, helper, keys, session_id: &s.session_id, tally: Tally::default() };
+            let keys = match (s.phase, s.keys.as_ref()) {
+                (phase, Some(keys)) if phase == want => keys,
+                (Phase::SourceSealed | Phase::TargetClosed, _) => return Err(status::SESSION_CLOSED),
+                _ => return Err(status::NO_SESSION),
+            };
+            let mut batch = Batch { env, helper, state: s, keys, session_id: &s.session_id, tally: Tally::default() };
             let r = f(&mut batch);
-            SESSION.account(&batch.tally);
+            s.account(&batch.tally);
             Ok(r)
         })
+    }
+
+    /// Reserves `n` nonces of this batch's helper; returns the first counter.
+    fn reserve(&self, n: u64) -> u64 {
+        self.state.reserve(self.helper, n)
     }
 
     /// Encrypts the page at `gpa` under `nonce` into `out` (shared): returns
@@ -386,7 +398,7 @@ impl Batch<'_> {
     /// general path copies it into the helper's private scratch page,
     /// encrypts it there and copies the ciphertext out.
     fn encrypt_page(&mut self, gpa: u64, generation: u64, nonce: [u8; 12], out: u64) -> Result<[u8; 16], i32> {
-        self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
+        let index = self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
         let aad = aad(self.session_id, gpa, generation);
         let tag = match &self.keys.page {
             // SAFETY: `gpa` is a page of guest RAM (checked above), mapped
@@ -408,6 +420,8 @@ impl Batch<'_> {
             }
         };
         self.tally.add(&self.keys.digest, gpa, generation);
+        // SEAL checks that every private page was sealed in this session.
+        self.env.generation(index).store(SEALED, Ordering::Relaxed);
         Ok(tag)
     }
 
@@ -484,8 +498,8 @@ fn batch_range(request: &h::RequestSlot) -> Result<core::ops::Range<u32>, Failur
 pub fn encrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
     let records = batch_range(request)?;
     let count = records.len() as u32;
-    let first_nonce = SESSION.reserve_nonces(helper, u64::from(count));
-    let result = Batch::run(env, helper, role::SOURCE, |batch| {
+    let result = Batch::run(env, helper, Phase::SourceOpen, |batch| {
+        let first_nonce = batch.reserve(u64::from(count));
         let mut next: h::RecordHeader = mbox.read(Mailbox::record(records.start));
         records.clone().zip(first_nonce..).try_for_each(|(i, counter)| {
             let at = Mailbox::record(i);
@@ -512,7 +526,7 @@ pub fn encrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper
 pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
     let records = batch_range(request)?;
     let count = records.len() as u32;
-    let result = Batch::run(env, helper, role::TARGET, |batch| {
+    let result = Batch::run(env, helper, Phase::TargetOpen, |batch| {
         records.clone().try_for_each(|i| {
             let at = Mailbox::record(i);
             let header: h::RecordHeader = mbox.read(at);
@@ -524,31 +538,77 @@ pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper
     result.map_err(|e| (e, records.start))?.map(|()| count)
 }
 
-/// SEAL: the source's count and digest, encrypted and bound to the session.
-pub fn seal(mbox: &Mailbox) -> Result<(), Failure> {
-    let record = SESSION.read(|s| {
-        let (Some(keys), role::SOURCE) = (s.keys.as_ref(), s.role) else { return Err((status::NO_SESSION, 0)) };
-        let nonce = SESSION.next_nonce(SEAL_HELPER);
+/// Reads the `count` shared ranges the host put at the start of the batch
+/// area, each once, and checks them against the generation table: every
+/// RAM page outside them must be `marked`. Returns the first 16 bytes of
+/// SHA-256 over the ranges as read.
+fn check_shared(mbox: &Mailbox, env: &Env, count: u32, marked: impl Fn(u64) -> bool) -> Result<[u8; 16], Failure> {
+    if count > h::MAX_SHARED_RANGES {
+        return Err((status::BAD_ARGS, 0));
+    }
+    let mut hasher = Sha256::new();
+    let ranges = (0..count).map(|i| {
+        let r: GpaRange = mbox.read(offsets::BATCH as u64 + u64::from(i) * 16);
+        hasher.update(r.start.to_le_bytes());
+        hasher.update(r.end.to_le_bytes());
+        r
+    });
+    match coverage(&env.ram[..env.ram_count], ranges, marked) {
+        Coverage::Complete => {}
+        Coverage::Missing(gpa) => return Err((status::INCOMPLETE, (gpa / PAGE as u64) as u32)),
+        Coverage::BadRange(n) => return Err((status::BAD_RANGES, n)),
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    Ok(digest[..16].try_into().expect("16 bytes"))
+}
+
+/// SEAL: once every private page was sealed, the source's count, digest
+/// and shared ranges' hash, encrypted and bound to the session. Ends the
+/// session's encryption: no ENCRYPT and no SEAL after it; keys wiped. A
+/// refused SEAL (a page missing) leaves the session open to send it.
+pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    let mut args: h::SealArgs = mbox.read_arg();
+    let record = SESSION.write(|s| {
+        let keys = match (s.phase, s.keys.as_ref()) {
+            (Phase::SourceOpen, Some(keys)) => keys,
+            (Phase::SourceSealed, _) => return Err((status::SESSION_CLOSED, 0)),
+            _ => return Err((status::NO_SESSION, 0)),
+        };
+        let hash = check_shared(mbox, env, args.shared_count, |i| env.generation(i).load(Ordering::Relaxed) == SEALED)?;
+        let nonce = page_nonce(SEAL_HELPER, s.reserve(SEAL_HELPER, 1));
         let mut record = <h::SealRecord as zerocopy::FromZeros>::new_zeroed();
         record.nonce = nonce;
-        record.ciphertext = SESSION.digest_plaintext();
+        record.ciphertext = s.seal_plaintext(&hash);
         let tag = keys
             .aead
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&s.session_id), &mut record.ciphertext[..])
             .map_err(|_| (status::AUTH_FAILED, 0))?;
         record.tag.copy_from_slice(tag.as_ref());
+        s.keys = None;
+        s.phase = Phase::SourceSealed;
         Ok(record)
     })?;
-    mbox.write_arg(&record);
+    args.record = record;
+    mbox.write_arg(&args);
     Ok(())
 }
 
 /// VERIFY_SEAL: the source's record must authenticate and match exactly
-/// what this side received.
-pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
-    let mut record: h::SealRecord = mbox.read_arg();
-    SESSION.read(|s| {
-        let (Some(keys), role::TARGET) = (s.keys.as_ref(), s.role) else { return Err((status::NO_SESSION, 0)) };
+/// what this side received, under the same shared ranges, and every other
+/// RAM page must have been written in this session. Ends the session
+/// whatever it finds: no DECRYPT after it; keys wiped.
+pub fn verify_seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    let mut args: h::SealArgs = mbox.read_arg();
+    SESSION.write(|s| {
+        match s.phase {
+            Phase::TargetOpen => {}
+            Phase::TargetClosed => return Err((status::SESSION_CLOSED, 0)),
+            _ => return Err((status::NO_SESSION, 0)),
+        }
+        let keys = s.keys.take();
+        s.phase = Phase::TargetClosed;
+        let keys = keys.ok_or((status::NO_SESSION, 0))?;
+        let record = &mut args.record;
         keys.aead
             .open_in_place_separate_tag(
                 Nonce::assume_unique_for_key(record.nonce),
@@ -558,7 +618,10 @@ pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
                 0..,
             )
             .map_err(|_| (status::AUTH_FAILED, 0))?;
-        if record.ciphertext != SESSION.digest_plaintext() {
+        let hash = check_shared(mbox, env, args.shared_count, |i| {
+            !matches!(env.generation(i).load(Ordering::Relaxed), 0 | CLAIMED)
+        })?;
+        if record.ciphertext != s.seal_plaintext(&hash) {
             return Err((status::SEAL_MISMATCH, 0));
         }
         Ok(())
@@ -568,10 +631,12 @@ pub fn verify_seal(mbox: &Mailbox) -> Result<(), Failure> {
 /// Seed ENCRYPT: the page at `gpa` into the seed page, the envelope into
 /// the seed header. The generation is the nonce counter: always newer.
 pub fn seed_encrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
-    let generation = SESSION.reserve_nonces(0, 1);
-    let nonce = page_nonce(0, generation);
-    let tag = Batch::run(env, 0, role::SOURCE, |batch| {
-        batch.encrypt_page(gpa, generation, nonce, mbox.addr(offsets::SEED_PAGE as u64))
+    let (generation, nonce, tag) = Batch::run(env, 0, Phase::SourceOpen, |batch| {
+        let generation = batch.reserve(1);
+        let nonce = page_nonce(0, generation);
+        batch
+            .encrypt_page(gpa, generation, nonce, mbox.addr(offsets::SEED_PAGE as u64))
+            .map(|tag| (generation, nonce, tag))
     })??;
     drain_stores();
     let envelope = h::SeedEnvelope { generation, nonce, tag, reserved: 0 };
@@ -587,7 +652,7 @@ pub fn seed_decrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
         return Err(status::BAD_ARGS);
     }
     let e: h::SeedEnvelope = mbox.read(offsets::SEED_HEADER as u64 + 4);
-    Batch::run(env, 0, role::TARGET, |batch| {
+    Batch::run(env, 0, Phase::TargetOpen, |batch| {
         batch.decrypt_page(gpa, e.generation, &e.nonce, &e.tag, mbox.addr(offsets::SEED_PAGE as u64))
     })?
 }

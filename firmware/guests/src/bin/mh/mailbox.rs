@@ -10,7 +10,7 @@ use core::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use cgsvmm_guests::abi::helper::{self as h, offsets, seed, status};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::crypto::{self, SESSION};
+use crate::crypto;
 use crate::Env;
 
 /// A mailbox at a fixed guest-physical (= virtual) address.
@@ -144,7 +144,7 @@ pub fn serve_seed(mbox: &Mailbox, env: &Env) {
     let ret = match params.cmd_type {
         seed::INIT => status::OK,
         seed::RESET => {
-            SESSION.end();
+            crypto::end();
             status::OK
         }
         seed::ENCRYPT => match crypto::seed_encrypt(mbox, env, gpa) {

@@ -19,11 +19,13 @@ mod mailbox;
 
 use core::sync::atomic::AtomicU32;
 
+use cgsvmm_guests::ranges::valid_ram;
+use cgsvmm_guests::sync::IndexClaims;
+
 use cgsvmm_guests::abi::helper::{self as h, cmd, status};
 use cgsvmm_guests::abi::{self, GpaRange, MirrorParams};
 use cgsvmm_guests::{guest_image, outl, rdtsc};
 
-use crypto::{Session, SESSION};
 use mailbox::Mailbox;
 
 // The HelperHeader follows the image header.
@@ -72,6 +74,30 @@ pub struct Env {
     pub page_seal: bool,
     /// TSC ticks per microsecond.
     pub tsc_per_us: u64,
+    /// Behave as if the CPU had no RDSEED/RDRAND (tests).
+    pub no_hw_entropy: bool,
+    /// HKDF info: `HKDF_INFO || vm_id || RAM range count (u64 LE) ||
+    /// ranges (start, end as u64 LE)`, the VM's identity from the measured
+    /// launch configuration.
+    pub hkdf_info: [u8; HKDF_INFO_LEN],
+}
+
+/// Bytes of [`Env::hkdf_info`].
+pub const HKDF_INFO_LEN: usize = h::HKDF_INFO.len() + 16 + 8 + 2 * 16;
+
+/// The VM's identity as the key derivation binds it.
+fn hkdf_info(config: &h::HelperConfig) -> [u8; HKDF_INFO_LEN] {
+    let mut info = [0u8; HKDF_INFO_LEN];
+    let (prefix, rest) = info.split_at_mut(h::HKDF_INFO.len());
+    prefix.copy_from_slice(h::HKDF_INFO);
+    rest[..16].copy_from_slice(&config.vm_id);
+    rest[16..24].copy_from_slice(&config.ram_range_count.to_le_bytes());
+    for (i, r) in config.ram.iter().take(config.ram_range_count as usize).enumerate() {
+        let at = 24 + i * 16;
+        rest[at..at + 8].copy_from_slice(&r.start.to_le_bytes());
+        rest[at + 8..at + 16].copy_from_slice(&r.end.to_le_bytes());
+    }
+    info
 }
 
 impl Env {
@@ -104,23 +130,41 @@ impl Env {
     }
 }
 
+/// The launch configuration, if it is usable: magic, at most two RAM
+/// ranges, each page aligned, ascending, disjoint and outside the mirror
+/// region (see `ranges::valid_ram`).
 fn read_env() -> Option<Env> {
     let header = helper_header();
     // SAFETY: the config page named by our own header is mapped; read once.
     let config: h::HelperConfig = unsafe { core::ptr::read_volatile(header.config_gpa as *const h::HelperConfig) };
-    if config.magic != h::CONFIG_MAGIC || config.ram_range_count as usize > config.ram.len() {
+    let count = config.ram_range_count as usize;
+    let mirror = GpaRange { start: abi::MIRROR_REGION_GPA, end: abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE };
+    if config.magic != h::CONFIG_MAGIC || count > config.ram.len() || !valid_ram(&config.ram[..count], &mirror) {
         return None;
     }
     Some(Env {
         ram: config.ram,
-        ram_count: config.ram_range_count as usize,
+        ram_count: count,
         gen_table: header.gen_table_gpa,
         gen_entries: header.gen_table_size / 4,
-        helper_count: config.helper_count.min(h::MAX_HELPERS),
+        helper_count: config.helper_count.min(h::MAX_HELPERS).min(header.max_helpers),
         debug: config.flags & h::CONFIG_FLAG_DEBUG != 0,
         page_seal: config.flags & h::CONFIG_FLAG_GENERIC_SEAL == 0 && cgsvmm_page_gcm::supported(),
         tsc_per_us: (config.tsc_khz / 1000).max(1),
+        no_hw_entropy: config.flags & h::CONFIG_FLAG_NO_HW_ENTROPY != 0,
+        hkdf_info: hkdf_info(&config),
     })
+}
+
+/// The helper indices taken (in private memory).
+static CLAIMS: IndexClaims = IndexClaims::new();
+
+/// Serves nothing, ever: a helper without a usable configuration or whose
+/// index was refused tells the VMM once per wake-up and leaves the CPU.
+fn refuse() -> ! {
+    loop {
+        outl(abi::LAB_PORT, abi::LAB_CMD_HELPER_REFUSED);
+    }
 }
 
 /// Leaves the CPU until the VMM re-enters us (doorbell or timeout).
@@ -129,16 +173,16 @@ fn wait_for_work(index: u32) {
 }
 
 extern "C" fn main(params: &MirrorParams) -> ! {
-    let index = params.vcpu_index as u32;
+    let Some(env) = read_env() else { refuse() };
+    // The index names our mailbox, nonce counter and scratch page: it must
+    // be one of the configured helpers' and nobody else's.
+    let vcpu_index = params.vcpu_index;
+    if !CLAIMS.claim(vcpu_index, env.helper_count) {
+        refuse();
+    }
+    let index = vcpu_index as u32;
     let header = helper_header();
     let mbox = Mailbox::new(header.mailbox_gpa + u64::from(index) * header.mailbox_stride);
-    let Some(env) = read_env() else {
-        // Without a valid launch config there is nothing safe to do: answer
-        // nothing, leave the CPU forever.
-        loop {
-            wait_for_work(index);
-        }
-    };
     let mut served = mbox.resp_seq();
     // Whether the last request answered succeeded (CHAIN requests need it).
     let mut last_ok = true;
@@ -216,16 +260,16 @@ fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Resul
             mbox.write_arg(&reply);
             Ok(0)
         }
-        cmd::SESSION_BEGIN => Session::begin(mbox, env).map(|_| 0),
-        cmd::SESSION_PEER => Session::peer(mbox, env).map(|_| 0),
+        cmd::SESSION_BEGIN => crypto::begin(mbox, env).map(|_| 0),
+        cmd::SESSION_PEER => crypto::peer(mbox, env).map(|_| 0),
         cmd::SESSION_END => {
-            SESSION.end();
+            crypto::end();
             Ok(0)
         }
         cmd::ENCRYPT_BATCH => crypto::encrypt_batch(mbox, request, env, index),
         cmd::DECRYPT_BATCH => crypto::decrypt_batch(mbox, request, env, index),
-        cmd::SEAL => crypto::seal(mbox).map(|_| 0),
-        cmd::VERIFY_SEAL => crypto::verify_seal(mbox).map(|_| 0),
+        cmd::SEAL => crypto::seal(mbox, env).map(|_| 0),
+        cmd::VERIFY_SEAL => crypto::verify_seal(mbox, env).map(|_| 0),
         cmd::DEBUG_HANG if env.debug => loop {
             core::hint::spin_loop();
         },
