@@ -92,12 +92,16 @@ mod tests {
         assert_eq!(gather(|| Some(0)), Err(NoEntropy));
         assert_eq!(gather(|| Some(u64::MAX)), Err(NoEntropy));
         assert_eq!(gather(|| Some(42)), Err(NoEntropy), "a stuck generator");
-        assert_eq!(gather(|| None), Err(NoEntropy), "an instruction that always fails");
+        assert_eq!(
+            gather(|| None),
+            Err(NoEntropy),
+            "an instruction that always fails"
+        );
         // Occasional failures are retried.
         let mut calls = 0u64;
         let flaky = || {
             calls += 1;
-            (calls % 3 == 0).then_some(calls * 0x9e37_79b9)
+            calls.is_multiple_of(3).then_some(calls * 0x9e37_79b9)
         };
         assert!(gather(flaky).is_ok());
     }

@@ -61,14 +61,18 @@ macro_rules! guest_image {
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects in this address space; the VMM
     // grants every port through the TSS bitmap.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
 }
 
 /// Writes one 32-bit value to an I/O port.
 #[inline(always)]
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
-    unsafe { core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack))
+    };
 }
 
 /// Reads the time-stamp counter (the host's TSC: not virtualised at CPL3).
@@ -104,7 +108,10 @@ static PRINT_LOCK: AtomicBool = AtomicBool::new(false);
 
 /// Prints `args` to the serial port as one unit.
 pub fn print_locked(args: fmt::Arguments) {
-    while PRINT_LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while PRINT_LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         core::hint::spin_loop();
     }
     let _ = fmt::Write::write_fmt(&mut Serial, args);
@@ -124,10 +131,8 @@ macro_rules! sprint {
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // No IDT: the undefined opcode becomes a triple fault, which the VMM
     // sees as a shutdown exit and reports.
-    loop {
-        // SAFETY: deliberately faults; nothing after it runs.
-        unsafe { core::arch::asm!("ud2", options(noreturn)) };
-    }
+    // SAFETY: deliberately faults; nothing after it runs.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }
 
 // The compiler lowers copies and fills to calls to these symbols and there is

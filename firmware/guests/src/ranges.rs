@@ -8,7 +8,7 @@ use crate::abi::GpaRange;
 const PAGE: u64 = 4096;
 
 fn aligned(r: &GpaRange) -> bool {
-    r.start % PAGE == 0 && r.end % PAGE == 0
+    r.start.is_multiple_of(PAGE) && r.end.is_multiple_of(PAGE)
 }
 
 /// Whether `ram` is usable: each range page aligned and non-empty, the
@@ -47,7 +47,12 @@ fn base(ram: &[GpaRange], i: usize) -> u64 {
 }
 
 /// The first RAM page in `[from, to)` whose table index is not `marked`.
-fn first_unmarked(ram: &[GpaRange], from: u64, to: u64, marked: &impl Fn(u64) -> bool) -> Option<u64> {
+fn first_unmarked(
+    ram: &[GpaRange],
+    from: u64,
+    to: u64,
+    marked: &impl Fn(u64) -> bool,
+) -> Option<u64> {
     for (i, r) in ram.iter().enumerate() {
         let (start, end) = (from.max(r.start), to.min(r.end));
         let first = base(ram, i);
@@ -101,15 +106,30 @@ mod tests {
     #[test]
     fn ram_ranges_are_checked() {
         assert!(valid_ram(&[r(0, 0x200_0000)], &MIRROR));
-        assert!(valid_ram(&[r(0, 0xc000_0000), r(0x1_0000_0000, 0x1_4000_0000)], &MIRROR));
+        assert!(valid_ram(
+            &[r(0, 0xc000_0000), r(0x1_0000_0000, 0x1_4000_0000)],
+            &MIRROR
+        ));
         assert!(!valid_ram(&[], &MIRROR));
         assert!(!valid_ram(&[r(0, 0x1001)], &MIRROR), "unaligned");
         assert!(!valid_ram(&[r(0x2000, 0x1000)], &MIRROR), "reversed");
         assert!(!valid_ram(&[r(0x1000, 0x1000)], &MIRROR), "empty");
-        assert!(!valid_ram(&[r(0, 0x4000), r(0x2000, 0x8000)], &MIRROR), "overlapping");
-        assert!(!valid_ram(&[r(0x8000, 0x9000), r(0, 0x4000)], &MIRROR), "out of order");
-        assert!(!valid_ram(&[r(0, 0xf900_0000)], &MIRROR), "into the mirror region");
-        assert!(!valid_ram(&[r(0xfb00_0000, 0x1_0000_0000)], &MIRROR), "over the mirror region");
+        assert!(
+            !valid_ram(&[r(0, 0x4000), r(0x2000, 0x8000)], &MIRROR),
+            "overlapping"
+        );
+        assert!(
+            !valid_ram(&[r(0x8000, 0x9000), r(0, 0x4000)], &MIRROR),
+            "out of order"
+        );
+        assert!(
+            !valid_ram(&[r(0, 0xf900_0000)], &MIRROR),
+            "into the mirror region"
+        );
+        assert!(
+            !valid_ram(&[r(0xfb00_0000, 0x1_0000_0000)], &MIRROR),
+            "over the mirror region"
+        );
     }
 
     #[test]
@@ -119,15 +139,27 @@ mod tests {
         assert_eq!(coverage(&ram, [], all), Coverage::Complete);
         let none = |_| false;
         assert_eq!(coverage(&ram, [], none), Coverage::Missing(0));
-        assert_eq!(coverage(&ram, [r(0, 0x10000), r(0x20000, 0x24000)], none), Coverage::Complete);
+        assert_eq!(
+            coverage(&ram, [r(0, 0x10000), r(0x20000, 0x24000)], none),
+            Coverage::Complete
+        );
         // Page 5 unmarked, not shared.
         let but5 = |i| i != 5;
         assert_eq!(coverage(&ram, [], but5), Coverage::Missing(0x5000));
-        assert_eq!(coverage(&ram, [r(0x5000, 0x6000)], but5), Coverage::Complete);
+        assert_eq!(
+            coverage(&ram, [r(0x5000, 0x6000)], but5),
+            Coverage::Complete
+        );
         // Index 17 is the second page of the second range.
         let but17 = |i| i != 17;
-        assert_eq!(coverage(&ram, [r(0x1000, 0x3000)], but17), Coverage::Missing(0x21000));
-        assert_eq!(coverage(&ram, [r(0x21000, 0x22000)], but17), Coverage::Complete);
+        assert_eq!(
+            coverage(&ram, [r(0x1000, 0x3000)], but17),
+            Coverage::Missing(0x21000)
+        );
+        assert_eq!(
+            coverage(&ram, [r(0x21000, 0x22000)], but17),
+            Coverage::Complete
+        );
     }
 
     #[test]
@@ -135,11 +167,31 @@ mod tests {
         let ram = [r(0, 0x10000), r(0x20000, 0x24000)];
         let all = |_| true;
         assert_eq!(coverage(&ram, [r(0, 0x800)], all), Coverage::BadRange(0));
-        assert_eq!(coverage(&ram, [r(0x2000, 0x2000)], all), Coverage::BadRange(0));
-        assert_eq!(coverage(&ram, [r(0x4000, 0x6000), r(0x5000, 0x7000)], all), Coverage::BadRange(1));
-        assert_eq!(coverage(&ram, [r(0x4000, 0x6000), r(0x1000, 0x2000)], all), Coverage::BadRange(1));
-        assert_eq!(coverage(&ram, [r(0xf000, 0x21000)], all), Coverage::BadRange(0), "across the hole");
-        assert_eq!(coverage(&ram, [r(0x30000, 0x31000)], all), Coverage::BadRange(0), "outside RAM");
-        assert_eq!(coverage(&ram, [r(u64::MAX - 0xfff, u64::MAX)], all), Coverage::BadRange(0));
+        assert_eq!(
+            coverage(&ram, [r(0x2000, 0x2000)], all),
+            Coverage::BadRange(0)
+        );
+        assert_eq!(
+            coverage(&ram, [r(0x4000, 0x6000), r(0x5000, 0x7000)], all),
+            Coverage::BadRange(1)
+        );
+        assert_eq!(
+            coverage(&ram, [r(0x4000, 0x6000), r(0x1000, 0x2000)], all),
+            Coverage::BadRange(1)
+        );
+        assert_eq!(
+            coverage(&ram, [r(0xf000, 0x21000)], all),
+            Coverage::BadRange(0),
+            "across the hole"
+        );
+        assert_eq!(
+            coverage(&ram, [r(0x30000, 0x31000)], all),
+            Coverage::BadRange(0),
+            "outside RAM"
+        );
+        assert_eq!(
+            coverage(&ram, [r(u64::MAX - 0xfff, u64::MAX)], all),
+            Coverage::BadRange(0)
+        );
     }
 }

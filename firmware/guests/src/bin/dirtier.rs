@@ -50,7 +50,10 @@ fn visit_page(vcpu: u32, gpa: u64, pass: u64) {
     }
     for i in 1..WORDS_PER_PAGE {
         // SAFETY: as above, i < WORDS_PER_PAGE stays inside the page.
-        unsafe { page.add(i as usize).write_volatile(abi::dirtier_pattern(gpa, pass, i)) };
+        unsafe {
+            page.add(i as usize)
+                .write_volatile(abi::dirtier_pattern(gpa, pass, i))
+        };
     }
     // SAFETY: as above. The pass word goes last: a page whose pass word is
     // current has its whole pattern current too.

@@ -20,7 +20,8 @@ extern "C" fn main(params: &abi::MirrorParams) -> ! {
         // volatile because the VMM and the main vCPUs access them too.
         unsafe {
             if !probe.is_null() {
-                core::ptr::addr_of_mut!((*status).probe_value).write_volatile(probe.read_volatile());
+                core::ptr::addr_of_mut!((*status).probe_value)
+                    .write_volatile(probe.read_volatile());
             }
             core::ptr::addr_of_mut!((*status).counter).write_volatile(counter);
         }

@@ -192,7 +192,11 @@ fn prefetch_page(gpa: u64) {
     for line in (0..PAGE as u64).step_by(128) {
         // SAFETY: prefetching has no architectural effect and never faults;
         // callers pass a validated page of guest RAM anyway.
-        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((gpa + line) as *const i8) };
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                (gpa + line) as *const i8,
+            )
+        };
     }
 }
 
@@ -201,7 +205,9 @@ fn prefetch_page(gpa: u64) {
 struct Scratch(core::cell::UnsafeCell<[[u8; PAGE]; h::MAX_HELPERS as usize]>);
 // SAFETY: helper i only ever touches entry i (see `scratch`).
 unsafe impl Sync for Scratch {}
-static SCRATCH: Scratch = Scratch(core::cell::UnsafeCell::new([[0; PAGE]; h::MAX_HELPERS as usize]));
+static SCRATCH: Scratch = Scratch(core::cell::UnsafeCell::new(
+    [[0; PAGE]; h::MAX_HELPERS as usize],
+));
 
 /// Helper `index`'s scratch page. The index was claimed (`IndexClaims`):
 /// below MAX_HELPERS and no other helper's.
@@ -278,7 +284,8 @@ pub fn end() {
 fn transport_key() -> Option<[u8; 32]> {
     let header = crate::helper_header();
     // SAFETY: the secret page named by our header is mapped and private.
-    let mut secret: h::HelperSecret = unsafe { core::ptr::read_volatile(header.secret_gpa as *const h::HelperSecret) };
+    let mut secret: h::HelperSecret =
+        unsafe { core::ptr::read_volatile(header.secret_gpa as *const h::HelperSecret) };
     let key = (secret.magic == h::CONFIG_MAGIC).then_some(secret.key);
     secret.key.zeroize();
     key
@@ -286,16 +293,28 @@ fn transport_key() -> Option<[u8; 32]> {
 
 /// HKDF output: AEAD key (32) || session id (16) || digest key (32). With
 /// the page path, the AEAD key also goes to it.
-fn derive(transport_key: &[u8; 32], source_nonce: &[u8; 32], target_nonce: &[u8; 32], env: &Env) -> (Keys, [u8; 16]) {
+fn derive(
+    transport_key: &[u8; 32],
+    source_nonce: &[u8; 32],
+    target_nonce: &[u8; 32],
+    env: &Env,
+) -> (Keys, [u8; 16]) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(source_nonce);
     salt[32..].copy_from_slice(target_nonce);
     let hk = Hkdf::<Sha256>::new(Some(&salt), transport_key);
     let mut okm = [0u8; 80];
-    hk.expand(&env.hkdf_info, &mut okm).expect("80 bytes is a valid HKDF-SHA256 length");
+    hk.expand(&env.hkdf_info, &mut okm)
+        .expect("80 bytes is a valid HKDF-SHA256 length");
     let mut aead_key: [u8; 32] = okm[..32].try_into().expect("32 bytes");
-    let aead = Wiped::new(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &aead_key).expect("32-byte key")));
-    let page = if env.page_seal { PageGcm::new(&aead_key) } else { None };
+    let aead = Wiped::new(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &aead_key).expect("32-byte key"),
+    ));
+    let page = if env.page_seal {
+        PageGcm::new(&aead_key)
+    } else {
+        None
+    };
     aead_key.zeroize();
     let mut id = [0u8; 16];
     id.copy_from_slice(&okm[32..48]);
@@ -373,14 +392,28 @@ struct Batch<'a> {
 
 impl Batch<'_> {
     /// Runs `f` on the session if it is `want` (SourceOpen or TargetOpen).
-    fn run<R>(env: &Env, helper: u32, want: Phase, f: impl FnOnce(&mut Batch) -> R) -> Result<R, i32> {
+    fn run<R>(
+        env: &Env,
+        helper: u32,
+        want: Phase,
+        f: impl FnOnce(&mut Batch) -> R,
+    ) -> Result<R, i32> {
         SESSION.read(|s| {
             let keys = match (s.phase, s.keys.as_ref()) {
                 (phase, Some(keys)) if phase == want => keys,
-                (Phase::SourceSealed | Phase::TargetClosed, _) => return Err(status::SESSION_CLOSED),
+                (Phase::SourceSealed | Phase::TargetClosed, _) => {
+                    return Err(status::SESSION_CLOSED)
+                }
                 _ => return Err(status::NO_SESSION),
             };
-            let mut batch = Batch { env, helper, state: s, keys, session_id: &s.session_id, tally: Tally::default() };
+            let mut batch = Batch {
+                env,
+                helper,
+                state: s,
+                keys,
+                session_id: &s.session_id,
+                tally: Tally::default(),
+            };
             let r = f(&mut batch);
             s.account(&batch.tally);
             Ok(r)
@@ -397,21 +430,33 @@ impl Batch<'_> {
     /// the page once into registers and writes only ciphertext; the
     /// general path copies it into the helper's private scratch page,
     /// encrypts it there and copies the ciphertext out.
-    fn encrypt_page(&mut self, gpa: u64, generation: u64, nonce: [u8; 12], out: u64) -> Result<[u8; 16], i32> {
+    fn encrypt_page(
+        &mut self,
+        gpa: u64,
+        generation: u64,
+        nonce: [u8; 12],
+        out: u64,
+    ) -> Result<[u8; 16], i32> {
         let index = self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
         let aad = aad(self.session_id, gpa, generation);
         let tag = match &self.keys.page {
             // SAFETY: `gpa` is a page of guest RAM (checked above), mapped
             // at the same address; `out` is a record's 4 KiB of mailbox, 64-byte
             // aligned; the batch ends with `drain_stores`.
-            Some(page) => unsafe { page.seal_streaming(&nonce, &aad, gpa as *const u8, out as *mut u8) },
+            Some(page) => unsafe {
+                page.seal_streaming(&nonce, &aad, gpa as *const u8, out as *mut u8)
+            },
             None => {
                 let buf = scratch(self.helper);
                 copy(buf.as_mut_ptr() as u64, gpa, PAGE);
                 let tag = self
                     .keys
                     .aead
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut buf[..])
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(&aad),
+                        &mut buf[..],
+                    )
                     .map_err(|_| status::AUTH_FAILED)?;
                 copy_out_nt(out, buf);
                 let mut tag_bytes = [0u8; 16];
@@ -430,15 +475,24 @@ impl Batch<'_> {
     /// reads the shared ciphertext once into private memory (the VAES path
     /// decrypting as it reads), so the host cannot change it between the
     /// check and the write.
-    fn decrypt_page(&mut self, gpa: u64, generation: u64, nonce: &[u8; 12], tag: &[u8; 16], ct: u64) -> Result<(), i32> {
+    fn decrypt_page(
+        &mut self,
+        gpa: u64,
+        generation: u64,
+        nonce: &[u8; 12],
+        tag: &[u8; 16],
+        ct: u64,
+    ) -> Result<(), i32> {
         let index = self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
         let buf = scratch(self.helper);
         let aad = aad(self.session_id, gpa, generation);
         match &self.keys.page {
-            // SAFETY: `ct` is a record's 4 KiB of mailbox, read once; `buf`
-            // is this helper's private scratch page.
             Some(page) => {
-                if !unsafe { page.open(nonce, &aad, tag, ct as *const u8, buf.as_mut_ptr()) } {
+                // SAFETY: `ct` is a record's 4 KiB of mailbox, read once;
+                // `buf` is this helper's private scratch page.
+                let genuine =
+                    unsafe { page.open(nonce, &aad, tag, ct as *const u8, buf.as_mut_ptr()) };
+                if !genuine {
                     return Err(status::AUTH_FAILED);
                 }
             }
@@ -446,7 +500,13 @@ impl Batch<'_> {
                 copy(buf.as_mut_ptr() as u64, ct, PAGE);
                 self.keys
                     .aead
-                    .open_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(&aad), Tag::from(*tag), &mut buf[..], 0..)
+                    .open_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(*nonce),
+                        Aad::from(&aad),
+                        Tag::from(*tag),
+                        &mut buf[..],
+                        0..,
+                    )
                     .map_err(|_| status::AUTH_FAILED)?;
             }
         }
@@ -479,7 +539,10 @@ fn claim_page(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
         if generation <= u64::from(current) {
             return Err(status::STALE_GENERATION);
         }
-        if slot.compare_exchange_weak(current, CLAIMED, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        if slot
+            .compare_exchange_weak(current, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
             return Ok(());
         }
     }
@@ -495,27 +558,37 @@ fn batch_range(request: &h::RequestSlot) -> Result<core::ops::Range<u32>, Failur
 }
 
 /// ENCRYPT_BATCH: for each record header {gpa, generation}, seal the page.
-pub fn encrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
+pub fn encrypt_batch(
+    mbox: &Mailbox,
+    request: &h::RequestSlot,
+    env: &Env,
+    helper: u32,
+) -> Result<u32, Failure> {
     let records = batch_range(request)?;
     let count = records.len() as u32;
     let result = Batch::run(env, helper, Phase::SourceOpen, |batch| {
         let first_nonce = batch.reserve(u64::from(count));
         let mut next: h::RecordHeader = mbox.read(Mailbox::record(records.start));
-        records.clone().zip(first_nonce..).try_for_each(|(i, counter)| {
-            let at = Mailbox::record(i);
-            let mut header = next;
-            if i + 1 < records.end {
-                next = mbox.read(Mailbox::record(i + 1));
-                if env.page_index(next.gpa).is_some() {
-                    prefetch_page(next.gpa);
+        records
+            .clone()
+            .zip(first_nonce..)
+            .try_for_each(|(i, counter)| {
+                let at = Mailbox::record(i);
+                let mut header = next;
+                if i + 1 < records.end {
+                    next = mbox.read(Mailbox::record(i + 1));
+                    if env.page_index(next.gpa).is_some() {
+                        prefetch_page(next.gpa);
+                    }
                 }
-            }
-            let nonce = page_nonce(helper, counter);
-            header.tag = batch.encrypt_page(header.gpa, header.generation, nonce, mbox.addr(at + 64)).map_err(|e| (e, i))?;
-            header.nonce = nonce;
-            mbox.write(at, &header);
-            Ok(())
-        })
+                let nonce = page_nonce(helper, counter);
+                header.tag = batch
+                    .encrypt_page(header.gpa, header.generation, nonce, mbox.addr(at + 64))
+                    .map_err(|e| (e, i))?;
+                header.nonce = nonce;
+                mbox.write(at, &header);
+                Ok(())
+            })
     });
     drain_stores();
     result.map_err(|e| (e, records.start))?.map(|()| count)
@@ -523,7 +596,12 @@ pub fn encrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper
 
 /// DECRYPT_BATCH: verify and write each record; stop at the first failure
 /// (records before it were applied, none after it).
-pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper: u32) -> Result<u32, Failure> {
+pub fn decrypt_batch(
+    mbox: &Mailbox,
+    request: &h::RequestSlot,
+    env: &Env,
+    helper: u32,
+) -> Result<u32, Failure> {
     let records = batch_range(request)?;
     let count = records.len() as u32;
     let result = Batch::run(env, helper, Phase::TargetOpen, |batch| {
@@ -531,7 +609,13 @@ pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper
             let at = Mailbox::record(i);
             let header: h::RecordHeader = mbox.read(at);
             batch
-                .decrypt_page(header.gpa, header.generation, &header.nonce, &header.tag, mbox.addr(at + 64))
+                .decrypt_page(
+                    header.gpa,
+                    header.generation,
+                    &header.nonce,
+                    &header.tag,
+                    mbox.addr(at + 64),
+                )
                 .map_err(|e| (e, i))
         })
     });
@@ -542,7 +626,12 @@ pub fn decrypt_batch(mbox: &Mailbox, request: &h::RequestSlot, env: &Env, helper
 /// area, each once, and checks them against the generation table: every
 /// RAM page outside them must be `marked`. Returns the first 16 bytes of
 /// SHA-256 over the ranges as read.
-fn check_shared(mbox: &Mailbox, env: &Env, count: u32, marked: impl Fn(u64) -> bool) -> Result<[u8; 16], Failure> {
+fn check_shared(
+    mbox: &Mailbox,
+    env: &Env,
+    count: u32,
+    marked: impl Fn(u64) -> bool,
+) -> Result<[u8; 16], Failure> {
     if count > h::MAX_SHARED_RANGES {
         return Err((status::BAD_ARGS, 0));
     }
@@ -574,14 +663,20 @@ pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
             (Phase::SourceSealed, _) => return Err((status::SESSION_CLOSED, 0)),
             _ => return Err((status::NO_SESSION, 0)),
         };
-        let hash = check_shared(mbox, env, args.shared_count, |i| env.generation(i).load(Ordering::Relaxed) == SEALED)?;
+        let hash = check_shared(mbox, env, args.shared_count, |i| {
+            env.generation(i).load(Ordering::Relaxed) == SEALED
+        })?;
         let nonce = page_nonce(SEAL_HELPER, s.reserve(SEAL_HELPER, 1));
         let mut record = <h::SealRecord as zerocopy::FromZeros>::new_zeroed();
         record.nonce = nonce;
         record.ciphertext = s.seal_plaintext(&hash);
         let tag = keys
             .aead
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&s.session_id), &mut record.ciphertext[..])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&s.session_id),
+                &mut record.ciphertext[..],
+            )
             .map_err(|_| (status::AUTH_FAILED, 0))?;
         record.tag.copy_from_slice(tag.as_ref());
         s.keys = None;
@@ -639,8 +734,16 @@ pub fn seed_encrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
             .map(|tag| (generation, nonce, tag))
     })??;
     drain_stores();
-    let envelope = h::SeedEnvelope { generation, nonce, tag, reserved: 0 };
-    mbox.write(offsets::SEED_HEADER as u64, &(core::mem::size_of::<h::SeedEnvelope>() as u32));
+    let envelope = h::SeedEnvelope {
+        generation,
+        nonce,
+        tag,
+        reserved: 0,
+    };
+    mbox.write(
+        offsets::SEED_HEADER as u64,
+        &(core::mem::size_of::<h::SeedEnvelope>() as u32),
+    );
     mbox.write(offsets::SEED_HEADER as u64 + 4, &envelope);
     Ok(())
 }
@@ -653,6 +756,12 @@ pub fn seed_decrypt(mbox: &Mailbox, env: &Env, gpa: u64) -> Result<(), i32> {
     }
     let e: h::SeedEnvelope = mbox.read(offsets::SEED_HEADER as u64 + 4);
     Batch::run(env, 0, Phase::TargetOpen, |batch| {
-        batch.decrypt_page(gpa, e.generation, &e.nonce, &e.tag, mbox.addr(offsets::SEED_PAGE as u64))
+        batch.decrypt_page(
+            gpa,
+            e.generation,
+            &e.nonce,
+            &e.tag,
+            mbox.addr(offsets::SEED_PAGE as u64),
+        )
     })?
 }

@@ -63,7 +63,7 @@ impl Mailbox {
     /// seed header).
     pub fn write<T: IntoBytes + zerocopy::Immutable + Copy>(&self, offset: u64, v: &T) {
         let at = self.base + offset;
-        if at % core::mem::align_of::<T>() as u64 == 0 {
+        if at.is_multiple_of(core::mem::align_of::<T>() as u64) {
             // SAFETY: offset..offset+size_of::<T>() lies inside the mailbox
             // and `at` is aligned for T (checked).
             unsafe { core::ptr::write_volatile(at as *mut T, *v) };
@@ -81,18 +81,21 @@ impl Mailbox {
     }
 
     pub fn req_seq(&self) -> u64 {
-        self.atomic_u64(control(offset_of!(h::MailboxControl, req_seq))).load(Ordering::Acquire)
+        self.atomic_u64(control(offset_of!(h::MailboxControl, req_seq)))
+            .load(Ordering::Acquire)
     }
 
     /// The last request answered (survives a restart of the helper, so a
     /// request posted before it started is still served).
     pub fn resp_seq(&self) -> u64 {
-        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq))).load(Ordering::Acquire)
+        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq)))
+            .load(Ordering::Acquire)
     }
 
     /// Publishes the answer to request `n`.
     pub fn finish(&self, n: u64) {
-        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq))).store(n, Ordering::Release);
+        self.atomic_u64(control(offset_of!(h::MailboxControl, resp_seq)))
+            .store(n, Ordering::Release);
     }
 
     /// Request `n` as the host posted it (a snapshot).
@@ -103,19 +106,25 @@ impl Mailbox {
     /// Request `n`'s answer.
     pub fn set_result(&self, n: u64, code: i32, count: u32, fail_index: u32, busy_cycles: u64) {
         let at = slot(n);
-        self.atomic_i32(at + offset_of!(h::RequestSlot, status) as u64).store(code, Ordering::Relaxed);
-        self.atomic_u32(at + offset_of!(h::RequestSlot, count) as u64).store(count, Ordering::Relaxed);
-        self.atomic_u32(at + offset_of!(h::RequestSlot, fail_index) as u64).store(fail_index, Ordering::Relaxed);
-        self.atomic_u64(at + offset_of!(h::RequestSlot, busy_cycles) as u64).store(busy_cycles, Ordering::Relaxed);
+        self.atomic_i32(at + offset_of!(h::RequestSlot, status) as u64)
+            .store(code, Ordering::Relaxed);
+        self.atomic_u32(at + offset_of!(h::RequestSlot, count) as u64)
+            .store(count, Ordering::Relaxed);
+        self.atomic_u32(at + offset_of!(h::RequestSlot, fail_index) as u64)
+            .store(fail_index, Ordering::Relaxed);
+        self.atomic_u64(at + offset_of!(h::RequestSlot, busy_cycles) as u64)
+            .store(busy_cycles, Ordering::Relaxed);
     }
 
     pub fn set_state(&self, state: u32) {
-        self.atomic_u32(control(offset_of!(h::MailboxControl, state))).store(state, Ordering::SeqCst);
+        self.atomic_u32(control(offset_of!(h::MailboxControl, state)))
+            .store(state, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 
     pub fn bump_heartbeat(&self) {
-        self.atomic_u64(control(offset_of!(h::MailboxControl, heartbeat))).fetch_add(1, Ordering::Relaxed);
+        self.atomic_u64(control(offset_of!(h::MailboxControl, heartbeat)))
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The command argument area.
@@ -133,7 +142,9 @@ impl Mailbox {
     }
 
     pub fn seed_go(&self) -> bool {
-        self.atomic_i32(offsets::SEED_PARAMS as u64 + 24).load(Ordering::Acquire) != 0
+        self.atomic_i32(offsets::SEED_PARAMS as u64 + 24)
+            .load(Ordering::Acquire)
+            != 0
     }
 }
 

@@ -92,7 +92,12 @@ fn hkdf_info(config: &h::HelperConfig) -> [u8; HKDF_INFO_LEN] {
     prefix.copy_from_slice(h::HKDF_INFO);
     rest[..16].copy_from_slice(&config.vm_id);
     rest[16..24].copy_from_slice(&config.ram_range_count.to_le_bytes());
-    for (i, r) in config.ram.iter().take(config.ram_range_count as usize).enumerate() {
+    for (i, r) in config
+        .ram
+        .iter()
+        .take(config.ram_range_count as usize)
+        .enumerate()
+    {
         let at = 24 + i * 16;
         rest[at..at + 8].copy_from_slice(&r.start.to_le_bytes());
         rest[at + 8..at + 16].copy_from_slice(&r.end.to_le_bytes());
@@ -103,7 +108,7 @@ fn hkdf_info(config: &h::HelperConfig) -> [u8; HKDF_INFO_LEN] {
 impl Env {
     /// The generation-table index of `gpa`, if it is a page of guest RAM.
     pub fn page_index(&self, gpa: u64) -> Option<u64> {
-        if gpa % h::PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(h::PAGE_SIZE as u64) {
             return None;
         }
         let mut base = 0;
@@ -126,7 +131,10 @@ impl Env {
 
     /// Pages of RAM (entries the table uses).
     pub fn ram_pages(&self) -> u64 {
-        self.ram[..self.ram_count].iter().map(|r| (r.end - r.start) / h::PAGE_SIZE as u64).sum()
+        self.ram[..self.ram_count]
+            .iter()
+            .map(|r| (r.end - r.start) / h::PAGE_SIZE as u64)
+            .sum()
     }
 }
 
@@ -136,10 +144,17 @@ impl Env {
 fn read_env() -> Option<Env> {
     let header = helper_header();
     // SAFETY: the config page named by our own header is mapped; read once.
-    let config: h::HelperConfig = unsafe { core::ptr::read_volatile(header.config_gpa as *const h::HelperConfig) };
+    let config: h::HelperConfig =
+        unsafe { core::ptr::read_volatile(header.config_gpa as *const h::HelperConfig) };
     let count = config.ram_range_count as usize;
-    let mirror = GpaRange { start: abi::MIRROR_REGION_GPA, end: abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE };
-    if config.magic != h::CONFIG_MAGIC || count > config.ram.len() || !valid_ram(&config.ram[..count], &mirror) {
+    let mirror = GpaRange {
+        start: abi::MIRROR_REGION_GPA,
+        end: abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE,
+    };
+    if config.magic != h::CONFIG_MAGIC
+        || count > config.ram.len()
+        || !valid_ram(&config.ram[..count], &mirror)
+    {
         return None;
     }
     Some(Env {
@@ -147,7 +162,10 @@ fn read_env() -> Option<Env> {
         ram_count: count,
         gen_table: header.gen_table_gpa,
         gen_entries: header.gen_table_size / 4,
-        helper_count: config.helper_count.min(h::MAX_HELPERS).min(header.max_helpers),
+        helper_count: config
+            .helper_count
+            .min(h::MAX_HELPERS)
+            .min(header.max_helpers),
         debug: config.flags & h::CONFIG_FLAG_DEBUG != 0,
         page_seal: config.flags & h::CONFIG_FLAG_GENERIC_SEAL == 0 && cgsvmm_page_gcm::supported(),
         tsc_per_us: (config.tsc_khz / 1000).max(1),
@@ -241,7 +259,12 @@ fn serve(mbox: &Mailbox, env: &Env, index: u32, n: u64, previous_ok: bool) -> bo
     result.is_ok()
 }
 
-fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Result<u32, crypto::Failure> {
+fn run(
+    mbox: &Mailbox,
+    env: &Env,
+    index: u32,
+    request: &h::RequestSlot,
+) -> Result<u32, crypto::Failure> {
     match request.cmd {
         cmd::HELLO => {
             let reply = h::HelloReply {
@@ -253,7 +276,11 @@ fn run(mbox: &Mailbox, env: &Env, index: u32, request: &h::RequestSlot) -> Resul
                     | h::caps::AES256_GCM
                     | h::caps::SEAL
                     | h::caps::QUEUE
-                    | if env.page_seal { h::caps::VAES_PAGE_SEAL } else { 0 },
+                    | if env.page_seal {
+                        h::caps::VAES_PAGE_SEAL
+                    } else {
+                        0
+                    },
                 max_batch: h::MAX_BATCH,
                 helper_count: env.helper_count,
             };
