@@ -38,6 +38,13 @@ pub fn kvm_available() -> bool {
     }
 }
 
+/// A test function and its name.
+pub type NamedTest = (&'static str, fn());
+
+/// Tests that run together or are skipped together, with the reason they
+/// cannot run here (`None`: they can).
+pub type TestGroup<'a> = (Option<String>, &'a [NamedTest]);
+
 /// `(name, function)` pairs of test functions, for [`run_tests`].
 #[macro_export]
 macro_rules! named {
@@ -49,7 +56,7 @@ macro_rules! named {
 /// Runs this binary's tests (its own harness, libtest's output): each group
 /// is ignored when its skip reason is `Some`, with the reason printed once,
 /// so that a test that did not run is reported as ignored, never as passed.
-pub fn run_tests(groups: &[(Option<String>, &[(&'static str, fn())])]) -> ! {
+pub fn run_tests(groups: &[TestGroup]) -> ! {
     let args = libtest_mimic::Arguments::from_args();
     let mut trials = Vec::new();
     for (skip, tests) in groups {

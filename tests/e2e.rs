@@ -1,7 +1,8 @@
 //! End-to-end tests: real `cgsvmm` processes, driven through their command
 //! line, serial output, signals and QMP socket, as a user would.
 //!
-//! They need /dev/kvm; without it they print `SKIPPED: <reason>` and return.
+//! Those that need /dev/kvm are reported as ignored, with the reason, on a
+//! host without it (`common::run_tests`).
 //! Tests that need hardware this host lacks live in `hardware.rs`.
 #![allow(clippy::unwrap_used)]
 
@@ -270,6 +271,11 @@ fn bad_arguments_fail_with_one_clear_message() {
         (&["--initrd", "/tmp/x"], "--kernel"),
         (&["--guest", "nosuch"], "invalid value 'nosuch'"),
         (&["--bogus"], "unexpected argument '--bogus'"),
+        (&["--uuid", "not-a-uuid"], "not a UUID"),
+        (
+            &["--uuid", "6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42"],
+            "--uuid names the VM to its migration helper",
+        ),
         (
             &["--transport-key-file", "/nonexistent/key"],
             "--transport-key-file /nonexistent/key: No such file",
@@ -333,6 +339,8 @@ fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
         "2",
         "--transport-key-file",
         key.to_str().unwrap(),
+        "--uuid",
+        "6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42",
         "--qmp",
         &format!("unix:{}", sock.display()),
     ]);

@@ -67,6 +67,9 @@ pub enum HelperStatus {
     BadRanges,
     /// The helper's CPU gives no usable randomness: no session.
     NoEntropy,
+    /// A target session on a VM not launched for incoming migration, or
+    /// after a migration into it verified.
+    NotIncoming,
     /// A code this client does not know.
     Other(i32),
 }
@@ -90,6 +93,7 @@ impl From<i32> for HelperStatus {
             status::INCOMPLETE => HelperStatus::Incomplete,
             status::BAD_RANGES => HelperStatus::BadRanges,
             status::NO_ENTROPY => HelperStatus::NoEntropy,
+            status::NOT_INCOMING => HelperStatus::NotIncoming,
             other => HelperStatus::Other(other),
         }
     }

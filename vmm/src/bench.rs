@@ -136,7 +136,8 @@ fn vm(pages: usize, key: [u8; 32]) -> Result<Vmm, VmmError> {
         serial: SerialConfig::Null,
         helper: Some(HelperLaunch {
             key: Some(key),
-            debug: false,
+            // Every bench VM takes pages in at some point.
+            incoming: true,
             ..Default::default()
         }),
         ..Default::default()

@@ -232,8 +232,6 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
     }
 }
 
-/// Reads a transport key file: 64 hex digits (256 bits), surrounding
-/// whitespace allowed.
 /// A UUID in its usual text form (`--uuid`), as 16 bytes in that order.
 pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     uuid::Uuid::try_parse(s)
@@ -243,6 +241,8 @@ pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
         })
 }
 
+/// Reads a transport key file: 64 hex digits (256 bits), surrounding
+/// whitespace allowed.
 pub fn read_transport_key(path: &std::path::Path) -> Result<[u8; 32], ConfigError> {
     let fail = |why: String| ConfigError::File {
         flag: "--transport-key-file",

@@ -189,6 +189,12 @@ impl TryFrom<RunArgs> for VmmConfig {
                 vm_id: a.uuid.unwrap_or_default(),
                 ..Default::default()
             }),
+            (None, Confidential::None) if a.uuid.is_some() => {
+                return Err(config::ConfigError::Conflict(
+                    "--uuid names the VM to its migration helper: it needs \
+                     --transport-key-file or --confidential sev",
+                ))
+            }
             (None, Confidential::None) => None,
         };
         let linux = a.kernel.map(|kernel| LinuxConfig {

@@ -55,6 +55,9 @@ pub struct HelperLaunch {
     /// Make the helper behave as on a CPU without RDSEED and RDRAND, which
     /// refuses every session: tests of that refusal.
     pub no_hw_entropy: bool,
+    /// The VM is launched to receive a migration: its helper takes target
+    /// sessions (until one verified); a VM launched to boot never does.
+    pub incoming: bool,
 }
 
 /// The image that runs on the mirror vCPUs.
@@ -188,6 +191,7 @@ pub fn write_helper_config(
             (launch.debug, helper::CONFIG_FLAG_DEBUG),
             (launch.generic_seal, helper::CONFIG_FLAG_GENERIC_SEAL),
             (launch.no_hw_entropy, helper::CONFIG_FLAG_NO_HW_ENTROPY),
+            (launch.incoming, helper::CONFIG_FLAG_INCOMING),
         ]
         .iter()
         .filter(|(on, _)| *on)

@@ -51,6 +51,8 @@ fn vm_sealing(
             key: Some(key),
             debug,
             generic_seal,
+            // Most of these VMs receive pages at some point.
+            incoming: true,
             ..Default::default()
         }),
         ..Default::default()
@@ -417,7 +419,8 @@ fn a_failing_record_stops_its_stream_with_later_requests_already_queued() {
 
     // An encrypt stream stops at a bad GPA in the same way, and the next
     // stream works.
-    let mut with_bad = pages.clone();
+    // (The pages were sealed at generation 1 already: newer ones now.)
+    let mut with_bad: Vec<(u64, u64)> = pages.iter().map(|&(gpa, _)| (gpa, 2)).collect();
     with_bad[70].0 = MEMORY;
     let mut out = Vec::new();
     match src.encrypt(&with_bad, &mut out) {
@@ -429,7 +432,8 @@ fn a_failing_record_stops_its_stream_with_later_requests_already_queued() {
         other => panic!("expected a bad GPA, got {other:?}"),
     }
     let mut again = Vec::new();
-    src.encrypt(&pages[..20], &mut again).unwrap();
+    let newer: Vec<(u64, u64)> = pages[..20].iter().map(|&(gpa, _)| (gpa, 3)).collect();
+    src.encrypt(&newer, &mut again).unwrap();
     assert_eq!(again.len(), 20 * RECORD_STRIDE);
     a.shutdown();
     b.shutdown();
@@ -679,9 +683,11 @@ fn vm_launch(helpers: usize, launch: HelperLaunch) -> Vmm {
     Vmm::try_from(config).expect("build VM")
 }
 
+/// Launched with `key`, for incoming migration.
 fn keyed(key: [u8; 32]) -> HelperLaunch {
     HelperLaunch {
         key: Some(key),
+        incoming: true,
         ..Default::default()
     }
 }
@@ -739,25 +745,35 @@ fn begin_racing_encrypt_on_another_helper_never_repeats_a_nonce() {
             }
             n
         });
-        for _ in 0..300 {
+        let mut failure = None;
+        for round in 1..=300u64 {
+            // A new generation each round: the source seals a page only
+            // at ever newer generations within a session.
+            let batch: Vec<(u64, u64)> = pages.iter().map(|&(gpa, _)| (gpa, round)).collect();
             let mut out = Vec::new();
-            match s1.encrypt(&pages, &mut out) {
+            match s1.encrypt(&batch, &mut out) {
                 Ok(()) => {
                     batches += 1;
                     for i in 0..pages.len() {
                         let nonce = record_header(&out, i).unwrap().nonce;
-                        assert!(seen.insert(nonce), "nonce {nonce:02x?} used twice");
+                        if !seen.insert(nonce) {
+                            failure = Some(format!("nonce {nonce:02x?} used twice"));
+                        }
                     }
                 }
                 Err(HelperError::Refused {
                     status: HelperStatus::NoSession,
                     ..
                 }) => {}
-                Err(e) => panic!("encrypt: {e}"),
+                Err(e) => failure = Some(format!("encrypt: {e}")),
+            }
+            if failure.is_some() {
+                break;
             }
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         sessions = churn.join().unwrap();
+        assert_eq!(failure, None);
     });
     println!(
         "{batches} batches in {sessions} sessions, {} nonces, none twice",
@@ -862,11 +878,10 @@ fn sessions_close_no_encrypt_after_seal_no_decrypt_after_verify() {
         HelperStatus::SessionClosed
     );
     assert_eq!(page(&b, first[0]), before);
-    // END, then a new session works on both sides.
-    session(&mut src, &mut dst);
-    let mut again = Vec::new();
-    src.encrypt(&[(first[0], 1)], &mut again).unwrap();
-    assert_eq!(dst.decrypt(&again).unwrap(), 1);
+    // END, then the source can begin anew (the target took its one
+    // migration: see the incoming test).
+    src.end().unwrap();
+    src.begin_source().unwrap();
     a.shutdown();
     b.shutdown();
 }
@@ -1087,11 +1102,94 @@ fn the_fast_page_path_runs_wherever_the_cpu_has_it() {
     b.shutdown();
 }
 
+fn a_target_takes_pages_in_only_when_launched_for_it_and_only_once() {
+    let _one = one_vm();
+    let (a, b) = (source(), target(KEY));
+    // A VM launched to boot never takes a target session.
+    let booted = vm_launch(
+        1,
+        HelperLaunch {
+            incoming: false,
+            ..keyed(KEY)
+        },
+    );
+    booted.start_mirror().unwrap();
+    assert_eq!(
+        refused(client(&booted, 0).begin_target([1; 32])),
+        HelperStatus::NotIncoming
+    );
+    // An incoming VM takes one migration; once it verified, its guest may
+    // run and no later session may roll its pages back.
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    let mut records = Vec::new();
+    src.encrypt(&[(0x40_0000, 1)], &mut records).unwrap();
+    assert_eq!(dst.decrypt(&records).unwrap(), 1);
+    let shared = shared_except(&[0x40_0000]);
+    dst.verify_seal(&src.seal(&shared).unwrap(), &shared)
+        .unwrap();
+    dst.end().unwrap();
+    assert_eq!(
+        refused(dst.begin_target([2; 32])),
+        HelperStatus::NotIncoming
+    );
+    // It can still be a source.
+    dst.begin_source().unwrap();
+    for v in [a, b, booted] {
+        v.shutdown();
+    }
+}
+
+fn the_source_seals_each_page_at_ever_newer_generations() {
+    let _one = one_vm();
+    let (a, b) = (source(), target(KEY));
+    let (mut src, mut dst) = (client(&a, 0), client(&b, 0));
+    session(&mut src, &mut dst);
+    let gpa = 0x50_0000u64;
+    let mut out = Vec::new();
+    src.encrypt(&[(gpa, 10)], &mut out).unwrap();
+    // The host cannot have an older content sealed under a lower (or the
+    // same) generation after a newer one, nor use generations the target
+    // refuses.
+    for generation in [5, 10, 0, u64::from(u32::MAX), u64::MAX] {
+        assert_eq!(
+            refused(src.encrypt(&[(gpa, generation)], &mut out)),
+            HelperStatus::StaleGeneration,
+            "generation {generation}"
+        );
+    }
+    src.encrypt(&[(gpa, 11)], &mut out).unwrap();
+    // Within one batch too.
+    assert_eq!(
+        refused(src.encrypt(&[(0x50_1000, 3), (0x50_1000, 2)], &mut out)),
+        HelperStatus::StaleGeneration
+    );
+    a.shutdown();
+    b.shutdown();
+}
+
+/// Why the helpers can hold no session on this CPU, if they cannot: they
+/// take their nonces from RDSEED/RDRAND and refuse without them.
+fn entropy_missing() -> Option<String> {
+    let has = std::arch::is_x86_feature_detected!("rdseed")
+        || std::arch::is_x86_feature_detected!("rdrand");
+    (!has).then(|| "this CPU has neither RDSEED nor RDRAND: the helper refuses sessions".into())
+}
+
 fn main() {
     let kvm = common::kvm_missing();
     common::run_tests(&[
         (
             kvm.clone(),
+            &named!(
+                a_hung_or_crashed_helper_is_a_typed_error_within_the_limit,
+                idle_helpers_leave_the_cpu_and_wake_for_work,
+                a_helper_with_unusable_ram_ranges_serves_nothing,
+                no_session_without_hardware_entropy,
+            ),
+        ),
+        (
+            kvm.clone().or_else(entropy_missing),
             &named!(
                 pages_round_trip_from_vm_a_into_vm_b_byte_for_byte,
                 two_helpers_writing_one_page_never_mix_its_generations,
@@ -1101,16 +1199,14 @@ fn main() {
                 wrong_transport_key_is_an_authentication_failure,
                 the_sealed_end_record_catches_a_missing_page,
                 seed_protocol_round_trips_one_page_at_a_time,
-                a_hung_or_crashed_helper_is_a_typed_error_within_the_limit,
-                idle_helpers_leave_the_cpu_and_wake_for_work,
                 begin_racing_encrypt_on_another_helper_never_repeats_a_nonce,
                 begin_target_racing_decrypt_never_tears_or_replays_a_page,
                 sessions_close_no_encrypt_after_seal_no_decrypt_after_verify,
                 a_stream_that_skips_a_private_page_fails_seal_and_verify,
                 two_helpers_configured_with_one_index_never_share_a_mailbox,
-                a_helper_with_unusable_ram_ranges_serves_nothing,
-                no_session_without_hardware_entropy,
                 a_transport_key_shared_by_two_vms_does_not_carry_pages_between_them,
+                a_target_takes_pages_in_only_when_launched_for_it_and_only_once,
+                the_source_seals_each_page_at_ever_newer_generations,
             ),
         ),
         (

@@ -1,6 +1,6 @@
 //! In-process tests: real KVM VMs built through the library, running the
-//! embedded bare-metal guests. They need /dev/kvm; without it they print why
-//! and return.
+//! embedded bare-metal guests. They need /dev/kvm; without it they are
+//! reported as ignored, with the reason (`common::run_tests`).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};

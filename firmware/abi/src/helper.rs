@@ -45,9 +45,10 @@
 //! host                                          MH (helper i)
 //!  | HELLO                    slot 1, req_seq = 1 -->|
 //!  | <-- resp_seq = 1, slot status, arg = HelloReply {version, caps, max_batch}
-//!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces; both MHs derive
-//!  |   key, session id, digest key = HKDF-SHA256(transport key,
-//!  |   nonce_src || nonce_tgt)
+//!  | SESSION_BEGIN / SESSION_PEER: exchange 32-byte nonces (RDSEED/RDRAND,
+//!  |   else NO_ENTROPY); both MHs derive key, session id, digest key =
+//!  |   HKDF-SHA256(transport key, nonce_src || nonce_tgt, HKDF_INFO ||
+//!  |   the VM's identity); BEGIN while a session is open: SESSION_OPEN
 //!  | ENCRYPT_BATCH n:   part p = records [p*16, p*16+16): RecordHeader
 //!  |   {gpa, generation} x count, then slot n, then req_seq = n -------->|
 //!  | ENCRYPT_BATCH n+1 (part p+1, flag CHAIN) ...  up to QUEUE_DEPTH      |
@@ -63,7 +64,15 @@
 //!  |   then writes the page
 //!  | a CHAIN request whose predecessor failed is answered SKIPPED, unrun:
 //!  |   after a failing record, nothing later in the stream is applied
-//!  | SEAL (source) -> sealed {count, digest}; VERIFY_SEAL (target) <- it
+//!  | ENCRYPT: each page's generation above its last seal in the session
+//!  | SEAL (source): shared ranges in the batch area, SealArgs in `arg`;
+//!  |   refused (INCOMPLETE, the page) until every other RAM page was sealed
+//!  |   in this session; then -> sealed {count, digest, hash of the ranges}
+//!  |   and the session is closed (no ENCRYPT, no second SEAL)
+//!  | VERIFY_SEAL (target) <- the seal and the same ranges: authentic, every
+//!  |   other page written, count, digest and hash equal; closes the session
+//!  |   whatever it finds (no DECRYPT after it)
+//!  | SESSION_END: keys wiped, back to no session (nonce counters go on)
 //!  | idle MH: state = SLEEPING, re-check req_seq, `out LAB_PORT,
 //!  |   LAB_CMD_WAIT | i << 16`; the VMM re-enters it when the host rings
 //! ```
@@ -71,6 +80,20 @@
 //! A request is posted by writing its slot (and `arg`), then `req_seq`
 //! (release); the MH answers by writing the slot's answer fields, then
 //! `resp_seq = n` (release).
+//!
+//! # Session lifecycle
+//!
+//! ```text
+//!          BEGIN(SOURCE)            PEER               SEAL (complete)
+//!   Idle ---------------> Begun -----------> Open -------------------> Sealed
+//!     |   BEGIN(TARGET), incoming VMs only, until one verified
+//!     |                                                VERIFY_SEAL (any outcome)
+//!     +-------------------------------------> Open -------------------> Closed
+//!   every state --- SESSION_END (or seed RESET) ---> Idle
+//! ```
+//!
+//! What the host can and cannot do to a helper (the threat model) is in the
+//! helper firmware's module doc, `firmware/guests/src/bin/mh/main.rs`.
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -124,6 +147,11 @@ pub const CONFIG_FLAG_GENERIC_SEAL: u64 = 2;
 /// this lab's hosts CPUID at CPL3 is the host's and cannot hide them). It
 /// can only make the helper refuse sessions.
 pub const CONFIG_FLAG_NO_HW_ENTROPY: u64 = 4;
+/// The VM was launched to receive a migration (measured on SEV): its helper
+/// takes target sessions, until one of them verified. A VM launched to boot
+/// never takes pages in, so the host cannot roll a running guest's pages
+/// back to an earlier migration's.
+pub const CONFIG_FLAG_INCOMING: u64 = 8;
 
 /// Launch-time configuration written by the VMM (measured on SEV).
 #[repr(C)]
@@ -306,6 +334,9 @@ pub mod status {
     /// The CPU gives no usable randomness (no RDSEED/RDRAND, failing, or
     /// stuck): no session.
     pub const NO_ENTROPY: i32 = -16;
+    /// SESSION_BEGIN(TARGET) on a VM not launched for incoming migration,
+    /// or after a migration into it verified.
+    pub const NOT_INCOMING: i32 = -17;
 }
 
 /// [`RequestSlot::flags`] bits.

@@ -25,7 +25,7 @@
 //! change; batches share it. Keys are wiped when dropped: at SEAL, at
 //! VERIFY_SEAL and at END.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
@@ -110,9 +110,6 @@ pub static SESSION: RwSpin<State> = RwSpin::new(State {
     digest_count: AtomicU64::new(0),
     digest: [const { AtomicU64::new(0) }; DIGEST_LANES],
 });
-
-/// Generation-table mark of a page the source sealed in this session.
-const SEALED: u32 = 1;
 
 /// One batch's share of the digest, summed locally.
 #[derive(Default)]
@@ -226,34 +223,44 @@ pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
     if args.role != role::SOURCE && args.role != role::TARGET {
         return Err((status::BAD_ARGS, 0));
     }
-    let (nonce, session_id) = SESSION.write(|s| {
+    // Only a VM launched to receive a migration takes pages in, and only
+    // until one migration into it verified: after that its guest may run,
+    // and a new target session would let the host roll its pages back.
+    if args.role == role::TARGET && (!env.incoming || RECEIVED.load(Ordering::Acquire)) {
+        return Err((status::NOT_INCOMING, 0));
+    }
+    // Entropy, the key and the derivation outside the lock: a fault there
+    // (a CPUID lie) must not leave the lock held.
+    let nonce = fresh_nonce(env)?;
+    let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
+    let derived = (args.role == role::TARGET).then(|| derive(&key, &args.peer_nonce, &nonce, env));
+    key.zeroize();
+    let session_id = SESSION.write(|s| {
         if s.phase != Phase::Idle {
             return Err((status::SESSION_OPEN, 0));
         }
         s.clear();
-        let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
-        let nonce = fresh_nonce(env);
-        let result = nonce.map(|nonce| {
-            s.reset_tallies(env);
-            s.own_nonce = nonce;
-            if args.role == role::TARGET {
-                let (keys, id) = derive(&key, &args.peer_nonce, &nonce, env);
+        s.reset_tallies(env);
+        s.own_nonce = nonce;
+        match derived {
+            Some((keys, id)) => {
                 s.keys = Some(keys);
                 s.session_id = id;
                 s.phase = Phase::TargetOpen;
-            } else {
-                s.phase = Phase::SourceBegun;
             }
-            (nonce, s.session_id)
-        });
-        key.zeroize();
-        result
+            None => s.phase = Phase::SourceBegun,
+        }
+        Ok(s.session_id)
     })?;
     args.own_nonce = nonce;
     args.session_id = session_id;
     mbox.write_arg(&args);
     Ok(())
 }
+
+/// Set once a migration into this VM verified: no target session after it
+/// in this boot.
+static RECEIVED: AtomicBool = AtomicBool::new(false);
 
 /// SESSION_PEER (source): the target's nonce completes the key.
 pub fn peer(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
@@ -438,6 +445,10 @@ impl Batch<'_> {
         out: u64,
     ) -> Result<[u8; 16], i32> {
         let index = self.env.page_index(gpa).ok_or(status::BAD_GPA)?;
+        // Each seal of a page in a session is newer than the one before:
+        // the target can then never be made to apply an older content over
+        // a newer one. The table keeps the last generation sealed.
+        advance_generation(self.env.generation(index), generation)?;
         let aad = aad(self.session_id, gpa, generation);
         let tag = match &self.keys.page {
             // SAFETY: `gpa` is a page of guest RAM (checked above), mapped
@@ -465,8 +476,6 @@ impl Batch<'_> {
             }
         };
         self.tally.add(&self.keys.digest, gpa, generation);
-        // SEAL checks that every private page was sealed in this session.
-        self.env.generation(index).store(SEALED, Ordering::Relaxed);
         Ok(tag)
     }
 
@@ -521,6 +530,30 @@ impl Batch<'_> {
 
 /// Generation-table value of a page being written by some helper.
 const CLAIMED: u32 = u32::MAX;
+
+/// Source: records that a page is sealed at `generation`, which must be
+/// above 0, below [`CLAIMED`] (the target takes no other) and newer than
+/// the page's last seal in this session.
+fn advance_generation(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
+    if generation == 0 || generation >= u64::from(CLAIMED) {
+        return Err(status::STALE_GENERATION);
+    }
+    let mut current = slot.load(Ordering::Relaxed);
+    loop {
+        if generation <= u64::from(current) {
+            return Err(status::STALE_GENERATION);
+        }
+        match slot.compare_exchange_weak(
+            current,
+            generation as u32,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(now) => current = now,
+        }
+    }
+}
 
 /// Takes the right to write a page at `generation`: it must be newer than
 /// the page's last generation, and no other helper may be writing the page
@@ -664,7 +697,7 @@ pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
             _ => return Err((status::NO_SESSION, 0)),
         };
         let hash = check_shared(mbox, env, args.shared_count, |i| {
-            env.generation(i).load(Ordering::Relaxed) == SEALED
+            env.generation(i).load(Ordering::Relaxed) != 0
         })?;
         let nonce = page_nonce(SEAL_HELPER, s.reserve(SEAL_HELPER, 1));
         let mut record = <h::SealRecord as zerocopy::FromZeros>::new_zeroed();
@@ -700,27 +733,38 @@ pub fn verify_seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
             Phase::TargetClosed => return Err((status::SESSION_CLOSED, 0)),
             _ => return Err((status::NO_SESSION, 0)),
         }
-        let keys = s.keys.take();
         s.phase = Phase::TargetClosed;
-        let keys = keys.ok_or((status::NO_SESSION, 0))?;
-        let record = &mut args.record;
-        keys.aead
-            .open_in_place_separate_tag(
-                Nonce::assume_unique_for_key(record.nonce),
-                Aad::from(&s.session_id),
-                Tag::from(record.tag),
-                &mut record.ciphertext[..],
-                0..,
-            )
-            .map_err(|_| (status::AUTH_FAILED, 0))?;
-        let hash = check_shared(mbox, env, args.shared_count, |i| {
-            !matches!(env.generation(i).load(Ordering::Relaxed), 0 | CLAIMED)
-        })?;
-        if record.ciphertext != s.seal_plaintext(&hash) {
-            return Err((status::SEAL_MISMATCH, 0));
+        let outcome = verify(s, &mut args, mbox, env);
+        // The keys are dropped in place (wiping the session's own storage),
+        // whatever the outcome.
+        s.keys = None;
+        if outcome.is_ok() {
+            RECEIVED.store(true, Ordering::Release);
         }
-        Ok(())
+        outcome
     })
+}
+
+/// VERIFY_SEAL's checks, under the session's write lock.
+fn verify(s: &State, args: &mut h::SealArgs, mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    let keys = s.keys.as_ref().ok_or((status::NO_SESSION, 0))?;
+    let record = &mut args.record;
+    keys.aead
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(record.nonce),
+            Aad::from(&s.session_id),
+            Tag::from(record.tag),
+            &mut record.ciphertext[..],
+            0..,
+        )
+        .map_err(|_| (status::AUTH_FAILED, 0))?;
+    let hash = check_shared(mbox, env, args.shared_count, |i| {
+        !matches!(env.generation(i).load(Ordering::Relaxed), 0 | CLAIMED)
+    })?;
+    if record.ciphertext != s.seal_plaintext(&hash) {
+        return Err((status::SEAL_MISMATCH, 0));
+    }
+    Ok(())
 }
 
 /// Seed ENCRYPT: the page at `gpa` into the seed page, the envelope into

@@ -4,13 +4,94 @@
 //! vCPU serves its own mailbox (cgsvmm protocol); helper 0 also serves the
 //! QEMU RFC seed protocol in the same mailbox. Pages leave encrypted with
 //! AES-256-GCM under a per-session key derived from the transport key and
-//! nonces of both helpers; see `cgsvmm_fw_abi::helper` for the wire layout.
+//! nonces of both helpers; see `cgsvmm_fw_abi::helper` for the wire layout
+//! and the session lifecycle, `crypto` for the keys.
 //!
 //! Rules it keeps whatever the host does: only page-aligned GPAs inside guest
 //! RAM are read or written; a page is written only after its record
 //! authenticated, from a private copy (the host cannot change the ciphertext
 //! between the tag check and the decryption), and only if its generation is
-//! newer than the last one written there.
+//! newer than the last one written there; a helper serves only the index it
+//! claimed (below the configured helper count, no other helper's).
+//!
+//! # Threat model
+//!
+//! The host (its kernel, the VMM, the network) is untrusted for the
+//! confidentiality and integrity of private pages. It may send any command
+//! to any helper at any time and in any order, race helpers against each
+//! other, change the mailbox while a helper reads it, pause a helper
+//! between two instructions, replay, reorder, drop or splice records and
+//! seals, lie in CPUID and in the launch configuration it writes.
+//!
+//! **What the helper guarantees, on any backend**, as long as its own
+//! private memory and registers are out of the host's reach (see below):
+//! - no (key, nonce) pair is ever used twice: nonce counters live in the
+//!   session state, are reserved under the session lock and never reset
+//!   within a boot; keys are fresh per session (both sides' nonces);
+//! - the target writes only pages the source's helper sealed in this
+//!   session, for this GPA and generation, never an older generation over a
+//!   newer one, never a torn page (one writer per page at a time);
+//! - a session ends for good: no ENCRYPT after SEAL, no DECRYPT after
+//!   VERIFY_SEAL, keys wiped (`zeroize`, and `Wiped` for ring's and the AES
+//!   crate's key schedules);
+//! - VERIFY_SEAL succeeds only if every RAM page outside the shared ranges
+//!   was written in this session, the source sealed every such page too,
+//!   both sides declared the same shared ranges, and the target applied
+//!   exactly the records the source sealed (count and keyed digest);
+//! - session nonces come from RDSEED/RDRAND or there is no session (no TSC
+//!   fallback; all-0, all-1 and repeated words are refused);
+//! - sessions are bound to the VM's identity (`vm_id`, the owner's UUID, and
+//!   its RAM ranges, from the measured launch configuration): a transport key
+//!   shared by several VMs does not carry pages between them;
+//! - anything read from shared memory that a decision depends on is read
+//!   once: request slots and headers into locals, pages and ciphertext by
+//!   single loads (`cgsvmm-page-gcm` reads through an `asm!` load per 32
+//!   bytes; the general path through one `rep movsb` into private memory),
+//!   shared ranges once each, hashed as read.
+//!
+//! **What the host learns**: which GPAs it asked for and when, their
+//! generations, record and seal sizes (constant), how long the helper took
+//! (the AES-GCM code paths are constant time; what varies is the host's own
+//! scheduling), and which pages it declared shared (it knows that anyway).
+//! Never a private page's plaintext, unless one of the platform limits
+//! below applies.
+//!
+//! **What the host can always do**: stop migrating (not run the helpers,
+//! drop everything: denial of service is out of scope); choose which dirty
+//! pages to send. Whether the last version of a page was sent depends on
+//! the host's dirty log: the helper cannot tell that a page changed after
+//! it sealed it. It may declare private pages shared: they then leave
+//! through the VMM, which on SEV reads only their ciphertext under the
+//! source's memory key, so the target gets garbage there (an integrity
+//! loss plain SEV has anyway), never plaintext.
+//!
+//! **Per backend**:
+//! - `none` (no memory encryption): the host reads and writes all guest
+//!   memory, the helper's included. The helper then protects the stream in
+//!   transit (a network attacker can neither read nor alter pages) and
+//!   nothing against the host itself.
+//! - plain SEV: memory is encrypted but neither register state nor memory
+//!   integrity is protected. At any exit (the idle wait's `out`, a signal
+//!   kick, an interrupt) the host can read the helper's general and vector
+//!   registers, which hold round keys, GHASH powers and plaintext being
+//!   sealed: a host willing to do so can take a session key and read that
+//!   session's records. It can also replay old ciphertext of the helper's
+//!   private memory (its counters, its generation table, its claims).
+//!   Plain SEV therefore keeps private pages from a passive or buggy host,
+//!   not from a determined one.
+//! - SEV-ES would encrypt register state (the VMSA) and measure the mirror
+//!   vCPU's initial state; the helper would need a #VC handler (CPUID, the
+//!   `out` of its idle wait and of the lab port become #VC exceptions handled
+//!   through the GHCB, which means a small CPL0 stub) and a measured VMSA for
+//!   each mirror vCPU. SEV-SNP adds memory integrity (the RMP: no replay or
+//!   remapping of private memory), validated CPUID, and lets the helper check
+//!   with PVALIDATE/RMPQUERY-style evidence which pages are really private.
+//!   That port is future work; the helper uses no feature that would stand in
+//!   its way.
+//! - CPUID is the host's word until SNP: hiding VAES only moves the helper
+//!   to the general path (same output); hiding RDSEED/RDRAND makes it refuse
+//!   sessions; claiming features the CPU lacks faults the helper (denial of
+//!   service, never a weaker key).
 #![no_std]
 #![no_main]
 
@@ -76,6 +157,9 @@ pub struct Env {
     pub tsc_per_us: u64,
     /// Behave as if the CPU had no RDSEED/RDRAND (tests).
     pub no_hw_entropy: bool,
+    /// Launched to receive a migration: target sessions allowed (until one
+    /// verified).
+    pub incoming: bool,
     /// HKDF info: `HKDF_INFO || vm_id || RAM range count (u64 LE) ||
     /// ranges (start, end as u64 LE)`, the VM's identity from the measured
     /// launch configuration.
@@ -170,6 +254,7 @@ fn read_env() -> Option<Env> {
         page_seal: config.flags & h::CONFIG_FLAG_GENERIC_SEAL == 0 && cgsvmm_page_gcm::supported(),
         tsc_per_us: (config.tsc_khz / 1000).max(1),
         no_hw_entropy: config.flags & h::CONFIG_FLAG_NO_HW_ENTROPY != 0,
+        incoming: config.flags & h::CONFIG_FLAG_INCOMING != 0,
         hkdf_info: hkdf_info(&config),
     })
 }
