@@ -629,7 +629,7 @@ impl HelperClient {
     /// before the failing one were applied, none after it. Parts are
     /// copied in while the helper works on the requests already queued.
     pub fn decrypt(&mut self, records: &[u8]) -> Result<usize, HelperError> {
-        if records.len() % RECORD_STRIDE != 0 {
+        if !records.len().is_multiple_of(RECORD_STRIDE) {
             return Err(HelperError::Truncated(records.len()));
         }
         let mut inflight = VecDeque::new();

@@ -319,7 +319,7 @@ impl VmmConfig {
 
     /// [`VmmConfig::validate`] against a given host RAM size.
     pub fn validate_with_host_memory(&self, host: Option<u64>) -> Result<(), ConfigError> {
-        if self.memory < MIN_MEMORY || self.memory % MEMORY_GRANULE != 0 {
+        if self.memory < MIN_MEMORY || !self.memory.is_multiple_of(MEMORY_GRANULE) {
             return Err(ConfigError::MemorySize {
                 min: MIN_MEMORY / MIB,
                 granule: MEMORY_GRANULE / MIB,

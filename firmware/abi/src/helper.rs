@@ -533,7 +533,7 @@ const _: () = {
     assert!(core::mem::size_of::<SessionArgs>() <= ARG_SIZE);
     assert!(core::mem::size_of::<SealArgs>() <= ARG_SIZE);
     assert!(4 + core::mem::size_of::<SeedEnvelope>() <= SEED_ENVELOPE_MAX);
-    assert!(MAILBOX_SIZE % 4096 == 0);
+    assert!(MAILBOX_SIZE.is_multiple_of(4096));
 };
 
 #[cfg(test)]

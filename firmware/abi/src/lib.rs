@@ -199,7 +199,7 @@ const _: () = {
     assert!(MAX_LAB_VCPUS * core::mem::size_of::<LabParams>() <= 0x1000);
     // The mirror region stays below the IOAPIC and is 2 MiB aligned.
     assert!(MIRROR_REGION_GPA + MIRROR_REGION_SIZE <= 0xfec0_0000);
-    assert!(MIRROR_REGION_GPA % 0x20_0000 == 0);
+    assert!(MIRROR_REGION_GPA.is_multiple_of(0x20_0000));
 };
 
 /// The dirtier writes the pass number at this offset of every page it owns.

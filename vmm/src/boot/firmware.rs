@@ -27,7 +27,7 @@ pub struct Firmware {
 
 /// Where an image of `size` bytes starts, or why it cannot be used.
 pub fn placement(size: u64) -> Result<u64, String> {
-    if size == 0 || size % PAGE_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
         return Err(format!("size {size} is not a non-zero multiple of 4 KiB"));
     }
     if size > FIRMWARE_MAX {

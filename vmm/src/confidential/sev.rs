@@ -199,7 +199,7 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
         } as u32)
     };
     let chars: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
-    if chars.len() % 4 != 0 {
+    if !chars.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(chars.len() / 4 * 3);
