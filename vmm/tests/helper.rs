@@ -788,59 +788,83 @@ fn begin_target_racing_decrypt_never_tears_or_replays_a_page() {
     let _one = one_vm();
     let a = vm(LabGuest::Hello, KEY, 1, false);
     a.start_mirror().unwrap();
-    let b = target(KEY);
-    let (mut src, mut dst0, mut dst1) = (client(&a, 0), client(&b, 0), client(&b, 1));
+    let b = vm(LabGuest::Hello, KEY, 3, false);
+    b.start_mirror().unwrap();
+    let mut src = client(&a, 0);
+    let (mut dst0, mut dst1, mut dst2) = (client(&b, 0), client(&b, 1), client(&b, 2));
     let pages: Vec<u64> = (0..128).map(|i| 0x50_0000 + i * PAGE as u64).collect();
-    let fill = |v: u8| {
+    let stream = |src: &mut HelperClient, fill: u8, generation: u64| {
         for &gpa in &pages {
             a.memory()
                 .ram
-                .write_slice(&[v; PAGE], GuestAddress(gpa))
+                .write_slice(&[fill; PAGE], GuestAddress(gpa))
                 .unwrap();
         }
+        let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, generation)).collect();
+        let mut records = Vec::new();
+        src.encrypt(&list, &mut records).unwrap();
+        records
+    };
+    // How many records of a stream applied (all before the one that failed,
+    // when the race cut it).
+    let applied = |r: Result<usize, HelperError>, what: &str| match r {
+        Ok(n) => n,
+        Err(HelperError::Refused {
+            status:
+                HelperStatus::AuthFailed | HelperStatus::NoSession | HelperStatus::StaleGeneration,
+            record,
+            ..
+        }) => record as usize,
+        Err(e) => panic!("{what}: {e}"),
     };
     for round in 1..=20u8 {
         session(&mut src, &mut dst0);
-        fill(round);
-        let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, 1)).collect();
-        let mut records = Vec::new();
-        src.encrypt(&list, &mut records).unwrap();
-        // One helper applies the stream while another ends the session and
-        // begins a new one (resetting the generation table).
+        let (older, newer) = (
+            stream(&mut src, 2 * round - 1, 1),
+            stream(&mut src, 2 * round, 2),
+        );
+        // Two helpers write both generations of every page at once while a
+        // third ends the session and begins a new one (resetting the
+        // generation table under the session lock).
         std::thread::scope(|s| {
-            let apply = s.spawn(|| dst0.decrypt(&records));
-            std::thread::sleep(Duration::from_micros(50 * u64::from(round)));
+            let old = s.spawn(|| dst0.decrypt(&older));
+            let new = s.spawn(|| dst2.decrypt(&newer));
+            std::thread::sleep(Duration::from_micros(40 * u64::from(round)));
             dst1.end().unwrap();
             dst1.begin_target([round; 32]).unwrap();
-            match apply.join().unwrap() {
-                Ok(_)
-                | Err(HelperError::Refused {
-                    status: HelperStatus::AuthFailed | HelperStatus::NoSession,
-                    ..
-                }) => {}
-                Err(e) => panic!("round {round}: {e}"),
+            let _ = applied(old.join().unwrap(), "older stream");
+            let newer_applied = applied(new.join().unwrap(), "newer stream");
+            // Every page is whole (one content the source sealed, never a
+            // mix), and every page the newer stream wrote still holds it:
+            // the older generation never lands over it.
+            for (i, &gpa) in pages.iter().enumerate() {
+                let p = page(&b, gpa);
+                assert!(
+                    p.iter().all(|&x| x == p[0]) && p[0] <= 2 * round,
+                    "round {round}: torn page {gpa:#x}"
+                );
+                if i < newer_applied {
+                    assert_eq!(
+                        p[0],
+                        2 * round,
+                        "round {round}: older over newer at {gpa:#x}"
+                    );
+                }
             }
         });
-        // Whatever was applied is whole: this round's page or an older one.
-        for &gpa in &pages {
-            let p = page(&b, gpa);
-            assert!(
-                p.iter().all(|&x| x == p[0]) && p[0] <= round,
-                "round {round}: torn page {gpa:#x}"
-            );
-        }
         // The old session's records never apply in the new one.
-        assert_eq!(refused(dst0.decrypt(&records)), HelperStatus::AuthFailed);
+        assert_eq!(refused(dst0.decrypt(&newer)), HelperStatus::AuthFailed);
     }
-    // Nothing was left claimed: a clean session still applies every page.
+    // A clean session after all that applies every page and verifies.
     session(&mut src, &mut dst0);
-    let list: Vec<(u64, u64)> = pages.iter().map(|&g| (g, 1)).collect();
-    let mut records = Vec::new();
-    src.encrypt(&list, &mut records).unwrap();
+    let records = stream(&mut src, 0xee, 1);
     assert_eq!(dst1.decrypt(&records).unwrap(), pages.len());
     let shared = shared_except(&pages);
     dst0.verify_seal(&src.seal(&shared).unwrap(), &shared)
         .unwrap();
+    for &gpa in &pages {
+        assert_eq!(page(&b, gpa), vec![0xee; PAGE]);
+    }
     a.shutdown();
     b.shutdown();
 }

@@ -142,32 +142,52 @@ mod tests {
 
     #[test]
     fn a_waiting_writer_is_served_before_new_readers() {
+        use std::sync::Barrier;
         let lock = Arc::new(RwSpin::new(0u32));
-        let stop = Arc::new(AtomicBool::new(false));
-        // Two readers that overlap all the time: a lock that lets new
-        // readers in while a writer waits would starve the writer.
-        let readers: Vec<_> = (0..2)
-            .map(|_| {
-                let (lock, stop) = (lock.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        lock.read(|_| std::thread::sleep(Duration::from_micros(200)));
+        let release = Arc::new(AtomicBool::new(false));
+        let inside = Arc::new(Barrier::new(2));
+        // Reader A holds the lock until told to leave.
+        let a = {
+            let (lock, release, inside) = (lock.clone(), release.clone(), inside.clone());
+            std::thread::spawn(move || {
+                lock.read(|_| {
+                    inside.wait();
+                    while !release.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
                     }
                 })
             })
-            .collect();
-        std::thread::sleep(Duration::from_millis(20));
+        };
+        inside.wait();
+        // A writer comes and waits for A.
+        let w = {
+            let lock = lock.clone();
+            std::thread::spawn(move || lock.write(|v| *v = 1))
+        };
         let start = Instant::now();
-        for _ in 0..50 {
-            lock.write(|v| *v += 1);
+        while lock.state.load(Ordering::Relaxed) & WAITING == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "the writer never waited"
+            );
+            std::hint::spin_loop();
         }
-        let took = start.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        for r in readers {
-            r.join().unwrap();
-        }
-        assert_eq!(lock.read(|v| *v), 50);
-        assert!(took < Duration::from_secs(5), "50 writes took {took:?}");
+        // A new reader arrives after the writer: it must get in only after
+        // the writer, so it sees the write. (A lock that lets new readers
+        // in while a writer waits would let it read 0 now.)
+        let b = {
+            let lock = lock.clone();
+            std::thread::spawn(move || lock.read(|v| *v))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        release.store(true, Ordering::Relaxed);
+        a.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(
+            b.join().unwrap(),
+            1,
+            "a new reader overtook a waiting writer"
+        );
     }
 
     #[test]

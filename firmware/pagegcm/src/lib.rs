@@ -166,6 +166,8 @@ impl PageGcm {
         let powers: [__m256i; LANES] =
             core::array::from_fn(|i| pair(pow[2 * (LANES - i)], pow[2 * (LANES - i) - 1]));
         let folded = powers.map(|p| _mm256_xor_si256(p, _mm256_shuffle_epi32::<0x4e>(p)));
+        // The powers of H are key material: no copy left behind.
+        pow.zeroize();
         Self {
             round_keys,
             h,

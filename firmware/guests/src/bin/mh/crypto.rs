@@ -32,6 +32,7 @@ use aes::Aes256;
 use hkdf::Hkdf;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 use cgsvmm_guests::abi::helper::{self as h, offsets, role, status};
@@ -761,7 +762,8 @@ fn verify(s: &State, args: &mut h::SealArgs, mbox: &Mailbox, env: &Env) -> Resul
     let hash = check_shared(mbox, env, args.shared_count, |i| {
         !matches!(env.generation(i).load(Ordering::Relaxed), 0 | CLAIMED)
     })?;
-    if record.ciphertext != s.seal_plaintext(&hash) {
+    // Constant time, like every other comparison of secret-derived bytes.
+    if !bool::from(record.ciphertext.ct_eq(&s.seal_plaintext(&hash))) {
         return Err((status::SEAL_MISMATCH, 0));
     }
     Ok(())
