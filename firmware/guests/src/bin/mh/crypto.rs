@@ -266,17 +266,21 @@ static RECEIVED: AtomicBool = AtomicBool::new(false);
 /// SESSION_PEER (source): the target's nonce completes the key.
 pub fn peer(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
     let mut args: h::SessionArgs = mbox.read_arg();
-    let id = SESSION.write(|s| {
-        if s.phase != Phase::SourceBegun {
+    let begun = |s: &State| (s.phase == Phase::SourceBegun).then_some(s.own_nonce);
+    let own_nonce = SESSION.read(begun).ok_or((status::NO_SESSION, 0))?;
+    // The derivation outside the lock, as in `begin`; installed only if
+    // the session is still the one it was derived for.
+    let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
+    let (keys, id) = derive(&key, &own_nonce, &args.peer_nonce, env);
+    key.zeroize();
+    SESSION.write(|s| {
+        if begun(s) != Some(own_nonce) {
             return Err((status::NO_SESSION, 0));
         }
-        let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
-        let (keys, id) = derive(&key, &s.own_nonce, &args.peer_nonce, env);
-        key.zeroize();
         s.keys = Some(keys);
         s.session_id = id;
         s.phase = Phase::SourceOpen;
-        Ok(id)
+        Ok(())
     })?;
     args.session_id = id;
     mbox.write_arg(&args);
