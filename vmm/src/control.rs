@@ -245,7 +245,7 @@ impl QmpBackend for Controller {
             }
             // No ACPI here: powering down is powering off.
             "system_powerdown" => {
-                self.exit.request(ExitReason::PowerOff);
+                self.exit.request(ExitReason::HostPowerdown);
                 Ok(json!({}))
             }
             "query-cpus-fast" => Ok(self.cpus_fast()),

@@ -17,6 +17,9 @@ pub enum ExitReason {
     Reset,
     /// QMP `quit`.
     Quit,
+    /// QMP `system_powerdown`: the host asked (no ACPI here, so the VM
+    /// powers off at once).
+    HostPowerdown,
     /// SIGINT or SIGTERM.
     Signal(i32),
     /// A lab guest reported a failure on its serial port.
@@ -29,9 +32,11 @@ impl ExitReason {
     /// The process exit code.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Quit | ExitReason::Signal(_) => {
-                0
-            }
+            ExitReason::PowerOff
+            | ExitReason::Reset
+            | ExitReason::Quit
+            | ExitReason::HostPowerdown
+            | ExitReason::Signal(_) => 0,
             ExitReason::Fault(_) => 1,
             ExitReason::GuestFailure => 2,
         }
@@ -43,6 +48,7 @@ impl ExitReason {
             ExitReason::PowerOff => "guest-shutdown",
             ExitReason::Reset => "guest-reset",
             ExitReason::Quit => "host-qmp-quit",
+            ExitReason::HostPowerdown => "host-qmp-system-powerdown",
             ExitReason::Signal(_) => "host-signal",
             ExitReason::GuestFailure => "guest-panic",
             ExitReason::Fault(_) => "host-error",

@@ -38,6 +38,10 @@ use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
 use crate::memory::{slots_of, MemSlot, Memory, MemoryError};
 use crate::qmp::{QmpServer, QmpServerError};
+
+/// How long queued QMP output (the SHUTDOWN event) may take to leave at
+/// exit.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
 use crate::vcpu::{msr_index_list, FaultSink, Vcpu, VcpuError, VcpuGroup, VcpuRole};
 use crate::vm::{self, VcpuSetup, VmError};
 use crate::x86::paging::PTE_USER;
@@ -481,10 +485,10 @@ impl Vmm {
         if let Some(server) = &qmp {
             let data =
                 json!({"guest": reason.guest_initiated(), "reason": reason.shutdown_cause()});
-            server
-                .lock()
-                .expect("qmp lock poisoned")
-                .broadcast("SHUTDOWN", data);
+            let mut server = server.lock().expect("qmp lock poisoned");
+            server.broadcast("SHUTDOWN", data);
+            // The loop is over: send what is queued now, briefly.
+            server.drain(SHUTDOWN_DRAIN);
         }
         self.shutdown();
         SIGNAL_FD.store(-1, Ordering::SeqCst);

@@ -16,29 +16,26 @@
 //!  |  <-------- {"return": {}, "id": 1}
 //! ```
 //!
-//! Input is a stream of JSON objects (no framing needed); one message may
-//! not exceed [`MAX_MESSAGE`] bytes. Malformed input gets a `GenericError`
-//! and the connection stays usable.
+//! Input is a stream of JSON objects (no framing needed), cut into messages
+//! by [`framing`]: one message may not exceed [`MAX_MESSAGE`] bytes nor nest
+//! deeper than [`framing::MAX_DEPTH`]; a message past either limit is
+//! discarded whole with one error. Malformed input gets a `GenericError` and
+//! the connection stays usable. Sockets, per-client output queues and flow
+//! control are [`server`]'s.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+pub mod framing;
+mod server;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+pub use framing::MAX_MESSAGE;
+pub use server::{QmpServer, QmpServerError};
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-/// Largest JSON message accepted.
-pub const MAX_MESSAGE: usize = 64 * 1024;
-/// How long a write to a client may block before the client is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// What the loop watches on a client socket.
-const CLIENT_EVENTS: EventSet = EventSet::IN
-    .union(EventSet::HANG_UP)
-    .union(EventSet::READ_HANG_UP);
+use framing::{Frame, Framer};
+
 /// The QEMU version we report: QMP clients check the protocol, not this.
 const QEMU_VERSION: (u32, u32, u32) = (9, 2, 0);
 
@@ -112,11 +109,21 @@ fn error_message(e: QmpError, id: Option<Value>) -> Value {
     v
 }
 
+/// One whole message as JSON. The framer bounds its size and depth, so
+/// serde's own recursion limit (128) gives way to QMP's (1024).
+fn parse(message: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(message);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// One client's protocol state.
 #[derive(Default)]
 pub struct Session {
     negotiated: bool,
-    input: Vec<u8>,
+    framer: Framer,
 }
 
 impl Session {
@@ -127,52 +134,31 @@ impl Session {
 
     /// Takes bytes from the client and returns the replies to send.
     pub fn feed(&mut self, bytes: &[u8], backend: &mut dyn QmpBackend) -> Vec<Value> {
-        self.input.extend_from_slice(bytes);
-        let mut replies = Vec::new();
-        loop {
-            let start = self
-                .input
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(self.input.len());
-            self.input.drain(..start);
-            if self.input.is_empty() {
-                break;
-            }
-            let mut stream = serde_json::Deserializer::from_slice(&self.input).into_iter::<Value>();
-            match stream.next() {
-                Some(Ok(value)) => {
-                    let used = stream.byte_offset();
-                    self.input.drain(..used);
-                    replies.push(self.dispatch(value, backend));
-                }
-                Some(Err(e)) if e.is_eof() => {
-                    if self.input.len() > MAX_MESSAGE {
-                        self.input.clear();
-                        replies.push(error_message(
-                            QmpError::generic(format!("JSON message exceeds {MAX_MESSAGE} bytes")),
-                            None,
-                        ));
+        let mut frames = Vec::new();
+        self.framer.push(bytes, &mut frames);
+        frames
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Message(m) => match parse(&m) {
+                    Ok(value) => self.dispatch(value, backend),
+                    Err(e) => {
+                        error_message(QmpError::generic(format!("JSON parse error, {e}")), None)
                     }
-                    break;
-                }
-                Some(Err(e)) => {
-                    // Resynchronise at the next line, or drop what we have.
-                    let skip = self
-                        .input
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .map_or(self.input.len(), |p| p + 1);
-                    self.input.drain(..skip);
-                    replies.push(error_message(
-                        QmpError::generic(format!("JSON parse error, {e}")),
-                        None,
-                    ));
-                }
-                None => break,
-            }
-        }
-        replies
+                },
+                Frame::TooLarge => error_message(
+                    QmpError::generic(format!("JSON message exceeds {MAX_MESSAGE} bytes")),
+                    None,
+                ),
+                Frame::TooDeep => error_message(
+                    QmpError::generic(format!("JSON nesting depth exceeds {}", framing::MAX_DEPTH)),
+                    None,
+                ),
+                Frame::Stray => error_message(
+                    QmpError::generic("JSON parse error, expected a JSON object"),
+                    None,
+                ),
+            })
+            .collect()
     }
 
     fn dispatch(&mut self, value: Value, backend: &mut dyn QmpBackend) -> Value {
@@ -196,6 +182,16 @@ impl Session {
         mut msg: Map<String, Value>,
         backend: &mut dyn QmpBackend,
     ) -> Result<Value, QmpError> {
+        // QEMU checks every member before it looks for 'execute' (so an
+        // 'exec-oob' without the oob capability is an unexpected member).
+        if let Some(k) = msg
+            .keys()
+            .find(|k| !matches!(k.as_str(), "execute" | "arguments"))
+        {
+            return Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
+        }
         let command = match msg.remove("execute") {
             Some(Value::String(c)) => c,
             Some(_) => {
@@ -214,11 +210,7 @@ impl Session {
                 ))
             }
         };
-        if let Some(k) = msg.keys().next() {
-            return Err(QmpError::generic(format!(
-                "QMP input member '{k}' is unexpected"
-            )));
-        }
+        log::debug!("QMP: {command} {}", Value::Object(args.clone()));
         if command == "qmp_capabilities" {
             if self.negotiated {
                 return Err(QmpError::not_found(
@@ -252,171 +244,6 @@ impl Session {
             ));
         }
         backend.execute(&command, &args)
-    }
-}
-
-/// Errors of starting the server.
-#[derive(Debug, thiserror::Error)]
-pub enum QmpServerError {
-    /// Something other than a stale socket is at the path.
-    #[error("QMP path {0} exists and is not a socket")]
-    PathInUse(PathBuf),
-    /// Socket creation failed.
-    #[error("Cannot listen on QMP socket {0}: {1}")]
-    Listen(PathBuf, std::io::Error),
-}
-
-struct Connection {
-    stream: UnixStream,
-    session: Session,
-    /// Closed or unwritable; removed from the event loop at the end of
-    /// the current dispatch.
-    dead: bool,
-}
-
-/// The listening socket and its clients; an event-loop subscriber.
-pub struct QmpServer {
-    path: PathBuf,
-    listener: UnixListener,
-    connections: HashMap<i32, Connection>,
-    backend: std::sync::Arc<std::sync::Mutex<dyn QmpBackend>>,
-}
-
-impl QmpServer {
-    /// Listens at `path` (owner-only permissions), replacing a stale socket.
-    pub fn bind(
-        path: &Path,
-        backend: std::sync::Arc<std::sync::Mutex<dyn QmpBackend>>,
-    ) -> Result<Self, QmpServerError> {
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(QmpServerError::PathInUse(path.to_path_buf()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let fail = |e| QmpServerError::Listen(path.to_path_buf(), e);
-        // Create the socket with no group/other access from the start.
-        // SAFETY: umask only changes this process's file creation mask.
-        let old = unsafe { libc::umask(0o077) };
-        let bound = UnixListener::bind(path);
-        // SAFETY: as above; restores the previous mask.
-        unsafe { libc::umask(old) };
-        let listener = bound.map_err(fail)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
-        listener.set_nonblocking(true).map_err(fail)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            listener,
-            connections: HashMap::new(),
-            backend,
-        })
-    }
-
-    fn send(conn: &mut Connection, msg: &Value) -> bool {
-        let mut line = msg.to_string();
-        line.push_str("\r\n");
-        conn.stream.write_all(line.as_bytes()).is_ok()
-    }
-
-    /// Sends an event to every negotiated client.
-    pub fn broadcast(&mut self, name: &str, data: Value) {
-        let msg = event_message(name, data);
-        for c in self
-            .connections
-            .values_mut()
-            .filter(|c| c.session.negotiated() && !c.dead)
-        {
-            c.dead = !Self::send(c, &msg);
-        }
-    }
-
-    fn flush_events(&mut self) {
-        let events = self
-            .backend
-            .lock()
-            .expect("backend lock poisoned")
-            .take_events();
-        for (name, data) in events {
-            self.broadcast(&name, data);
-        }
-    }
-
-    fn accept(&mut self, ops: &mut EventOps) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            // Reads happen only when epoll says so; writes block at most
-            // WRITE_TIMEOUT, so a client that stops reading is dropped.
-            if stream.set_nonblocking(false).is_err()
-                || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
-            {
-                continue;
-            }
-            let mut conn = Connection {
-                stream,
-                session: Session::default(),
-                dead: false,
-            };
-            if !Self::send(&mut conn, &greeting()) {
-                continue;
-            }
-            let fd = conn.stream.as_raw_fd();
-            if let Err(e) = ops.add(Events::new(&conn.stream, CLIENT_EVENTS)) {
-                log::warn!("QMP: cannot watch client: {e:?}");
-                continue;
-            }
-            self.connections.insert(fd, conn);
-        }
-    }
-
-    fn serve(&mut self, fd: i32) {
-        let Some(conn) = self.connections.get_mut(&fd) else {
-            return;
-        };
-        let mut buf = [0u8; 4096];
-        let replies = match conn.stream.read(&mut buf) {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                let mut backend = self.backend.lock().expect("backend lock poisoned");
-                Some(conn.session.feed(&buf[..n], &mut *backend))
-            }
-        };
-        // Events a command raised go out before its reply, as in QEMU.
-        self.flush_events();
-        if let Some(conn) = self.connections.get_mut(&fd) {
-            conn.dead = !replies.is_some_and(|r| r.iter().all(|r| Self::send(conn, r)));
-        }
-    }
-
-    fn reap(&mut self, ops: &mut EventOps) {
-        self.connections.retain(|_, c| {
-            if c.dead {
-                let _ = ops.remove(Events::new(&c.stream, CLIENT_EVENTS));
-            }
-            !c.dead
-        });
-    }
-}
-
-impl Drop for QmpServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl MutEventSubscriber for QmpServer {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("QMP: cannot watch the listening socket: {e:?}");
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.listener.as_raw_fd() {
-            self.accept(ops);
-        } else {
-            self.serve(events.fd());
-        }
-        self.flush_events();
-        self.reap(ops);
     }
 }
 
@@ -524,15 +351,55 @@ mod tests {
     }
 
     #[test]
-    fn oversized_messages_are_dropped() {
+    fn oversized_messages_are_dropped_whole() {
         let (mut s, mut b) = (Session::default(), Fake::default());
         let mut big = String::from("{\"execute\": \"");
         big.push_str(&"x".repeat(MAX_MESSAGE + 10));
-        let r = feed(&mut s, &mut b, &big);
+        // Nothing until the message ends: then one error, and its tail never
+        // runs.
+        assert!(feed(&mut s, &mut b, &big).is_empty());
+        let r = feed(
+            &mut s,
+            &mut b,
+            r#"", "a": {"execute": "qmp_capabilities"}}"#,
+        );
         assert_eq!(r.len(), 1);
         assert!(r[0]["error"]["desc"].as_str().unwrap().contains("exceeds"));
         let r = feed(&mut s, &mut b, r#"{"execute":"qmp_capabilities"}"#);
         assert_eq!(r[0], json!({"return": {}}));
+        // A message of 70 KB (which QEMU answers) is answered.
+        let id = "i".repeat(70_000);
+        let r = feed(
+            &mut s,
+            &mut b,
+            &format!(r#"{{"execute":"query-status","id":"{id}"}}"#),
+        );
+        assert_eq!(r[0]["id"], json!(id));
+        // And nesting to QEMU's depth.
+        let deep = format!(
+            "{{\"execute\":\"query-status\",\"id\":{}1{}}}",
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        let r = feed(&mut s, &mut b, &deep);
+        assert_eq!(r[0]["return"]["running"], true, "{:?}", r[0]["error"]);
+    }
+
+    #[test]
+    fn exec_oob_is_an_unexpected_member_as_in_qemu() {
+        let (mut s, mut b) = (Session::default(), Fake::default());
+        feed(&mut s, &mut b, r#"{"execute":"qmp_capabilities"}"#);
+        let r = feed(&mut s, &mut b, r#"{"exec-oob": "query-status", "id": 1}"#);
+        assert_eq!(
+            r[0]["error"]["desc"],
+            "QMP input member 'exec-oob' is unexpected"
+        );
+        assert_eq!(r[0]["id"], 1);
+        assert_eq!(
+            greeting()["QMP"]["capabilities"],
+            json!([]),
+            "oob is not offered"
+        );
     }
 
     #[test]
