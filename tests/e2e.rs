@@ -302,12 +302,30 @@ fn bad_arguments_fail_with_one_clear_message() {
             &["--confidential", "sev", "--transport-key-file", "/tmp/k"],
             "launch secret (--sev-secret), not --transport-key-file",
         ),
+        // Negative numbers get the range error, not "unexpected argument".
+        (&["--cpus", "-1"], "--cpus must be between 1 and 32, got -1"),
+        (
+            &["--mirror-cpus", "-3"],
+            "--mirror-cpus must be between 1 and 16, got -3",
+        ),
+        // Flags that would be ignored are refused.
+        (&["--cmdline", "quiet"], "--kernel"),
+        (&["--guest", "hello", "--initrd", "/tmp/x"], "--kernel"),
     ];
     let bad_key = tmp_path("bad.key");
     std::fs::write(&bad_key, "not a key\n").unwrap();
     let bad_key_args = ["--transport-key-file", bad_key.to_str().unwrap()];
+    // A sign, a prefix or separators are not a key.
+    let signed_key = tmp_path("signed.key");
+    std::fs::write(&signed_key, format!("+{}\n", "0".repeat(63))).unwrap();
+    let signed_key_args = ["--transport-key-file", signed_key.to_str().unwrap()];
+    let prefixed_key = tmp_path("prefixed.key");
+    std::fs::write(&prefixed_key, format!("0x{}\n", "1".repeat(62))).unwrap();
+    let prefixed_key_args = ["--transport-key-file", prefixed_key.to_str().unwrap()];
     let mut cases = cases.to_vec();
     cases.push((&bad_key_args, "expected 64 hex digits"));
+    cases.push((&signed_key_args, "expected 64 hex digits"));
+    cases.push((&prefixed_key_args, "expected 64 hex digits"));
     for (args, want) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
             .arg("run")
@@ -325,6 +343,132 @@ fn bad_arguments_fail_with_one_clear_message() {
         assert_eq!(errors, 1, "{args:?}: not one error line: {stderr:?}");
         assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
     }
+    // The other subcommands check their numbers too: no panic on NaN.
+    for (args, want) in [
+        (
+            &["bench", "helper", "--host-seconds", "nan"][..],
+            "between 0.05 and 60",
+        ),
+        (
+            &["bench", "helper", "--host-seconds", "-1"][..],
+            "between 0.05 and 60",
+        ),
+        (&["qmp", "tcp:x:1", "query-status"][..], "only unix:PATH"),
+        (
+            &["qmp", "unix:/tmp/x", "stop", "[1]"][..],
+            "must be a JSON object",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: wanted {want:?} in {stderr:?}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// `cgsvmm run | head -1`: the closed pipe is reported once, the VMM goes
+/// on, and Ctrl-C still ends it cleanly.
+fn a_closed_serial_pipe_is_reported_once() {
+    let _one = one_vm();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["run", "--cpus", "2", "--memory", "64M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(first.starts_with("dirtier: vcpu"), "{first}");
+    drop(out);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(child.try_wait().unwrap(), None, "the VMM stopped");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(0), "{stderr}");
+    let reports = stderr.matches("Serial output failed").count();
+    assert_eq!(reports, 1, "{stderr}");
+}
+
+/// `RUST_LOG=debug` tells what a user debugging a VM wants: the layout,
+/// devices, vCPUs starting, pausing and resuming (with timing), and every
+/// QMP command.
+fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
+    let _one = one_vm();
+    let sock = tmp_path("debug.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["run", "--memory", "64M", "--serial", "null"])
+        .arg("--qmp")
+        .arg(format!("unix:{}", sock.display()))
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut q = Qmp::negotiate(&sock);
+    q.cmd("stop");
+    q.cmd("cont");
+    q.cmd("quit");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "VM: 64 MiB of RAM",
+        "Devices: COM1",
+        "Started 1 main and 1 mirror vCPUs in",
+        "QMP: stop",
+        "Paused the main vCPUs in",
+        "Resumed the main vCPUs in",
+        "QMP: quit",
+    ] {
+        assert!(log.contains(want), "no {want:?} in the debug log:\n{log}");
+    }
+}
+
+/// `cgsvmm qmp` drives a running VMM as the README shows.
+fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
+    let _one = one_vm();
+    let sock = tmp_path("qmp-cli.sock");
+    let mut vm = Vm::start(&[
+        "--serial",
+        "null",
+        "--qmp",
+        &format!("unix:{}", sock.display()),
+    ]);
+    let qmp = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+            .arg("qmp")
+            .arg(format!("unix:{}", sock.display()))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let stop = qmp(&["stop"]);
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let status = qmp(&["query-status"]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["status"], "paused");
+    let bad = qmp(&["stop", r#"{"force": true}"#]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("Parameter 'force' is unexpected"));
+    assert!(qmp(&["cont"]).status.success());
+    assert!(qmp(&["quit"]).status.success());
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
 fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
@@ -416,6 +560,39 @@ fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
     assert!(batched > 0.0 && helper > 0.0 && helper < 10.0, "{stdout}");
 }
 
+/// The README's usage block names every flag `cgsvmm run --help` lists.
+fn the_readme_usage_block_matches_the_help() {
+    let help = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| {
+            l.trim_start()
+                .split([' ', ',', '='])
+                .find(|w| w.starts_with("--"))
+        })
+        .filter(|f| !matches!(*f, "--help" | "--version"))
+        .collect();
+    assert!(flags.len() > 10, "{help}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("cgsvmm run [").expect("usage block");
+    let usage = &readme[start..start + readme[start..].find("```").unwrap()];
+    for flag in flags {
+        assert!(
+            usage.contains(&format!("{flag} ")) || usage.contains(&format!("{flag}]")),
+            "README usage lacks {flag}"
+        );
+        assert!(
+            readme.contains(&format!("`{flag}`")),
+            "README never explains {flag}"
+        );
+    }
+}
+
 fn main() {
     let sev = std::path::Path::new("/dev/sev").exists().then(|| {
         "this host has /dev/sev: the refusal on hosts without SEV cannot be seen".to_string()
@@ -430,10 +607,19 @@ fn main() {
                 qmp_survives_malformed_input,
                 hello_exits_zero_after_its_line,
                 the_migration_helper_runs_on_the_mirror_when_a_key_is_given,
-                bench_helper_prints_its_numbers_and_the_two_ratio_lines
+                bench_helper_prints_its_numbers_and_the_two_ratio_lines,
+                a_closed_serial_pipe_is_reported_once,
+                the_qmp_subcommand_runs_one_command_and_prints_its_reply,
+                debug_logging_shows_layout_vcpus_and_qmp_commands,
             ),
         ),
         (sev, &named!(sev_on_a_host_without_it_fails_with_the_reason)),
-        (None, &named!(bad_arguments_fail_with_one_clear_message)),
+        (
+            None,
+            &named!(
+                bad_arguments_fail_with_one_clear_message,
+                the_readme_usage_block_matches_the_help
+            ),
+        ),
     ]);
 }

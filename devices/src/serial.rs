@@ -22,11 +22,48 @@ pub struct SerialDevice {
     uart: Mutex<Uart>,
 }
 
+/// The UART's output: once a write fails (a closed pipe, a full disk),
+/// that is reported once and the guest's further output is dropped, so a
+/// broken sink neither floods the log nor stops the guest.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    failed: bool,
+}
+
+impl Sink {
+    /// Reports the first failure; later output is dropped.
+    fn check(&mut self, result: std::io::Result<()>) {
+        if let Err(e) = result {
+            log::warn!("Serial output failed ({e}); dropping the guest's further output");
+            self.failed = true;
+        }
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.failed {
+            let result = self.out.write_all(buf);
+            self.check(result);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.failed {
+            let result = self.out.flush();
+            self.check(result);
+        }
+        Ok(())
+    }
+}
+
 impl SerialDevice {
     /// A UART that raises `irq` and writes what the guest sends to `out`.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        let sink: Box<dyn Write + Send> = Box::new(Sink { out, failed: false });
         Self {
-            uart: Mutex::new(Serial::new(irq, out)),
+            uart: Mutex::new(Serial::new(irq, sink)),
         }
     }
 
@@ -102,5 +139,58 @@ mod tests {
         let mut data = [0u8];
         dev.read(0, &mut data);
         assert_eq!(data[0], b'a');
+    }
+
+    /// A sink that fails every write and counts the attempts.
+    #[derive(Clone, Default)]
+    struct Broken(Arc<Mutex<usize>>);
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            *self.0.lock().unwrap() += 1;
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A sink that takes bytes but fails to flush them (a line-buffered
+    /// pipe whose reader left).
+    #[derive(Clone, Default)]
+    struct FailsOnFlush(Arc<Mutex<usize>>);
+    impl Write for FailsOnFlush {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            *self.0.lock().unwrap() += 1;
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_sink_that_fails_to_flush_is_flushed_once() {
+        let out = FailsOnFlush::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(EventFdTrigger(irq), Box::new(out.clone()));
+        for _ in 0..300 {
+            dev.write(0, b"x");
+        }
+        assert_eq!(*out.0.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_broken_sink_is_tried_once_and_the_guest_goes_on() {
+        let out = Broken::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(EventFdTrigger(irq), Box::new(out.clone()));
+        for _ in 0..300 {
+            dev.write(0, b"x");
+        }
+        assert_eq!(*out.0.lock().unwrap(), 1, "writes after the first failure");
+        // The UART still works for the guest.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0, "transmitter ready");
     }
 }

@@ -142,8 +142,8 @@ pub enum ConfigError {
         flag: &'static str,
         /// Maximum.
         max: usize,
-        /// What was asked for.
-        got: usize,
+        /// What was asked for (negative from the command line).
+        got: i64,
     },
     /// A file that does not exist or cannot be read.
     #[error("{flag} {path}: {why}")]
@@ -232,6 +232,15 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
     }
 }
 
+/// Seconds between 0.05 and 60 (`bench helper --host-seconds`).
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=60.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
+        Ok(_) => Err("must be a number of seconds between 0.05 and 60".into()),
+        Err(e) => Err(format!("not a number ({e})")),
+    }
+}
+
 /// A UUID in its usual text form (`--uuid`), as 16 bytes in that order.
 pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     uuid::Uuid::try_parse(s)
@@ -277,14 +286,10 @@ pub fn read_blob(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, 
 }
 
 /// 64 hex digits as 32 bytes.
-pub fn parse_transport_key(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
+pub fn parse_transport_key(text: &str) -> Option<[u8; 32]> {
+    // Exactly 64 hex digits: no sign, prefix or separator.
     let mut key = [0u8; 32];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut key).ok()?;
     Some(key)
 }
 
@@ -338,14 +343,14 @@ impl VmmConfig {
             return Err(ConfigError::CpuCount {
                 flag: "cpus",
                 max: MAX_CPUS,
-                got: self.cpus,
+                got: self.cpus as i64,
             });
         }
         if !(1..=MAX_MIRROR_CPUS).contains(&self.mirror_cpus) {
             return Err(ConfigError::CpuCount {
                 flag: "mirror-cpus",
                 max: MAX_MIRROR_CPUS,
-                got: self.mirror_cpus,
+                got: self.mirror_cpus as i64,
             });
         }
         let check_linux = |l: &LinuxConfig| -> Result<(), ConfigError> {

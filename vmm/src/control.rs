@@ -130,9 +130,16 @@ impl Controller {
 
     /// Starts both groups for the first time.
     pub fn start(&mut self) -> Result<(), VcpuError> {
+        let began = std::time::Instant::now();
         self.start_mirror()?;
         self.main.resume()?;
         self.state = RunState::Running;
+        log::debug!(
+            "Started {} main and {} mirror vCPUs in {:?}",
+            self.main.handles().len(),
+            self.mirror.handles().len(),
+            began.elapsed()
+        );
         Ok(())
     }
 
@@ -144,7 +151,12 @@ impl Controller {
     /// Pauses the main vCPUs only; the mirror keeps running.
     pub fn stop(&mut self) -> Result<(), VcpuError> {
         if self.state == RunState::Running {
+            let began = std::time::Instant::now();
             self.main.pause()?;
+            log::debug!(
+                "Paused the main vCPUs in {:?} (the mirror runs on)",
+                began.elapsed()
+            );
             self.state = RunState::Paused;
             self.events.push(("STOP".into(), json!({})));
         }
@@ -154,7 +166,9 @@ impl Controller {
     /// Resumes the main vCPUs.
     pub fn cont(&mut self) -> Result<(), VcpuError> {
         if self.state == RunState::Paused {
+            let began = std::time::Instant::now();
             self.main.resume()?;
+            log::debug!("Resumed the main vCPUs in {:?}", began.elapsed());
             self.state = RunState::Running;
             self.events.push(("RESUME".into(), json!({})));
         }

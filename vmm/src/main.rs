@@ -12,6 +12,9 @@ use cgsvmm::confidential::Confidential;
 use cgsvmm::config::{self, BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::Vmm;
 
+/// The kernel command line when `--cmdline` is not given.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
 #[derive(Parser)]
 #[command(
     name = "cgsvmm",
@@ -27,6 +30,8 @@ struct Cli {
 enum Command {
     /// Boot a VM and run it until it powers off, `quit` over QMP, or Ctrl-C.
     Run(Box<RunArgs>),
+    /// Send one QMP command to a running cgsvmm and print its reply.
+    Qmp(QmpArgs),
     /// Measure a component and print the numbers.
     Bench {
         #[command(subcommand)]
@@ -45,10 +50,38 @@ enum BenchCommand {
         /// Runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Seconds per host AES-GCM implementation.
-        #[arg(long, default_value_t = 1.0)]
-        host_seconds: f64,
+        /// Seconds per host AES-GCM implementation (0.05 to 60).
+        #[arg(
+            long,
+            default_value = "1.0",
+            allow_negative_numbers = true,
+            value_parser = config::parse_seconds
+        )]
+        host_seconds: std::time::Duration,
     },
+}
+
+#[derive(clap::Args)]
+struct QmpArgs {
+    /// The VMM's QMP socket: unix:PATH (as given to `run --qmp`).
+    #[arg(value_parser = config::parse_qmp)]
+    socket: PathBuf,
+    /// The command, e.g. query-status, stop, cont, quit.
+    command: String,
+    /// Its arguments, as a JSON object.
+    #[arg(value_parser = parse_json_object)]
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value = "10", value_parser = config::parse_seconds)]
+    timeout: std::time::Duration,
+}
+
+fn parse_json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("arguments must be a JSON object, e.g. '{\"enable\": []}'".into()),
+        Err(e) => Err(format!("not JSON ({e})")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -65,11 +98,15 @@ struct RunArgs {
     #[arg(long, default_value = "256M", value_parser = config::parse_memory)]
     memory: u64,
     /// Number of vCPUs the guest sees.
-    #[arg(long, default_value_t = 1)]
-    cpus: usize,
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    cpus: i64,
     /// Number of mirror vCPUs (never seen by the guest).
-    #[arg(long = "mirror-cpus", default_value_t = 1)]
-    mirror_cpus: usize,
+    #[arg(
+        long = "mirror-cpus",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    mirror_cpus: i64,
     /// Embedded lab guest to run (when no kernel or firmware is given).
     #[arg(long, value_enum, conflicts_with_all = ["kernel", "firmware"])]
     guest: Option<GuestArg>,
@@ -79,13 +116,9 @@ struct RunArgs {
     /// Initial ramdisk for the kernel.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(
-        long,
-        requires = "kernel",
-        default_value = "console=ttyS0 reboot=k panic=1"
-    )]
-    cmdline: String,
+    /// Kernel command line [default: console=ttyS0 reboot=k panic=1].
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
     /// Firmware image (e.g. OVMF.fd), mapped to end at 4 GiB.
     #[arg(long)]
     firmware: Option<PathBuf>,
@@ -197,11 +230,22 @@ impl TryFrom<RunArgs> for VmmConfig {
             }
             (None, Confidential::None) => None,
         };
+        // (clap's `requires` is not checked when --guest is given.)
+        if a.kernel.is_none() && (a.initrd.is_some() || a.cmdline.is_some()) {
+            return Err(config::ConfigError::Conflict(
+                "--initrd and --cmdline go with --kernel; a lab guest takes neither",
+            ));
+        }
         let linux = a.kernel.map(|kernel| LinuxConfig {
             kernel,
             initrd: a.initrd,
-            cmdline: a.cmdline,
+            cmdline: a.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.into()),
         });
+        let count = |flag, max, n: i64| {
+            usize::try_from(n).map_err(|_| config::ConfigError::CpuCount { flag, max, got: n })
+        };
+        let cpus = count("cpus", config::MAX_CPUS, a.cpus)?;
+        let mirror_cpus = count("mirror-cpus", config::MAX_MIRROR_CPUS, a.mirror_cpus)?;
         let boot = match (a.firmware, linux, a.guest) {
             (Some(path), kernel, _) => BootConfig::Firmware { path, kernel },
             (None, Some(linux), _) => BootConfig::Linux(linux),
@@ -210,8 +254,8 @@ impl TryFrom<RunArgs> for VmmConfig {
         };
         Ok(VmmConfig {
             memory: a.memory,
-            cpus: a.cpus,
-            mirror_cpus: a.mirror_cpus,
+            cpus,
+            mirror_cpus,
             boot,
             qmp: a.qmp,
             serial: a.serial,
@@ -251,11 +295,26 @@ fn main() -> ExitCode {
             let config = cgsvmm::bench::BenchConfig {
                 pages,
                 reps,
-                host_time: std::time::Duration::from_secs_f64(host_seconds.clamp(0.05, 60.0)),
+                host_time: host_seconds,
             };
             match cgsvmm::bench::run(config) {
                 Ok(report) => {
                     print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cgsvmm: error: {}", one_line(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Qmp(a) => {
+            match cgsvmm::qmp::client::call(&a.socket, &a.command, a.arguments, a.timeout) {
+                Ok(reply) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -142,7 +142,21 @@ impl TryFrom<VmmConfig> for Vmm {
         if sev.is_some() {
             SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
         }
+        log::debug!(
+            "VM: {} MiB of RAM at {:#x?}, {} vCPUs, {} mirror vCPUs, mirror region {:#x}+{:#x}, {:?}",
+            config.memory >> 20,
+            memory.layout.ram_ranges(),
+            config.cpus,
+            config.mirror_cpus,
+            cgsvmm_fw_abi::MIRROR_REGION_GPA,
+            cgsvmm_fw_abi::MIRROR_REGION_SIZE,
+            config.confidential
+        );
         let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
+        log::debug!(
+            "Devices: COM1 ({:?}), i8042, CMOS/RTC, debug port, fw_cfg, lab port",
+            config.serial
+        );
         let links = Arc::new(HelperLinks::new(config.mirror_cpus));
         let mirror_bus = device_manager::mirror_devices(&links)?;
 

@@ -21,8 +21,9 @@
 //! deeper than [`framing::MAX_DEPTH`]; a message past either limit is
 //! discarded whole with one error. Malformed input gets a `GenericError` and
 //! the connection stays usable. Sockets, per-client output queues and flow
-//! control are [`server`]'s.
+//! control are [`QmpServer`]'s.
 
+pub mod client;
 pub mod framing;
 mod server;
 
