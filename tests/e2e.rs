@@ -436,6 +436,47 @@ fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
     }
 }
 
+/// The README's QMP example, run as written (with this build's binary and
+/// a socket of the test's own): every command succeeds and the VMM ends.
+fn the_readme_qmp_example_runs_as_pasted() {
+    let _one = one_vm();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("Pasted into a shell:")
+        .expect("the QMP example");
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let sock = tmp_path("readme.sock");
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("cargo build"))
+        .map(|l| {
+            l.replace("./target/release/cgsvmm", env!("CARGO_BIN_EXE_cgsvmm"))
+                .replace("/tmp/cgsvmm.sock", sock.to_str().unwrap())
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        script.contains(" qmp ") && script.contains("&\n"),
+        "{script}"
+    );
+    let out = Command::new("bash")
+        .args(["-e", "-c", &format!("{script}\nwait")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"status\": \"paused\""), "{stdout}");
+    assert!(stdout.contains("\"payload\""), "{stdout}");
+}
+
 /// `cgsvmm qmp` drives a running VMM as the README shows.
 fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
     let _one = one_vm();
@@ -611,6 +652,7 @@ fn main() {
                 a_closed_serial_pipe_is_reported_once,
                 the_qmp_subcommand_runs_one_command_and_prints_its_reply,
                 debug_logging_shows_layout_vcpus_and_qmp_commands,
+                the_readme_qmp_example_runs_as_pasted,
             ),
         ),
         (sev, &named!(sev_on_a_host_without_it_fails_with_the_reason)),
