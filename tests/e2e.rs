@@ -355,6 +355,10 @@ fn bad_arguments_fail_with_one_clear_message() {
         ),
         (&["qmp", "tcp:x:1", "query-status"][..], "only unix:PATH"),
         (
+            &["qmp", "unix:/tmp/x", "stop", "--timeout", "-1"][..],
+            "between 0.05 and 60",
+        ),
+        (
             &["qmp", "unix:/tmp/x", "stop", "[1]"][..],
             "must be a JSON object",
         ),
@@ -504,6 +508,14 @@ fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
     let status = qmp(&["query-status"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["status"], "paused");
+    // A second VMM cannot take the socket over.
+    let second = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["run", "--serial", "null", "--qmp"])
+        .arg(format!("unix:{}", sock.display()))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("is in use"));
     let bad = qmp(&["stop", r#"{"force": true}"#]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("Parameter 'force' is unexpected"));

@@ -63,23 +63,41 @@ enum BenchCommand {
 
 #[derive(clap::Args)]
 struct QmpArgs {
-    /// The VMM's QMP socket: unix:PATH (as given to `run --qmp`).
-    #[arg(value_parser = config::parse_qmp)]
+    /// The VMM's QMP socket: unix:PATH, as given to `run --qmp` (or just
+    /// the path).
+    #[arg(value_parser = parse_qmp_socket)]
     socket: PathBuf,
     /// The command, e.g. query-status, stop, cont, quit.
     command: String,
     /// Its arguments, as a JSON object.
     #[arg(value_parser = parse_json_object)]
     arguments: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Seconds to wait for the reply.
-    #[arg(long, default_value = "10", value_parser = config::parse_seconds)]
+    /// Seconds to wait for the socket to appear (at most 2) and for the
+    /// reply (0.05 to 60).
+    #[arg(
+        long,
+        default_value = "10",
+        allow_negative_numbers = true,
+        value_parser = config::parse_seconds
+    )]
     timeout: std::time::Duration,
+}
+
+fn parse_qmp_socket(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:") {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        Some(_) => Err("no path after unix:".into()),
+        None if s.contains(':') && !s.starts_with('/') && !s.starts_with('.') => {
+            Err("only unix:PATH sockets are supported".into())
+        }
+        None => Ok(PathBuf::from(s)),
+    }
 }
 
 fn parse_json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match serde_json::from_str(s) {
         Ok(serde_json::Value::Object(m)) => Ok(m),
-        Ok(_) => Err("arguments must be a JSON object, e.g. '{\"enable\": []}'".into()),
+        Ok(_) => Err("arguments must be a JSON object, e.g. '{\"name\": \"value\"}'".into()),
         Err(e) => Err(format!("not JSON ({e})")),
     }
 }
@@ -125,7 +143,8 @@ struct RunArgs {
     /// QMP control socket: unix:PATH.
     #[arg(long, value_parser = config::parse_qmp)]
     qmp: Option<PathBuf>,
-    /// Serial port: stdio, null or file:PATH.
+    /// Serial port: stdio, null or file:PATH (null or a file for a VMM run
+    /// in the background: with stdio a shell stops it when it reads).
     #[arg(long, default_value = "stdio", value_parser = config::parse_serial)]
     serial: SerialConfig,
     /// Transport key (64 hex digits) for the migration helper, which then

@@ -143,14 +143,23 @@ impl TryFrom<VmmConfig> for Vmm {
             SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
         }
         log::debug!(
-            "VM: {} MiB of RAM at {:#x?}, {} vCPUs, {} mirror vCPUs, mirror region {:#x}+{:#x}, {:?}",
+            "VM: {} MiB of RAM at {}; {} vCPUs, {} mirror vCPUs; mirror region {:#x}..{:#x}; confidential backend: {}",
             config.memory >> 20,
-            memory.layout.ram_ranges(),
+            memory
+                .layout
+                .ram_ranges()
+                .iter()
+                .map(|(start, len)| format!("{start:#x}..{:#x}", start + len))
+                .collect::<Vec<_>>()
+                .join(", "),
             config.cpus,
             config.mirror_cpus,
             cgsvmm_fw_abi::MIRROR_REGION_GPA,
-            cgsvmm_fw_abi::MIRROR_REGION_SIZE,
-            config.confidential
+            cgsvmm_fw_abi::MIRROR_REGION_GPA + cgsvmm_fw_abi::MIRROR_REGION_SIZE,
+            match config.confidential {
+                Confidential::None => "none",
+                Confidential::Sev(_) => "sev",
+            }
         );
         let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
         log::debug!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 /// How long the socket may take to appear (a VMM just started).
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
 /// Errors of a QMP call.
 #[derive(Debug, thiserror::Error)]

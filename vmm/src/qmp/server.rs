@@ -41,6 +41,9 @@ pub enum QmpServerError {
     /// Something other than a stale socket is at the path.
     #[error("QMP path {0} exists and is not a socket")]
     PathInUse(PathBuf),
+    /// A live process (another cgsvmm?) listens at the path.
+    #[error("QMP socket {0} is in use: another process answers there")]
+    SocketInUse(PathBuf),
     /// Socket creation failed.
     #[error("Cannot listen on QMP socket {0}: {1}")]
     Listen(PathBuf, std::io::Error),
@@ -175,6 +178,10 @@ impl QmpServer {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(QmpServerError::PathInUse(path.to_path_buf()));
+            }
+            // Replace only a stale socket, never another VMM's.
+            if UnixStream::connect(path).is_ok() {
+                return Err(QmpServerError::SocketInUse(path.to_path_buf()));
             }
             let _ = std::fs::remove_file(path);
         }
