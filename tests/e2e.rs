@@ -431,10 +431,10 @@ fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
         "VM: 64 MiB of RAM",
         "Devices: COM1",
         "Started 1 main and 1 mirror vCPUs in",
-        "QMP: stop",
+        "QMP: \"stop\"",
         "Paused the main vCPUs in",
         "Resumed the main vCPUs in",
-        "QMP: quit",
+        "QMP: \"quit\"",
     ] {
         assert!(log.contains(want), "no {want:?} in the debug log:\n{log}");
     }

@@ -58,10 +58,12 @@ fn a_command_hidden_in_an_oversized_message_never_runs() {
     let _one = one_vm();
     let (mut vm, sock) = vm_with_qmp("qmp-big.sock");
     let mut q = Qmp::negotiate(&sock);
-    // Past the 1 MiB limit, the message's tail holds a `quit`.
-    let mut big = String::from(r#"{"execute": "query-status", "arguments": {"pad": ""#);
-    big.push_str(&"a".repeat(1 << 20));
-    big.push_str(r#""}, "x": {"execute": "quit"}}"#);
+    // Past the 1 MiB limit, the message's tail holds a `quit`, outside any
+    // string: a server that went back to the top level at the limit would
+    // run it.
+    let mut big = String::from("[");
+    big.push_str(&"0,".repeat(600_000));
+    big.push_str(r#"{"execute": "quit"}]"#);
     big.push('\n');
     let reply = q.send_raw(&big);
     assert!(
@@ -72,6 +74,7 @@ fn a_command_hidden_in_an_oversized_message_never_runs() {
     let status = q.send_raw("{\"execute\": \"query-status\", \"id\": \"after\"}\n");
     assert_eq!(status["id"], "after", "{status}");
     assert_eq!(status["return"]["running"], true);
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(vm.child.try_wait().unwrap(), None, "the hidden quit ran");
     // A 70 KB message is answered as QEMU answers it.
     let id = "i".repeat(70_000);
@@ -242,6 +245,54 @@ fn out_of_file_descriptors_the_loop_idles_and_recovers() {
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+fn pipelined_commands_get_their_events_and_replies_in_order() {
+    let _one = one_vm();
+    let (mut vm, sock) = vm_with_qmp("qmp-order.sock");
+    let mut q = Qmp::negotiate(&sock);
+    q.stream
+        .write_all(
+            concat!(
+                r#"{"execute": "stop", "id": 1}"#,
+                r#"{"execute": "query-status", "id": 2}"#,
+                r#"{"execute": "cont", "id": 3}"#,
+                "\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut order = Vec::new();
+    let mut stamps = Vec::new();
+    while order.len() < 5 {
+        let v = q.read();
+        match v.get("event") {
+            Some(e) => {
+                order.push(e.as_str().unwrap().to_string());
+                stamps.push(v["timestamp"]["seconds"].as_u64().unwrap());
+            }
+            None => order.push(format!("reply {}", v["id"])),
+        }
+    }
+    assert_eq!(order, ["STOP", "reply 1", "reply 2", "RESUME", "reply 3"]);
+    assert!(stamps.iter().all(|&s| s > 1_600_000_000));
+    // A stray quote does not swallow the session, and the qmp-spec's
+    // recovery byte resets a half-sent message.
+    let reply = q.send_raw("x\"\n");
+    assert!(reply.get("error").is_some(), "{reply}");
+    assert_eq!(q.cmd("query-status")["running"], true);
+    q.stream
+        .write_all(b"{\"execute\": \"stop\", \"id\": \"trunc")
+        .unwrap();
+    let reply = q.send_raw("\u{1}\n");
+    assert!(reply.get("error").is_some(), "{reply}");
+    assert_eq!(
+        q.cmd("query-status")["running"],
+        true,
+        "the truncated stop ran"
+    );
+    q.cmd("quit");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 fn system_powerdown_names_the_host_as_its_cause() {
     let _one = one_vm();
     let (mut vm, sock) = vm_with_qmp("qmp-powerdown.sock");
@@ -269,6 +320,7 @@ fn main() {
             twenty_thousand_pipelined_commands_read_late_are_all_answered,
             out_of_file_descriptors_the_loop_idles_and_recovers,
             system_powerdown_names_the_host_as_its_cause,
+            pipelined_commands_get_their_events_and_replies_in_order,
         ),
     )]);
 }

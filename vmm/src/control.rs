@@ -61,7 +61,8 @@ pub struct Controller {
     exit: ExitHandle,
     state: RunState,
     mirror_started: bool,
-    events: Vec<(String, Value)>,
+    /// Events raised, timestamped as they were (QMP event messages).
+    events: Vec<Value>,
     helper: Option<HelperHeader>,
     links: Arc<HelperLinks>,
     sev_measurement: Option<Vec<u8>>,
@@ -158,7 +159,8 @@ impl Controller {
                 began.elapsed()
             );
             self.state = RunState::Paused;
-            self.events.push(("STOP".into(), json!({})));
+            self.events
+                .push(crate::qmp::event_message("STOP", json!({})));
         }
         Ok(())
     }
@@ -170,7 +172,8 @@ impl Controller {
             self.main.resume()?;
             log::debug!("Resumed the main vCPUs in {:?}", began.elapsed());
             self.state = RunState::Running;
-            self.events.push(("RESUME".into(), json!({})));
+            self.events
+                .push(crate::qmp::event_message("RESUME", json!({})));
         }
         Ok(())
     }
@@ -286,7 +289,7 @@ impl QmpBackend for Controller {
         }
     }
 
-    fn take_events(&mut self) -> Vec<(String, Value)> {
+    fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)
     }
 }

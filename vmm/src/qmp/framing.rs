@@ -15,6 +15,12 @@
 //!   boundary, then reports it once. Its tail is never read as new input;
 //! - bytes outside any message (stray closers, bare words, top-level
 //!   strings) are skipped as one run and reported once;
+//! - a control character inside a string, a control character other than
+//!   tab, CR and LF outside one, and the bytes 0xFE and 0xFF (none of which
+//!   a JSON encoder ever sends) reset the framer to the top level with one
+//!   error, whatever it was in the middle of: the qmp-spec's way for a
+//!   client to force the parser into a known-good state, and what keeps one
+//!   stray quote from swallowing the rest of a session;
 //! - how the input is split into reads changes nothing.
 //!
 //! Memory stays bounded by [`MAX_MESSAGE`] per client.
@@ -37,6 +43,9 @@ pub enum Frame {
     /// Bytes that cannot start a message (or a closer with nothing open),
     /// skipped up to the next boundary.
     Stray,
+    /// A byte no JSON text holds there: what was being read is dropped and
+    /// the framer starts afresh at the top level.
+    Reset,
 }
 
 /// Why the message being read is discarded.
@@ -61,8 +70,11 @@ enum Place {
 }
 
 /// Cuts a byte stream into [`Frame`]s.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Framer {
+    /// [`MAX_MESSAGE`] and [`MAX_DEPTH`] (smaller in tests).
+    max_message: usize,
+    max_depth: usize,
     place: Place,
     /// The message so far (empty while discarding).
     message: Vec<u8>,
@@ -73,10 +85,26 @@ pub struct Framer {
     discard: Option<Discard>,
 }
 
+impl Default for Framer {
+    fn default() -> Self {
+        Self::with_limits(MAX_MESSAGE, MAX_DEPTH)
+    }
+}
+
 impl Framer {
-    /// Bytes of the message being read that are held (for flow control).
-    pub fn pending(&self) -> usize {
-        self.message.len()
+    /// A framer with other limits than QMP's (tests reach them quicker).
+    pub fn with_limits(max_message: usize, max_depth: usize) -> Self {
+        Self {
+            max_message,
+            max_depth,
+            place: Place::default(),
+            message: Vec::new(),
+            braces: 0,
+            brackets: 0,
+            in_string: false,
+            escaped: false,
+            discard: None,
+        }
     }
 
     /// Takes `bytes` and appends every frame they complete to `out`.
@@ -87,6 +115,22 @@ impl Framer {
     }
 
     fn byte(&mut self, b: u8, out: &mut Vec<Frame>) {
+        let in_a_string =
+            self.place == Place::StrayString || (self.place == Place::Message && self.in_string);
+        let never_json =
+            b >= 0xfe || (b < 0x20 && (in_a_string || !matches!(b, b'\t' | b'\r' | b'\n')));
+        if never_json {
+            out.push(match (self.place, self.discard) {
+                (Place::Message, Some(Discard::TooLarge)) => Frame::TooLarge,
+                (Place::Message, Some(Discard::TooDeep)) => Frame::TooDeep,
+                _ => Frame::Reset,
+            });
+            self.place = Place::TopLevel;
+            self.message = Vec::new();
+            self.discard = None;
+            (self.in_string, self.escaped) = (false, false);
+            return;
+        }
         match self.place {
             Place::TopLevel => self.top_level(b),
             Place::Stray => {
@@ -134,7 +178,7 @@ impl Framer {
         } else {
             self.brackets += 1;
         }
-        if self.braces + self.brackets > MAX_DEPTH {
+        if self.braces + self.brackets > self.max_depth {
             self.drop_message(Discard::TooDeep);
         }
     }
@@ -186,7 +230,7 @@ impl Framer {
         if self.discard.is_some() {
             return;
         }
-        if self.message.len() >= MAX_MESSAGE {
+        if self.message.len() >= self.max_message {
             self.drop_message(Discard::TooLarge);
             return;
         }
@@ -360,6 +404,33 @@ mod tests {
                     prop_assert!(m.len() <= MAX_MESSAGE);
                     let opens = matches!(m[0], b'{' | b'[');
                     prop_assert!(opens, "starts with {}", m[0]);
+                    prop_assert!(balanced(m), "{:?}", String::from_utf8_lossy(m));
+                }
+            }
+        }
+
+        #[test]
+        fn with_small_limits_discards_follow_the_structure_and_split_alike(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b'"'), Just(b'\\'), Just(b'a'), Just(b' '), Just(b'\n')],
+                0..400,
+            ),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let run = |parts: &[&[u8]]| {
+                let mut f = Framer::with_limits(16, 3);
+                let mut out = Vec::new();
+                for p in parts {
+                    f.push(p, &mut out);
+                }
+                out
+            };
+            let at = cut.index(bytes.len() + 1);
+            let whole = run(&[&bytes]);
+            prop_assert_eq!(&whole, &run(&[&bytes[..at], &bytes[at..]]));
+            for frame in &whole {
+                if let Frame::Message(m) = frame {
+                    prop_assert!(m.len() <= 16);
                     prop_assert!(balanced(m), "{:?}", String::from_utf8_lossy(m));
                 }
             }

@@ -71,8 +71,9 @@ impl QmpError {
 pub trait QmpBackend: Send {
     /// Runs `command` with `args`; returns the `return` value.
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError>;
-    /// Events raised since the last call, as (name, data).
-    fn take_events(&mut self) -> Vec<(String, Value)>;
+    /// Events raised since the last call, as whole QMP event messages
+    /// timestamped when they were raised ([`event_message`]).
+    fn take_events(&mut self) -> Vec<Value>;
 }
 
 /// Rejects any argument: for commands that take none.
@@ -111,13 +112,61 @@ fn error_message(e: QmpError, id: Option<Value>) -> Value {
 }
 
 /// One whole message as JSON. The framer bounds its size and depth, so
-/// serde's own recursion limit (128) gives way to QMP's (1024).
+/// serde's own recursion limit (128) gives way to QMP's (1024). A message
+/// that names a top-level member twice is refused: a filter that read the
+/// first `execute` must not see another command run.
 fn parse(message: &[u8]) -> Result<Value, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_slice(message);
-    de.disable_recursion_limit();
-    let value = Value::deserialize(&mut de)?;
-    de.end()?;
+    fn from<'a, T: Deserialize<'a>>(message: &'a [u8]) -> Result<T, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(message);
+        de.disable_recursion_limit();
+        let value = T::deserialize(&mut de)?;
+        de.end()?;
+        Ok(value)
+    }
+    let value: Value = from(message)?;
+    if value.is_object() {
+        from::<UniqueKeys>(message)?;
+    }
     Ok(value)
+}
+
+/// A JSON object whose keys are all different (only checked, then
+/// dropped).
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate key '{key}'")));
+                    }
+                }
+                Ok(UniqueKeys)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// What a command leaves to send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// An event, for every negotiated client.
+    Event(Value),
+    /// A reply, for the client that sent the command.
+    Reply(Value),
 }
 
 /// One client's protocol state.
@@ -133,13 +182,15 @@ impl Session {
         self.negotiated
     }
 
-    /// Takes bytes from the client and returns the replies to send.
-    pub fn feed(&mut self, bytes: &[u8], backend: &mut dyn QmpBackend) -> Vec<Value> {
+    /// Takes bytes from the client; returns what to send, in order: the
+    /// events each command raised (for every client), then its reply (for
+    /// this one), command after command, as QEMU orders them.
+    pub fn feed(&mut self, bytes: &[u8], backend: &mut dyn QmpBackend) -> Vec<Output> {
         let mut frames = Vec::new();
         self.framer.push(bytes, &mut frames);
-        frames
-            .into_iter()
-            .map(|frame| match frame {
+        let mut out = Vec::new();
+        for frame in frames {
+            let reply = match frame {
                 Frame::Message(m) => match parse(&m) {
                     Ok(value) => self.dispatch(value, backend),
                     Err(e) => {
@@ -158,8 +209,15 @@ impl Session {
                     QmpError::generic("JSON parse error, expected a JSON object"),
                     None,
                 ),
-            })
-            .collect()
+                Frame::Reset => error_message(
+                    QmpError::generic("JSON parse error, invalid byte; input discarded"),
+                    None,
+                ),
+            };
+            out.extend(backend.take_events().into_iter().map(Output::Event));
+            out.push(Output::Reply(reply));
+        }
+        out
     }
 
     fn dispatch(&mut self, value: Value, backend: &mut dyn QmpBackend) -> Value {
@@ -211,7 +269,18 @@ impl Session {
                 ))
             }
         };
-        log::debug!("QMP: {command} {}", Value::Object(args.clone()));
+        if log::log_enabled!(log::Level::Debug) {
+            let mut shown = Value::Object(args.clone()).to_string();
+            if shown.len() > 200 {
+                let cut = (0..=200)
+                    .rev()
+                    .find(|&i| shown.is_char_boundary(i))
+                    .unwrap_or(0);
+                shown.truncate(cut);
+                shown.push_str("...");
+            }
+            log::debug!("QMP: {command:?} {shown}");
+        }
         if command == "qmp_capabilities" {
             if self.negotiated {
                 return Err(QmpError::not_found(
@@ -255,7 +324,7 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         calls: Vec<String>,
-        events: Vec<(String, Value)>,
+        events: Vec<Value>,
     }
 
     impl QmpBackend for Fake {
@@ -264,7 +333,7 @@ mod tests {
             match command {
                 "stop" => {
                     no_args(args)?;
-                    self.events.push(("STOP".into(), json!({})));
+                    self.events.push(event_message("STOP", json!({})));
                     Ok(json!({}))
                 }
                 "query-status" => {
@@ -275,13 +344,20 @@ mod tests {
                 ))),
             }
         }
-        fn take_events(&mut self) -> Vec<(String, Value)> {
+        fn take_events(&mut self) -> Vec<Value> {
             std::mem::take(&mut self.events)
         }
     }
 
+    /// The replies `input` gets (events left out).
     fn feed(s: &mut Session, b: &mut Fake, input: &str) -> Vec<Value> {
         s.feed(input.as_bytes(), b)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Reply(r) => Some(r),
+                Output::Event(_) => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -314,7 +390,26 @@ mod tests {
         );
         assert_eq!(r.len(), 3);
         assert_eq!(r[1], json!({"return": {}}));
-        assert_eq!(b.take_events().len(), 1);
+    }
+
+    #[test]
+    fn each_commands_events_come_before_its_reply_and_after_the_previous_one() {
+        let (mut s, mut b) = (Session::default(), Fake::default());
+        let out = s.feed(
+            br#"{"execute":"qmp_capabilities","id":0}{"execute":"stop","id":1}{"execute":"query-status","id":2}{"execute":"stop","id":3}"#,
+            &mut b,
+        );
+        let order: Vec<String> = out
+            .iter()
+            .map(|o| match o {
+                Output::Event(e) => e["event"].as_str().unwrap().to_string(),
+                Output::Reply(r) => format!("reply {}", r["id"]),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            ["reply 0", "STOP", "reply 1", "reply 2", "STOP", "reply 3"]
+        );
     }
 
     #[test]
@@ -339,6 +434,10 @@ mod tests {
                 "'bogus' is unexpected",
             ),
             (r#"{"execute": "no-such-command"}"#, "has not been found"),
+            (
+                r#"{"execute": "query-status", "execute": "stop"}"#,
+                "duplicate key 'execute'",
+            ),
             ("\u{7f}garbage\n", "JSON parse error"),
         ];
         for (input, want) in cases {

@@ -8,7 +8,10 @@
 //! does): a client that sends commands and never reads stops itself, not
 //! the others, and pipelined commands wait in the kernel's socket buffer
 //! instead of being dropped. A queue that still grows past [`QUEUE_LIMIT`]
-//! (events only) loses its client.
+//! (events only) loses its client. Each wake-up reads at most a few KiB of
+//! one client's input, so the commands it runs are bounded too, and at most
+//! [`MAX_CLIENTS`] are served at once: memory is bounded by the clients'
+//! limits.
 //!
 //! Out of file descriptors, `accept` fails and the listener stays ready;
 //! a spare descriptor is given up to accept and close the waiting client,
@@ -25,15 +28,20 @@ use std::path::{Path, PathBuf};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde_json::Value;
 
-use super::{event_message, greeting, QmpBackend, Session};
+use super::{event_message, greeting, Output, QmpBackend, Session};
 
 /// Queued output past which a client's input is no longer read.
 pub const READ_PAUSE: usize = 256 * 1024;
 /// Queued output past which a client is dropped (only events can get it
 /// there: replies stop with its input).
-pub const QUEUE_LIMIT: usize = 16 << 20;
-/// Bytes read from a client per wake-up (fairness between clients).
-const READ_CHUNK: usize = 64 * 1024;
+pub const QUEUE_LIMIT: usize = 4 << 20;
+/// Bytes read from a client per wake-up: what one wake-up may run is
+/// bounded (about a hundred commands), so other clients and signals wait
+/// little, and the replies it makes stay near the pause threshold.
+const READ_CHUNK: usize = 4096;
+/// Clients served at once; more are refused (closed at once). With the
+/// per-client bounds (a 1 MiB message, a 4 MiB queue) this bounds memory.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Errors of starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +117,8 @@ impl Connection {
         if self.sent == self.queue.len() {
             self.queue.clear();
             self.sent = 0;
+            // Give back what a burst made the queue grow to.
+            self.queue.shrink_to(READ_CHUNK);
         } else if self.sent > READ_PAUSE {
             self.queue.drain(..self.sent);
             self.sent = 0;
@@ -119,8 +129,8 @@ impl Connection {
     }
 
     /// Reads one chunk of input and runs what it completes.
-    fn read(&mut self, backend: &std::sync::Mutex<dyn QmpBackend>) -> Vec<Value> {
-        let mut buf = vec![0u8; READ_CHUNK];
+    fn read(&mut self, backend: &std::sync::Mutex<dyn QmpBackend>) -> Vec<Output> {
+        let mut buf = [0u8; READ_CHUNK];
         match self.stream.read(&mut buf) {
             Ok(0) => {
                 self.eof = true;
@@ -209,13 +219,16 @@ impl QmpServer {
 
     /// Queues an event for every negotiated client.
     pub fn broadcast(&mut self, name: &str, data: Value) {
-        let msg = event_message(name, data);
+        self.broadcast_message(&event_message(name, data));
+    }
+
+    fn broadcast_message(&mut self, msg: &Value) {
         for c in self
             .connections
             .values_mut()
             .filter(|c| c.session.negotiated())
         {
-            c.enqueue(&msg);
+            c.enqueue(msg);
         }
     }
 
@@ -239,14 +252,18 @@ impl QmpServer {
             .lock()
             .expect("backend lock poisoned")
             .take_events();
-        for (name, data) in events {
-            self.broadcast(&name, data);
+        for event in events {
+            self.broadcast_message(&event);
         }
     }
 
     fn accept(&mut self, ops: &mut EventOps) {
         loop {
             match self.listener.accept() {
+                Ok((stream, _)) if self.connections.len() >= MAX_CLIENTS => {
+                    log::warn!("QMP: {MAX_CLIENTS} clients already; refusing another");
+                    drop(stream);
+                }
                 Ok((stream, _)) => self.add_client(stream, ops),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -328,12 +345,15 @@ impl QmpServer {
         if set.intersects(EventSet::IN | EventSet::READ_HANG_UP)
             && conn.wanted().contains(EventSet::IN)
         {
-            let replies = conn.read(&self.backend);
-            // Events a command raised go out before its reply, as in QEMU.
-            self.flush_events();
-            if let Some(conn) = self.connections.get_mut(&fd) {
-                for r in &replies {
-                    conn.enqueue(r);
+            // In order: a command's events (to everyone), then its reply.
+            for output in conn.read(&self.backend) {
+                match output {
+                    Output::Event(e) => self.broadcast_message(&e),
+                    Output::Reply(r) => {
+                        if let Some(conn) = self.connections.get_mut(&fd) {
+                            conn.enqueue(&r);
+                        }
+                    }
                 }
             }
         } else if set.contains(EventSet::HANG_UP) {
