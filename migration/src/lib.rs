@@ -7,8 +7,10 @@
 //! `vmm`: the VMM hands it memory and state, it hands back bytes.
 //!
 //! Today it holds the migration-helper client ([`helper`]), which moves
-//! private pages through the helper's mailbox, and dirty-bitmap ranges
-//! ([`dirty`]).
+//! private pages through the helper's mailbox, dirty-bitmap ranges
+//! ([`dirty`]) and the stream's wire format ([`protocol`]: frames, kinds,
+//! bounds, checksums), which the sender and receiver will build on.
 
 pub mod dirty;
 pub mod helper;
+pub mod protocol;

@@ -1,0 +1,521 @@
+//! The migration stream's wire format, and nothing else: how a frame is
+//! laid out, which kinds exist, how long each may be, and how a reader
+//! tells a good frame from a damaged one. What the frames say, and in which
+//! order they must come, belongs to the sender and the receiver.
+//!
+//! # Layout
+//!
+//! A stream is a sequence of frames. Each is a 16-byte [`FrameHeader`]
+//! (little endian) followed by `length` bytes of payload:
+//!
+//! ```text
+//! +0  u16 kind       FrameKind; 0 is Invalid and never sent
+//! +2  u16 flags      reserved, 0
+//! +4  u32 length     payload bytes, at most FrameKind::max_length()
+//! +8  u32 checksum   CRC32C over the header (checksum field zero) and payload
+//! +12 u32 reserved   0
+//! +16 payload
+//! ```
+//!
+//! The first frame is a [`FrameKind::Hello`] whose payload is [`MAGIC`] and
+//! the [`VERSION`] (u32 LE): a reader that finds anything else stops before
+//! it writes a byte of guest memory. The length is checked against the
+//! kind's bound *before* any allocation, and the checksum covers every byte
+//! of the frame, so a flipped bit anywhere in the stream (in private pages
+//! or not) is caught here; helper records are in addition authenticated by
+//! the helpers.
+//!
+//! # Sequence (stopped migration; live precopy repeats the page frames)
+//!
+//! ```text
+//! source                                              target
+//!  | Hello {magic, version} --------------------------->|
+//!  | Config {layout, vCPUs, helpers, CPUID, backend} -->| checked before anything is written
+//!  | SessionOffer {source helper nonce} --------------->|
+//!  |<----------------------- SessionAnswer {target nonce}|
+//!  | SharedPages {gpa, 4 KiB plaintext}... ------------>| written to shared pages
+//!  | HelperRecords {records as the helpers made them} ->| handed to the target's helpers
+//!  | SharedMap {ranges} -------------------------------->|
+//!  | DeviceState, VmState, VcpuState ------------------->| restored
+//!  | Seal {the source helpers' sealed record} --------->| VERIFY_SEAL, then vCPUs start
+//!  | End ----------------------------------------------->|
+//!  |<--------------------------------------------- Ack --|
+//! ```
+
+use std::io::{ErrorKind, Read, Write};
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// First bytes of a stream's Hello payload.
+pub const MAGIC: [u8; 8] = *b"CGSVMIG\0";
+/// Version of this format (the Hello payload carries it).
+pub const VERSION: u32 = 1;
+/// Bytes of a [`FrameHeader`].
+pub const HEADER_SIZE: usize = 16;
+
+/// Frame header, as it is on the wire (little endian).
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
+)]
+pub struct FrameHeader {
+    /// [`FrameKind`].
+    pub kind: u16,
+    /// Reserved, 0.
+    pub flags: u16,
+    /// Payload bytes.
+    pub length: u32,
+    /// CRC32C of the header (with this field 0) and the payload.
+    pub checksum: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+}
+
+/// Kinds of frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Magic and version: the first frame.
+    Hello = 1,
+    /// The source's configuration, checked by the target first.
+    Config = 2,
+    /// The source helpers' session nonce.
+    SessionOffer = 3,
+    /// The target helpers' nonce (target to source).
+    SessionAnswer = 4,
+    /// Plaintext shared pages.
+    SharedPages = 5,
+    /// Helper records, byte for byte as the helpers produced them.
+    HelperRecords = 6,
+    /// The shared/private map (shared ranges).
+    SharedMap = 7,
+    /// Device state records.
+    DeviceState = 8,
+    /// VM-wide state (irqchip, PIT, clock).
+    VmState = 9,
+    /// One vCPU's state.
+    VcpuState = 10,
+    /// The source helpers' sealed end record.
+    Seal = 11,
+    /// No more frames.
+    End = 12,
+    /// The target runs the guest (target to source).
+    Ack = 13,
+    /// The peer gives up, with a reason (either way).
+    Error = 14,
+}
+
+impl FrameKind {
+    /// The kind numbered `n`, if there is one (0, Invalid, is none).
+    pub fn from_u16(n: u16) -> Option<Self> {
+        use FrameKind::*;
+        Some(match n {
+            1 => Hello,
+            2 => Config,
+            3 => SessionOffer,
+            4 => SessionAnswer,
+            5 => SharedPages,
+            6 => HelperRecords,
+            7 => SharedMap,
+            8 => DeviceState,
+            9 => VmState,
+            10 => VcpuState,
+            11 => Seal,
+            12 => End,
+            13 => Ack,
+            14 => Error,
+            _ => return None,
+        })
+    }
+
+    /// The longest payload this kind may have. Page frames hold up to 256
+    /// pages (or helper records), state frames what a VM of the largest
+    /// supported size needs, with room to grow.
+    pub const fn max_length(self) -> u32 {
+        use FrameKind::*;
+        match self {
+            Hello => 12,
+            Config => 64 << 10,
+            SessionOffer | SessionAnswer => 256,
+            SharedPages => 256 * (8 + 4096),
+            HelperRecords => 256 * (64 + 4096),
+            SharedMap => 1 << 20,
+            DeviceState | VmState => 256 << 10,
+            VcpuState => 64 << 10,
+            Seal => 1024,
+            End | Ack => 0,
+            Error => 4096,
+        }
+    }
+}
+
+/// A frame read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Its kind.
+    pub kind: FrameKind,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// What is wrong with a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream ended inside a frame.
+    #[error("The migration stream ends inside a frame ({got} of {want} bytes)")]
+    Truncated {
+        /// Bytes read.
+        got: usize,
+        /// Bytes the frame needs.
+        want: usize,
+    },
+    /// A kind this version does not know (or Invalid).
+    #[error("Unknown migration frame kind {0}")]
+    UnknownKind(u16),
+    /// A length past the kind's bound.
+    #[error("Migration frame {kind:?} of {length} bytes exceeds its bound of {max}")]
+    TooLong {
+        /// The kind.
+        kind: FrameKind,
+        /// The length it claims.
+        length: u32,
+        /// Its bound.
+        max: u32,
+    },
+    /// Reserved fields not zero.
+    #[error("Migration frame header has reserved bits set")]
+    Reserved,
+    /// The checksum does not match: the stream was damaged.
+    #[error(
+        "Migration frame {kind:?} is damaged (checksum {found:#010x}, computed {computed:#010x})"
+    )]
+    Checksum {
+        /// The kind.
+        kind: FrameKind,
+        /// The checksum in the header.
+        found: u32,
+        /// The checksum of what arrived.
+        computed: u32,
+    },
+    /// The Hello frame is not ours, or of another version.
+    #[error("Not a cgsvmm migration stream of version {VERSION}")]
+    BadHello,
+    /// Reading or writing failed.
+    #[error("Migration stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The checksum of a frame: CRC32C over the header with its checksum zero,
+/// then the payload.
+fn checksum(header: &FrameHeader, payload: &[u8]) -> u32 {
+    let mut h = *header;
+    h.checksum = 0;
+    crc32c::crc32c_append(crc32c::crc32c(h.as_bytes()), payload)
+}
+
+/// The header of a frame of `kind` carrying `payload`.
+pub fn header(kind: FrameKind, payload: &[u8]) -> Result<FrameHeader, ProtocolError> {
+    let max = kind.max_length();
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= max)
+        .ok_or(ProtocolError::TooLong {
+            kind,
+            length: payload.len().min(u32::MAX as usize) as u32,
+            max,
+        })?;
+    let mut h = FrameHeader {
+        kind: kind as u16,
+        length,
+        ..Default::default()
+    };
+    h.checksum = checksum(&h, payload);
+    Ok(h)
+}
+
+/// Writes one frame.
+pub fn write_frame(
+    w: &mut impl Write,
+    kind: FrameKind,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    let h = header(kind, payload)?;
+    w.write_all(h.as_bytes())?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Writes the Hello frame that starts a stream.
+pub fn write_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
+    let mut payload = MAGIC.to_vec();
+    payload.extend_from_slice(&VERSION.to_le_bytes());
+    write_frame(w, FrameKind::Hello, &payload)
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(0)` if the stream ended before the
+/// first, the count read if it ended after.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads the next frame: `None` at a clean end of stream (between frames).
+/// The header is checked (kind, bound, reserved bits) before the payload is
+/// allocated, and the checksum before the frame is returned.
+pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
+    let mut raw = [0u8; HEADER_SIZE];
+    match read_full(r, &mut raw)? {
+        0 => return Ok(None),
+        HEADER_SIZE => {}
+        got => {
+            return Err(ProtocolError::Truncated {
+                got,
+                want: HEADER_SIZE,
+            })
+        }
+    }
+    let h = FrameHeader::read_from_bytes(&raw).expect("16 bytes make a header");
+    let kind = FrameKind::from_u16(h.kind).ok_or(ProtocolError::UnknownKind(h.kind))?;
+    if h.flags != 0 || h.reserved != 0 {
+        return Err(ProtocolError::Reserved);
+    }
+    let max = kind.max_length();
+    if h.length > max {
+        return Err(ProtocolError::TooLong {
+            kind,
+            length: h.length,
+            max,
+        });
+    }
+    let mut payload = vec![0u8; h.length as usize];
+    let got = read_full(r, &mut payload)?;
+    if got < payload.len() {
+        return Err(ProtocolError::Truncated {
+            got: HEADER_SIZE + got,
+            want: HEADER_SIZE + payload.len(),
+        });
+    }
+    let computed = checksum(&h, &payload);
+    if computed != h.checksum {
+        return Err(ProtocolError::Checksum {
+            kind,
+            found: h.checksum,
+            computed,
+        });
+    }
+    Ok(Some(Frame { kind, payload }))
+}
+
+/// Reads the Hello frame that must start a stream.
+pub fn read_hello(r: &mut impl Read) -> Result<(), ProtocolError> {
+    match read_frame(r)? {
+        Some(Frame {
+            kind: FrameKind::Hello,
+            payload,
+        }) if payload[..] == [&MAGIC[..], &VERSION.to_le_bytes()].concat()[..] => Ok(()),
+        Some(_) => Err(ProtocolError::BadHello),
+        None => Err(ProtocolError::Truncated {
+            got: 0,
+            want: HEADER_SIZE,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALL: [FrameKind; 14] = [
+        FrameKind::Hello,
+        FrameKind::Config,
+        FrameKind::SessionOffer,
+        FrameKind::SessionAnswer,
+        FrameKind::SharedPages,
+        FrameKind::HelperRecords,
+        FrameKind::SharedMap,
+        FrameKind::DeviceState,
+        FrameKind::VmState,
+        FrameKind::VcpuState,
+        FrameKind::Seal,
+        FrameKind::End,
+        FrameKind::Ack,
+        FrameKind::Error,
+    ];
+
+    #[test]
+    fn header_layout() {
+        assert_eq!(size_of::<FrameHeader>(), HEADER_SIZE);
+        assert_eq!(std::mem::offset_of!(FrameHeader, length), 4);
+        assert_eq!(std::mem::offset_of!(FrameHeader, checksum), 8);
+        for kind in ALL {
+            assert_eq!(FrameKind::from_u16(kind as u16), Some(kind));
+        }
+        assert_eq!(FrameKind::from_u16(0), None, "0 is Invalid");
+        assert_eq!(FrameKind::from_u16(15), None);
+    }
+
+    /// A stream of one frame of every kind (payloads at their bound or
+    /// patterned), ended cleanly.
+    fn sample() -> (Vec<u8>, Vec<(FrameKind, Vec<u8>)>) {
+        let mut stream = Vec::new();
+        write_hello(&mut stream).unwrap();
+        let mut frames = vec![(
+            FrameKind::Hello,
+            [&MAGIC[..], &VERSION.to_le_bytes()].concat(),
+        )];
+        for kind in &ALL[1..] {
+            let len = (kind.max_length() as usize).min(3000);
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + *kind as usize) as u8).collect();
+            write_frame(&mut stream, *kind, &payload).unwrap();
+            frames.push((*kind, payload));
+        }
+        (stream, frames)
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_the_stream_ends_cleanly() {
+        let (stream, frames) = sample();
+        let mut r = &stream[..];
+        read_hello(&mut &stream[..]).unwrap();
+        for (kind, payload) in frames {
+            let f = read_frame(&mut r).unwrap().unwrap();
+            assert_eq!((f.kind, f.payload), (kind, payload));
+        }
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn lengths_past_their_bound_are_refused_before_any_allocation() {
+        assert!(matches!(
+            header(FrameKind::End, &[1]),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        // A header claiming 4 GiB: refused from the header alone (the
+        // reader has nothing more to give).
+        let mut h = FrameHeader {
+            kind: FrameKind::SharedPages as u16,
+            length: u32::MAX,
+            ..Default::default()
+        };
+        h.checksum = checksum(&h, &[]);
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::TooLong {
+                length: u32::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_reserved_bits_and_foreign_hellos_are_refused() {
+        let mut h = FrameHeader {
+            kind: 99,
+            ..Default::default()
+        };
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::UnknownKind(99))
+        ));
+        h.kind = 0;
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::UnknownKind(0))
+        ));
+        let mut s = Vec::new();
+        let h = header(FrameKind::End, &[]).unwrap();
+        let mut raw = h.as_bytes().to_vec();
+        raw[2] = 1;
+        assert!(matches!(
+            read_frame(&mut &raw[..]),
+            Err(ProtocolError::Reserved)
+        ));
+        write_frame(&mut s, FrameKind::Hello, b"CGSVMIG\0\x02\0\0\0").unwrap();
+        assert!(matches!(
+            read_hello(&mut &s[..]),
+            Err(ProtocolError::BadHello)
+        ));
+        let mut s = Vec::new();
+        write_frame(&mut s, FrameKind::Config, b"{}").unwrap();
+        assert!(matches!(
+            read_hello(&mut &s[..]),
+            Err(ProtocolError::BadHello)
+        ));
+        assert!(matches!(
+            read_hello(&mut &[][..]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    /// Reads a whole stream; the first error, if any.
+    fn read_all(mut r: &[u8]) -> Result<usize, ProtocolError> {
+        let mut n = 0;
+        while read_frame(&mut r)?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn a_stream_cut_anywhere_inside_a_frame_is_truncated() {
+        let (stream, frames) = sample();
+        let mut boundaries = vec![0];
+        let mut at = 0;
+        for (_, p) in &frames {
+            at += HEADER_SIZE + p.len();
+            boundaries.push(at);
+        }
+        for cut in 0..stream.len() {
+            let result = read_all(&stream[..cut]);
+            if boundaries.contains(&cut) {
+                assert!(result.is_ok(), "cut at a boundary {cut}: {result:?}");
+            } else {
+                assert!(
+                    matches!(result, Err(ProtocolError::Truncated { .. })),
+                    "cut at {cut}: {result:?}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_flipped_bit_anywhere_is_caught(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let (mut stream, frames) = sample();
+            let i = at.index(stream.len());
+            stream[i] ^= 1 << bit;
+            // Never the frames that were sent: an error (a checksum, a kind,
+            // a bound, a cut) somewhere.
+            let mut r = &stream[..];
+            let mut same = true;
+            let mut failed = false;
+            for (kind, payload) in &frames {
+                match read_frame(&mut r) {
+                    Ok(Some(f)) => same &= f.kind == *kind && &f.payload == payload,
+                    Ok(None) => { same = false; break; }
+                    Err(_) => { failed = true; break; }
+                }
+            }
+            prop_assert!(failed, "flipped bit {} of byte {} went unnoticed (frames alike: {})", bit, i, same);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_allocate_past_a_bound(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut r = &bytes[..];
+            while let Ok(Some(f)) = read_frame(&mut r) {
+                prop_assert!(f.payload.len() <= f.kind.max_length() as usize);
+            }
+        }
+    }
+}
