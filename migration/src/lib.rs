@@ -8,9 +8,11 @@
 //!
 //! Today it holds the migration-helper client ([`helper`]), which moves
 //! private pages through the helper's mailbox, dirty-bitmap ranges
-//! ([`dirty`]) and the stream's wire format ([`protocol`]: frames, kinds,
-//! bounds, checksums), which the sender and receiver will build on.
+//! ([`dirty`]), the stream's wire format ([`protocol`]: frames, kinds,
+//! bounds, checksums) and its transports ([`transport`]: tcp, unix, file),
+//! which the sender and receiver will build on.
 
 pub mod dirty;
 pub mod helper;
 pub mod protocol;
+pub mod transport;

@@ -1,0 +1,358 @@
+//! Where a migration stream goes: `tcp:HOST:PORT`, `unix:PATH` or
+//! `file:PATH` (QEMU's URI forms). The only module of the migration crate
+//! that knows about sockets and files; the sender and receiver see a
+//! [`Channel`] they read and write.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A migration URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uri {
+    /// `tcp:HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `file:PATH`: a snapshot.
+    File(PathBuf),
+}
+
+/// Errors of a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The URI is not one of the forms.
+    #[error("Invalid migration URI '{uri}': {why}")]
+    BadUri {
+        /// What was given.
+        uri: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Connecting, listening, opening or accepting failed.
+    #[error("{what} {uri}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        uri: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl std::str::FromStr for Uri {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, TransportError> {
+        let bad = |why| TransportError::BadUri {
+            uri: s.to_string(),
+            why,
+        };
+        let (scheme, rest) = s
+            .split_once(':')
+            .ok_or_else(|| bad("expected tcp:HOST:PORT, unix:PATH or file:PATH"))?;
+        if rest.is_empty() {
+            return Err(bad("nothing after the scheme"));
+        }
+        match scheme {
+            "tcp" => {
+                let (host, port) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+                if host.is_empty() || port.parse::<u16>().is_err() {
+                    return Err(bad("expected tcp:HOST:PORT with a port from 0 to 65535"));
+                }
+                Ok(Uri::Tcp(rest.to_string()))
+            }
+            "unix" => Ok(Uri::Unix(PathBuf::from(rest))),
+            "file" => Ok(Uri::File(PathBuf::from(rest))),
+            _ => Err(bad("the scheme must be tcp, unix or file")),
+        }
+    }
+}
+
+impl std::fmt::Display for Uri {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Uri::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Uri::Unix(path) => write!(f, "unix:{}", path.display()),
+            Uri::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+/// One end of a migration stream.
+pub enum Channel {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix socket connection.
+    Unix(UnixStream),
+    /// A snapshot file (written by the source, read by the target).
+    File(File),
+}
+
+impl Channel {
+    /// A second handle on the same stream (one thread reads, one writes).
+    /// A file has one direction only: it is refused.
+    pub fn try_clone(&self) -> std::io::Result<Channel> {
+        match self {
+            Channel::Tcp(s) => s.try_clone().map(Channel::Tcp),
+            Channel::Unix(s) => s.try_clone().map(Channel::Unix),
+            Channel::File(_) => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    /// Whether the peer is a live process (not a file): it can answer.
+    pub fn is_live(&self) -> bool {
+        !matches!(self, Channel::File(_))
+    }
+
+    /// Bounds every read (None: wait for ever). Files never wait.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.set_read_timeout(timeout),
+            Channel::Unix(s) => s.set_read_timeout(timeout),
+            Channel::File(_) => Ok(()),
+        }
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.read(buf),
+            Channel::Unix(s) => s.read(buf),
+            Channel::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.write(buf),
+            Channel::Unix(s) => s.write(buf),
+            Channel::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.flush(),
+            Channel::Unix(s) => s.flush(),
+            Channel::File(f) => f.sync_data(),
+        }
+    }
+}
+
+/// The source's side: connects to a waiting target, or creates the
+/// snapshot file (refusing to overwrite one).
+pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
+    let fail = |what, source| TransportError::Io {
+        what,
+        uri: uri.to_string(),
+        source,
+    };
+    match uri {
+        Uri::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).map_err(|e| fail("Cannot connect to", e))?;
+            // Frames are written whole; no need to wait for more.
+            stream
+                .set_nodelay(true)
+                .map_err(|e| fail("Cannot set up", e))?;
+            Ok(Channel::Tcp(stream))
+        }
+        Uri::Unix(path) => UnixStream::connect(path)
+            .map(Channel::Unix)
+            .map_err(|e| fail("Cannot connect to", e)),
+        Uri::File(path) => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map(Channel::File)
+            .map_err(|e| fail("Cannot create", e)),
+    }
+}
+
+/// The target's side, before the source comes.
+pub enum Listener {
+    /// Waiting for a TCP connection.
+    Tcp(TcpListener),
+    /// Waiting for a Unix socket connection (the socket is removed when
+    /// this is dropped).
+    Unix(UnixListener, PathBuf),
+    /// A snapshot to read.
+    File(PathBuf),
+}
+
+impl Listener {
+    /// Listens at `uri` (a file is only checked to exist).
+    pub fn bind(uri: &Uri) -> Result<Listener, TransportError> {
+        let fail = |what, source| TransportError::Io {
+            what,
+            uri: uri.to_string(),
+            source,
+        };
+        match uri {
+            Uri::Tcp(addr) => {
+                let addrs: Vec<_> = addr
+                    .to_socket_addrs()
+                    .map_err(|e| fail("Cannot resolve", e))?
+                    .collect();
+                TcpListener::bind(&addrs[..])
+                    .map(Listener::Tcp)
+                    .map_err(|e| fail("Cannot listen on", e))
+            }
+            Uri::Unix(path) => UnixListener::bind(path)
+                .map(|l| Listener::Unix(l, path.clone()))
+                .map_err(|e| fail("Cannot listen on", e)),
+            Uri::File(path) => std::fs::metadata(path)
+                .map(|_| Listener::File(path.clone()))
+                .map_err(|e| fail("Cannot read", e)),
+        }
+    }
+
+    /// The TCP port it listens on (for `tcp:HOST:0`).
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        }
+    }
+
+    /// Waits for the source (or opens the snapshot).
+    pub fn accept(&self) -> Result<Channel, TransportError> {
+        let fail = |what, uri: String, source| TransportError::Io { what, uri, source };
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, _) = l
+                    .accept()
+                    .map_err(|e| fail("Cannot accept on", format!("{:?}", l.local_addr()), e))?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| fail("Cannot set up", "tcp".into(), e))?;
+                Ok(Channel::Tcp(stream))
+            }
+            Listener::Unix(l, path) => l
+                .accept()
+                .map(|(s, _)| Channel::Unix(s))
+                .map_err(|e| fail("Cannot accept on", path.display().to_string(), e)),
+            Listener::File(path) => File::open(path)
+                .map(Channel::File)
+                .map_err(|e| fail("Cannot read", path.display().to_string(), e)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_and_print_back() {
+        for s in [
+            "tcp:127.0.0.1:4444",
+            "tcp:[::1]:0",
+            "tcp:localhost:80",
+            "unix:/tmp/m.sock",
+            "file:/tmp/vm.snap",
+        ] {
+            let uri: Uri = s.parse().unwrap();
+            assert_eq!(uri.to_string(), s);
+        }
+        for bad in [
+            "",
+            "tcp",
+            "tcp:",
+            "tcp:host",
+            "tcp::80",
+            "tcp:host:99999",
+            "rdma:x:1",
+            "unix:",
+            "exec:cat",
+        ] {
+            assert!(bad.parse::<Uri>().is_err(), "{bad}");
+        }
+    }
+
+    fn round_trip(uri: &Uri) {
+        let listener = Listener::bind(uri).unwrap();
+        let uri = match (uri, listener.port()) {
+            (Uri::Tcp(_), Some(port)) => Uri::Tcp(format!("127.0.0.1:{port}")),
+            (other, _) => other.clone(),
+        };
+        let sender = std::thread::spawn(move || {
+            let mut c = connect(&uri).unwrap();
+            c.write_all(b"frames").unwrap();
+            let mut ack = [0u8; 3];
+            c.read_exact(&mut ack).unwrap();
+            ack
+        });
+        let mut c = listener.accept().unwrap();
+        let mut got = [0u8; 6];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"frames");
+        c.write_all(b"ack").unwrap();
+        assert_eq!(&sender.join().unwrap(), b"ack");
+    }
+
+    #[test]
+    fn tcp_and_unix_carry_both_ways() {
+        round_trip(&Uri::Tcp("127.0.0.1:0".into()));
+        let path =
+            std::env::temp_dir().join(format!("cgsvmm-transport-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        round_trip(&Uri::Unix(path.clone()));
+        assert!(!path.exists(), "the listener removes its socket");
+    }
+
+    #[test]
+    fn a_file_is_written_once_and_read_back() {
+        let path =
+            std::env::temp_dir().join(format!("cgsvmm-transport-{}.snap", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let uri = Uri::File(path.clone());
+        assert!(Listener::bind(&uri).is_err(), "no snapshot yet");
+        let mut out = connect(&uri).unwrap();
+        assert!(!out.is_live());
+        out.write_all(b"snapshot").unwrap();
+        out.flush().unwrap();
+        assert!(
+            connect(&uri).is_err(),
+            "an existing snapshot is never overwritten"
+        );
+        let mut back = String::new();
+        Listener::bind(&uri)
+            .unwrap()
+            .accept()
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, "snapshot");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn nobody_listening_is_a_clear_error() {
+        let err = connect(&Uri::Unix("/nonexistent/m.sock".into()))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("Cannot connect to unix:/nonexistent/m.sock"),
+            "{err}"
+        );
+    }
+}
