@@ -76,6 +76,19 @@ pub fn run_tests(groups: &[TestGroup]) -> ! {
     libtest_mimic::run(&args, trials).exit()
 }
 
+/// Clock ticks (1/100 s) thread `tid` of process `pid` has used, user and
+/// system.
+pub fn cpu_ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 pub fn tmp_path(name: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cgsvmm-e2e-{name}-{}", std::process::id()));
     let _ = std::fs::remove_file(&path);

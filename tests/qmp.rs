@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{one_vm, tmp_path, Qmp, Vm};
+use common::{cpu_ticks, one_vm, tmp_path, Qmp, Vm};
 
 /// A running guest with a QMP socket and nothing on the serial port.
 fn vm_with_qmp(name: &str) -> (Vm, std::path::PathBuf) {
@@ -40,18 +40,6 @@ fn connect(path: &Path) -> UnixStream {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-}
-
-/// Clock ticks (1/100 s) the thread `tid` of `pid` has used.
-fn cpu_ticks(pid: u32, tid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 fn a_command_hidden_in_an_oversized_message_never_runs() {

@@ -639,16 +639,7 @@ fn idle_helpers_leave_the_cpu_and_wake_for_work() {
         start.elapsed()
     );
     // Its vCPU thread is mostly asleep: little CPU over 300 ms.
-    let cpu = |tid: i32| {
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    };
+    let cpu = |tid: i32| common::cpu_ticks(std::process::id(), tid as u32);
     let tids: Vec<i32> = b
         .controller()
         .lock()
