@@ -1007,10 +1007,14 @@ fn a_helper_with_unusable_ram_ranges_serves_nothing() {
     let _one = one_vm();
     let header = cgsvmm::boot::images::HELPER.helper_header().unwrap();
     let ram = std::mem::offset_of!(cgsvmm_fw_abi::helper::HelperConfig, ram) as u64;
-    let bad: [(u64, u64); 3] = [
+    // More pages than the generation table has entries (the completeness
+    // walk would read past it).
+    let past_the_table = 0x1_0000_0000 + (header.gen_table_size / 4 + 1) * PAGE as u64;
+    let bad: [(u64, u64); 4] = [
         (0x1000, 0x800),        // reversed and unaligned
         (0, 0xf900_0000),       // over the helper's own region
         (0x10_0000, 0x10_0000), // empty
+        (0x1_0000_0000, past_the_table),
     ];
     for (start, end) in bad {
         let b = vm_launch(1, keyed(KEY));

@@ -224,7 +224,8 @@ impl Env {
 
 /// The launch configuration, if it is usable: magic, at most two RAM
 /// ranges, each page aligned, ascending, disjoint and outside the mirror
-/// region (see `ranges::valid_ram`).
+/// region (see `ranges::valid_ram`), no more pages than the generation
+/// table has entries.
 fn read_env() -> Option<Env> {
     let header = helper_header();
     // SAFETY: the config page named by our own header is mapped; read once.
@@ -241,7 +242,7 @@ fn read_env() -> Option<Env> {
     {
         return None;
     }
-    Some(Env {
+    let env = Env {
         ram: config.ram,
         ram_count: count,
         gen_table: header.gen_table_gpa,
@@ -256,7 +257,9 @@ fn read_env() -> Option<Env> {
         no_hw_entropy: config.flags & h::CONFIG_FLAG_NO_HW_ENTROPY != 0,
         incoming: config.flags & h::CONFIG_FLAG_INCOMING != 0,
         hkdf_info: hkdf_info(&config),
-    })
+    };
+    // Every RAM page needs its generation-table entry.
+    (env.ram_pages() <= env.gen_entries).then_some(env)
 }
 
 /// The helper indices taken (in private memory).
