@@ -525,9 +525,9 @@ impl Batch<'_> {
             }
         }
         let slot = self.env.generation(index);
-        claim_page(slot, generation)?;
+        let claimed = claim_page(slot, generation)?;
         copy(gpa, buf.as_ptr() as u64, PAGE);
-        slot.store(generation as u32, Ordering::Release);
+        slot.store(claimed, Ordering::Release);
         self.tally.add(&self.keys.digest, gpa, generation);
         Ok(())
     }
@@ -536,52 +536,47 @@ impl Batch<'_> {
 /// Generation-table value of a page being written by some helper.
 const CLAIMED: u32 = u32::MAX;
 
-/// Source: records that a page is sealed at `generation`, which must be
-/// above 0, below [`CLAIMED`] (the target takes no other) and newer than
-/// the page's last seal in this session.
-fn advance_generation(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
-    if generation == 0 || generation >= u64::from(CLAIMED) {
-        return Err(status::STALE_GENERATION);
-    }
-    let mut current = slot.load(Ordering::Relaxed);
-    loop {
-        if generation <= u64::from(current) {
-            return Err(status::STALE_GENERATION);
-        }
-        match slot.compare_exchange_weak(
-            current,
-            generation as u32,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(now) => current = now,
-        }
-    }
+/// `generation` as the generation table holds it: above 0 and below
+/// [`CLAIMED`]; the target takes no other, so the source seals no other.
+fn table_generation(generation: u64) -> Result<u32, i32> {
+    u32::try_from(generation)
+        .ok()
+        .filter(|&g| g != 0 && g != CLAIMED)
+        .ok_or(status::STALE_GENERATION)
 }
 
-/// Takes the right to write a page at `generation`: it must be newer than
-/// the page's last generation, and no other helper may be writing the page
+/// Source: records that a page is sealed at `generation`, which must be
+/// newer than the page's last seal in this session.
+fn advance_generation(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
+    let generation = table_generation(generation)?;
+    slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+        (generation > last).then_some(generation)
+    })
+    .map(drop)
+    .map_err(|_| status::STALE_GENERATION)
+}
+
+/// Takes the right to write a page at `generation` (returned as the table
+/// holds it): it must be newer than the page's last generation, and no
+/// other helper may be writing the page
 /// (the host could hand two generations of one page to two helpers at once;
 /// interleaved copies would leave a page the guest never had).
-fn claim_page(slot: &AtomicU32, generation: u64) -> Result<(), i32> {
-    if generation == 0 || generation >= u64::from(CLAIMED) {
-        return Err(status::STALE_GENERATION);
-    }
+fn claim_page(slot: &AtomicU32, generation: u64) -> Result<u32, i32> {
+    let generation = table_generation(generation)?;
     loop {
         let current = slot.load(Ordering::Acquire);
         if current == CLAIMED {
             core::hint::spin_loop();
             continue;
         }
-        if generation <= u64::from(current) {
+        if generation <= current {
             return Err(status::STALE_GENERATION);
         }
         if slot
             .compare_exchange_weak(current, CLAIMED, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            return Ok(());
+            return Ok(generation);
         }
     }
 }
