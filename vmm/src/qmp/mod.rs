@@ -111,52 +111,69 @@ fn error_message(e: QmpError, id: Option<Value>) -> Value {
     v
 }
 
-/// One whole message as JSON. The framer bounds its size and depth, so
-/// serde's own recursion limit (128) gives way to QMP's (1024). A message
-/// that names a top-level member twice is refused: a filter that read the
-/// first `execute` must not see another command run.
+/// One whole message as JSON, in one pass. The framer bounds its size and
+/// depth, so serde's own recursion limit (128) gives way to QMP's (1024).
+/// A message that names a top-level member twice is refused: a filter that
+/// read the first `execute` must not see another command run.
 fn parse(message: &[u8]) -> Result<Value, serde_json::Error> {
-    fn from<'a, T: Deserialize<'a>>(message: &'a [u8]) -> Result<T, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(message);
-        de.disable_recursion_limit();
-        let value = T::deserialize(&mut de)?;
-        de.end()?;
-        Ok(value)
-    }
-    let value: Value = from(message)?;
-    if value.is_object() {
-        from::<UniqueKeys>(message)?;
-    }
+    let mut de = serde_json::Deserializer::from_slice(message);
+    de.disable_recursion_limit();
+    let value = TopLevel::deserialize(&mut de)?.0;
+    de.end()?;
     Ok(value)
 }
 
-/// A JSON object whose keys are all different (only checked, then
-/// dropped).
-struct UniqueKeys;
+/// A JSON value whose top-level object (if it is one) names no member
+/// twice; nested values are plain [`Value`]s.
+struct TopLevel(Value);
 
-impl<'de> Deserialize<'de> for UniqueKeys {
+impl<'de> Deserialize<'de> for TopLevel {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = UniqueKeys;
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct Top;
+        impl<'de> Visitor<'de> for Top {
+            type Value = TopLevel;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+                f.write_str("a JSON value")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<UniqueKeys, A::Error> {
-                let mut seen = std::collections::HashSet::new();
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut members = Map::new();
                 while let Some(key) = map.next_key::<String>()? {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                    if !seen.insert(key.clone()) {
+                    let value = map.next_value::<Value>()?;
+                    if members.contains_key(&key) {
                         return Err(serde::de::Error::custom(format!("duplicate key '{key}'")));
                     }
+                    members.insert(key, value);
                 }
-                Ok(UniqueKeys)
+                Ok(TopLevel(Value::Object(members)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TopLevel, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Value>()? {
+                    items.push(item);
+                }
+                Ok(TopLevel(Value::Array(items)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::from(v)))
+            }
+            fn visit_unit<E>(self) -> Result<TopLevel, E> {
+                Ok(TopLevel(Value::Null))
             }
         }
-        d.deserialize_map(Keys)
+        d.deserialize_any(Top)
     }
 }
 
