@@ -149,42 +149,54 @@ impl Write for Channel {
     }
 }
 
+impl Uri {
+    /// Turns an I/O error of doing `what` here into a [`TransportError`].
+    fn failed(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
+        move |source| TransportError::Io {
+            what,
+            uri: self.to_string(),
+            source,
+        }
+    }
+}
+
 /// The source's side: connects to a waiting target, or creates the
 /// snapshot file (refusing to overwrite one).
 pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
-    let fail = |what, source| TransportError::Io {
-        what,
-        uri: uri.to_string(),
-        source,
-    };
     match uri {
         Uri::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).map_err(|e| fail("Cannot connect to", e))?;
+            let stream = TcpStream::connect(addr).map_err(uri.failed("Cannot connect to"))?;
             // Frames are written whole; no need to wait for more.
             stream
                 .set_nodelay(true)
-                .map_err(|e| fail("Cannot set up", e))?;
+                .map_err(uri.failed("Cannot set up"))?;
             Ok(Channel::Tcp(stream))
         }
         Uri::Unix(path) => UnixStream::connect(path)
             .map(Channel::Unix)
-            .map_err(|e| fail("Cannot connect to", e)),
+            .map_err(uri.failed("Cannot connect to")),
         Uri::File(path) => OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(path)
             .map(Channel::File)
-            .map_err(|e| fail("Cannot create", e)),
+            .map_err(uri.failed("Cannot create")),
     }
 }
 
 /// The target's side, before the source comes.
-pub enum Listener {
+pub struct Listener {
+    uri: Uri,
+    bound: Bound,
+}
+
+/// What a [`Listener`] holds.
+enum Bound {
     /// Waiting for a TCP connection.
     Tcp(TcpListener),
     /// Waiting for a Unix socket connection (the socket is removed when
-    /// this is dropped).
-    Unix(UnixListener, PathBuf),
+    /// the listener is dropped).
+    Unix(UnixListener),
     /// A snapshot to read.
     File(PathBuf),
 }
@@ -192,65 +204,62 @@ pub enum Listener {
 impl Listener {
     /// Listens at `uri` (a file is only checked to exist).
     pub fn bind(uri: &Uri) -> Result<Listener, TransportError> {
-        let fail = |what, source| TransportError::Io {
-            what,
-            uri: uri.to_string(),
-            source,
-        };
-        match uri {
+        let bound = match uri {
             Uri::Tcp(addr) => {
                 let addrs: Vec<_> = addr
                     .to_socket_addrs()
-                    .map_err(|e| fail("Cannot resolve", e))?
+                    .map_err(uri.failed("Cannot resolve"))?
                     .collect();
                 TcpListener::bind(&addrs[..])
-                    .map(Listener::Tcp)
-                    .map_err(|e| fail("Cannot listen on", e))
+                    .map(Bound::Tcp)
+                    .map_err(uri.failed("Cannot listen on"))?
             }
             Uri::Unix(path) => UnixListener::bind(path)
-                .map(|l| Listener::Unix(l, path.clone()))
-                .map_err(|e| fail("Cannot listen on", e)),
+                .map(Bound::Unix)
+                .map_err(uri.failed("Cannot listen on"))?,
             Uri::File(path) => std::fs::metadata(path)
-                .map(|_| Listener::File(path.clone()))
-                .map_err(|e| fail("Cannot read", e)),
-        }
+                .map(|_| Bound::File(path.clone()))
+                .map_err(uri.failed("Cannot read"))?,
+        };
+        Ok(Listener {
+            uri: uri.clone(),
+            bound,
+        })
     }
 
     /// The TCP port it listens on (for `tcp:HOST:0`).
     pub fn port(&self) -> Option<u16> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+        match &self.bound {
+            Bound::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
             _ => None,
         }
     }
 
     /// Waits for the source (or opens the snapshot).
     pub fn accept(&self) -> Result<Channel, TransportError> {
-        let fail = |what, uri: String, source| TransportError::Io { what, uri, source };
-        match self {
-            Listener::Tcp(l) => {
-                let (stream, _) = l
-                    .accept()
-                    .map_err(|e| fail("Cannot accept on", format!("{:?}", l.local_addr()), e))?;
+        let uri = &self.uri;
+        match &self.bound {
+            Bound::Tcp(l) => {
+                let (stream, _) = l.accept().map_err(uri.failed("Cannot accept on"))?;
                 stream
                     .set_nodelay(true)
-                    .map_err(|e| fail("Cannot set up", "tcp".into(), e))?;
+                    .map_err(uri.failed("Cannot set up"))?;
                 Ok(Channel::Tcp(stream))
             }
-            Listener::Unix(l, path) => l
+            Bound::Unix(l) => l
                 .accept()
                 .map(|(s, _)| Channel::Unix(s))
-                .map_err(|e| fail("Cannot accept on", path.display().to_string(), e)),
-            Listener::File(path) => File::open(path)
+                .map_err(uri.failed("Cannot accept on")),
+            Bound::File(path) => File::open(path)
                 .map(Channel::File)
-                .map_err(|e| fail("Cannot read", path.display().to_string(), e)),
+                .map_err(uri.failed("Cannot read")),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let (Bound::Unix(_), Uri::Unix(path)) = (&self.bound, &self.uri) {
             let _ = std::fs::remove_file(path);
         }
     }
