@@ -108,6 +108,14 @@ fn pausing_main_vcpus_leaves_the_mirror_running() {
     assert!(wait_until(Duration::from_secs(10), || ram_word(
         &vmm, PROBE_GPA
     ) >= 2));
+    // Both vCPUs through a first pass before the pause (the host may run
+    // one of them much later than the other; the check at the end needs
+    // both).
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .is_ok_and(|out| out.contains("dirtier: vcpu 1 pass"))),
+        "vCPU 1 finished no pass in 10 s"
+    );
 
     controller.lock().unwrap().stop().expect("stop");
     assert_eq!(controller.lock().unwrap().state(), RunState::Paused);
