@@ -3,11 +3,16 @@
 //! The clock reads the host's wall clock (UTC) at every access, in BCD and
 //! 24-hour mode; the memory-size bytes are the ones firmware (SeaBIOS, OVMF)
 //! reads to size RAM.
+//!
+//! The guest cannot set the clock (writes to the time and status registers
+//! are ignored), so there is no offset from the host clock to migrate: the
+//! state is the index register and the RAM, and a restored RTC reads the
+//! target host's clock, as the source's read its own.
 
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::BusDevice;
+use crate::{BusDevice, DeviceStateError};
 
 /// Index port; the data port is the next one.
 pub const CMOS_PORT_BASE: u64 = 0x70;
@@ -26,6 +31,10 @@ const STATUS_B: usize = 0x0b;
 const STATUS_C: usize = 0x0c;
 const STATUS_D: usize = 0x0d;
 const CENTURY: usize = 0x32;
+/// Bytes of CMOS RAM (the MC146818's 128, clock registers included).
+pub const CMOS_RAM_LEN: usize = 128;
+/// Highest index: bit 7 of an index write is the NMI mask.
+const INDEX_MASK: u8 = 0x7f;
 /// Status B: 24-hour mode, BCD (DM bit clear).
 const STATUS_B_24H: u8 = 0x02;
 /// Status A: 32.768 kHz time base, 1024 Hz rate, no update in progress.
@@ -87,15 +96,41 @@ fn bcd(v: u32) -> u8 {
     (((v / 10) % 10) << 4 | (v % 10)) as u8
 }
 
-struct State {
+/// Whether the guest's writes to register `index` are ignored (the clock is
+/// the host's; the status registers keep our mode).
+fn read_only(index: usize) -> bool {
+    index <= STATUS_D || index == CENTURY
+}
+
+/// What the read-only registers hold from power-on (the time registers are
+/// computed on each read and hold zero).
+fn power_on_value(index: usize) -> u8 {
+    match index {
+        STATUS_A => STATUS_A_DEFAULT,
+        STATUS_B => STATUS_B_24H,
+        STATUS_D => STATUS_D_VRT,
+        _ => 0,
+    }
+}
+
+struct Registers {
     index: u8,
-    ram: [u8; 128],
+    ram: [u8; CMOS_RAM_LEN],
 }
 
 /// The CMOS device.
 pub struct Cmos {
-    state: Mutex<State>,
+    regs: Mutex<Registers>,
     clock: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+/// The index register and the RAM; the time is not saved (it is the host's).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// The selected register, 0..=0x7f (without the NMI-mask bit).
+    pub index: u8,
+    /// All [`CMOS_RAM_LEN`] bytes, the read-only registers included.
+    pub ram: Vec<u8>,
 }
 
 impl Cmos {
@@ -116,10 +151,10 @@ impl Cmos {
         above_4g: u64,
         clock: impl Fn() -> u64 + Send + Sync + 'static,
     ) -> Self {
-        let mut ram = [0u8; 128];
-        ram[STATUS_A] = STATUS_A_DEFAULT;
-        ram[STATUS_B] = STATUS_B_24H;
-        ram[STATUS_D] = STATUS_D_VRT;
+        let mut ram = [0u8; CMOS_RAM_LEN];
+        for (index, byte) in ram.iter_mut().enumerate().filter(|(i, _)| read_only(*i)) {
+            *byte = power_on_value(index);
+        }
         // Base memory: 640 KiB.
         ram[0x15..0x17].copy_from_slice(&640u16.to_le_bytes());
         // Extended memory between 1 MiB and 64 MiB, in KiB (capped at 0xffff).
@@ -133,13 +168,69 @@ impl Cmos {
         let above_64k = (above_4g / (64 * KIB)).min(0xff_ffff) as u32;
         ram[0x5b..0x5e].copy_from_slice(&above_64k.to_le_bytes()[..3]);
         Self {
-            state: Mutex::new(State { index: 0, ram }),
+            regs: Mutex::new(Registers { index: 0, ram }),
             clock: Box::new(clock),
         }
     }
 
-    fn read_register(&self, state: &State) -> u8 {
-        let index = usize::from(state.index);
+    /// The index and RAM, for migration.
+    pub fn state(&self) -> CmosState {
+        let regs = self.regs.lock().expect("cmos lock poisoned");
+        CmosState {
+            index: regs.index,
+            ram: regs.ram.to_vec(),
+        }
+    }
+
+    /// Takes on `state` (from [`Cmos::state`] on the source). The memory-size
+    /// bytes come from the source too: the guest may have rewritten them,
+    /// and the target was built for the same RAM. On error the device is
+    /// unchanged.
+    pub fn restore(&self, state: &CmosState) -> Result<(), DeviceStateError> {
+        if state.index > INDEX_MASK {
+            return Err(DeviceStateError::InvalidValue {
+                device: "cmos",
+                field: "index",
+                value: u64::from(state.index),
+                expected: "at most 0x7f (bit 7 is the NMI mask, not kept)",
+            });
+        }
+        let ram: [u8; CMOS_RAM_LEN] =
+            state
+                .ram
+                .as_slice()
+                .try_into()
+                .map_err(|_| DeviceStateError::WrongLength {
+                    device: "cmos",
+                    field: "ram",
+                    len: state.ram.len(),
+                    expected: CMOS_RAM_LEN,
+                })?;
+        // The guest cannot change these, so another value is not a state
+        // this device reached (a status register in another mode, say,
+        // would tell the guest the BCD time is binary).
+        if let Some((index, &value)) = ram
+            .iter()
+            .enumerate()
+            .find(|(i, v)| read_only(*i) && **v != power_on_value(*i))
+        {
+            return Err(DeviceStateError::InvalidValue {
+                device: "cmos",
+                field: read_only_field(index),
+                value: u64::from(value),
+                expected: "read-only, so it must hold its power-on value",
+            });
+        }
+        let mut regs = self.regs.lock().expect("cmos lock poisoned");
+        *regs = Registers {
+            index: state.index,
+            ram,
+        };
+        Ok(())
+    }
+
+    fn read_register(&self, regs: &Registers) -> u8 {
+        let index = usize::from(regs.index);
         let time = || DateTime::from_unix((self.clock)());
         match index {
             SECONDS => bcd(time().second),
@@ -152,17 +243,39 @@ impl Cmos {
             CENTURY => bcd(time().year / 100),
             // Reading status C clears the pending-interrupt flags; none here.
             STATUS_C => 0,
-            _ => state.ram[index],
+            _ => regs.ram[index],
         }
+    }
+}
+
+/// A read-only register's name, for errors.
+fn read_only_field(index: usize) -> &'static str {
+    match index {
+        SECONDS => "ram[0x00] (seconds)",
+        0x01 => "ram[0x01] (seconds alarm)",
+        MINUTES => "ram[0x02] (minutes)",
+        0x03 => "ram[0x03] (minutes alarm)",
+        HOURS => "ram[0x04] (hours)",
+        0x05 => "ram[0x05] (hours alarm)",
+        WEEKDAY => "ram[0x06] (weekday)",
+        DAY => "ram[0x07] (day)",
+        MONTH => "ram[0x08] (month)",
+        YEAR => "ram[0x09] (year)",
+        STATUS_A => "ram[0x0a] (status A)",
+        STATUS_B => "ram[0x0b] (status B)",
+        STATUS_C => "ram[0x0c] (status C)",
+        STATUS_D => "ram[0x0d] (status D)",
+        CENTURY => "ram[0x32] (century)",
+        _ => "ram",
     }
 }
 
 impl BusDevice for Cmos {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let state = self.state.lock().expect("cmos lock poisoned");
+        let regs = self.regs.lock().expect("cmos lock poisoned");
         let value = match offset {
-            0 => state.index,
-            _ => self.read_register(&state),
+            0 => regs.index,
+            _ => self.read_register(&regs),
         };
         data.fill(0);
         if let Some(b) = data.first_mut() {
@@ -172,15 +285,14 @@ impl BusDevice for Cmos {
 
     fn write(&self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
-        let mut state = self.state.lock().expect("cmos lock poisoned");
+        let mut regs = self.regs.lock().expect("cmos lock poisoned");
         match offset {
             // Bit 7 of the index is the NMI mask, not part of the index.
-            0 => state.index = value & 0x7f,
+            0 => regs.index = value & INDEX_MASK,
             _ => {
-                let index = usize::from(state.index);
-                // The clock is the host's; the status registers keep our mode.
-                if index > STATUS_D && index != CENTURY {
-                    state.ram[index] = value;
+                let index = usize::from(regs.index);
+                if !read_only(index) {
+                    regs.ram[index] = value;
                 }
             }
         }
@@ -266,6 +378,99 @@ mod tests {
             u16::from(read(&small, 0x34)) | u16::from(read(&small, 0x35)) << 8,
             256
         );
+    }
+
+    /// Drives `cmos` through its ports: NVRAM bytes and a rewritten
+    /// memory-size byte, leaving the index on one of them.
+    fn drive(cmos: &Cmos) {
+        for (index, value) in [(0x40u8, 0xab), (0x7f, 0x01), (0x15, 0x7f), (0x0e, 0x33)] {
+            cmos.write(0, &[0x80 | index]);
+            cmos.write(1, &[value]);
+        }
+        cmos.write(0, &[0x80 | 0x40]);
+    }
+
+    /// What the guest sees: the data port at the current index first (so
+    /// the index counts), then every register.
+    fn observe(cmos: &Cmos) -> Vec<u8> {
+        let mut data = [0u8];
+        cmos.read(1, &mut data);
+        let mut index = [0u8];
+        cmos.read(0, &mut index);
+        let mut seen = vec![data[0], index[0]];
+        seen.extend((0..0x80).map(|i| read(cmos, i)));
+        seen
+    }
+
+    #[test]
+    fn restored_cmos_behaves_like_the_source() {
+        let src = Cmos::with_clock(3 * 1024 * MIB, MIB * 1024, || 951_827_696);
+        drive(&src);
+        let state = src.state();
+        assert_eq!(state.index, 0x40);
+        assert_eq!((state.ram[0x40], state.ram[0x15]), (0xab, 0x7f));
+        // A target built for another RAM size takes the source's bytes.
+        let dst = Cmos::with_clock(0, 0, || 951_827_696);
+        dst.restore(&state).unwrap();
+        assert_eq!(dst.state(), state);
+        let seen = observe(&src);
+        assert_eq!(observe(&dst), seen);
+        assert_eq!(&seen[..2], &[0xab, 0x40]);
+        assert_eq!(seen[2 + 0x7f], 0x01);
+    }
+
+    #[test]
+    fn the_restored_clock_is_the_targets() {
+        let src = Cmos::with_clock(0, 0, || 951_827_696);
+        let dst = Cmos::with_clock(0, 0, || 951_827_696 + 61);
+        dst.restore(&src.state()).unwrap();
+        assert_eq!((read(&src, 0x00), read(&src, 0x02)), (0x56, 0x34));
+        assert_eq!((read(&dst, 0x00), read(&dst, 0x02)), (0x57, 0x35));
+    }
+
+    #[test]
+    fn bad_states_are_refused_and_change_nothing() {
+        let cmos = Cmos::with_clock(0, 0, || 0);
+        drive(&cmos);
+        let before = cmos.state();
+        let refused = |bad: CmosState, field: &str| {
+            let err = cmos.restore(&bad).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+            assert!(err.to_string().contains("cmos"), "{err}");
+            assert_eq!(cmos.state(), before);
+        };
+        refused(
+            CmosState {
+                index: 0x80,
+                ..before.clone()
+            },
+            "index",
+        );
+        for len in [0, 127, 129, 4096] {
+            refused(
+                CmosState {
+                    ram: vec![0; len],
+                    ..before.clone()
+                },
+                "ram",
+            );
+        }
+        for (index, name) in [(0x0b, "status B"), (0x00, "seconds"), (0x32, "century")] {
+            let mut bad = before.clone();
+            bad.ram[index] ^= 0x04;
+            refused(bad, name);
+        }
+        assert!(matches!(
+            cmos.restore(&CmosState {
+                ram: vec![0; 127],
+                ..before.clone()
+            }),
+            Err(DeviceStateError::WrongLength {
+                len: 127,
+                expected: 128,
+                ..
+            })
+        ));
     }
 
     #[test]

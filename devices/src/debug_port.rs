@@ -1,5 +1,10 @@
 //! The debug console port (0x402, as QEMU's isa-debugcon and OVMF use it):
 //! bytes written become log lines.
+//!
+//! Stateless for migration: reads return a constant, and the line being
+//! collected is the host's log buffering, which the guest cannot read back.
+//! A line the guest has half written when the source stops is not carried
+//! over; the target's log starts a new one. There is no `DebugPortState`.
 
 use std::sync::Mutex;
 

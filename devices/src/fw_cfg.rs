@@ -14,14 +14,18 @@
 //!  |                      <-------------- | write control back (0 or ERROR)
 //! ```
 //!
-//! Items are read-only: the guest cannot write any of them.
+//! Items are read-only: the guest cannot write any of them. So the state to
+//! migrate is the three latches (selector, read offset, high half of the DMA
+//! address); the target rebuilds the items from its own configuration, and a
+//! DMA transfer runs to completion inside the port write that starts it, so
+//! none is ever in flight when the state is taken.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::BusDevice;
+use crate::{BusDevice, DeviceStateError};
 
 /// Selector port.
 pub const FW_CFG_PORT_BASE: u64 = 0x510;
@@ -95,7 +99,7 @@ pub enum FwCfgError {
     Full,
 }
 
-struct State {
+struct Latches {
     selector: u16,
     offset: usize,
     dma_high: u32,
@@ -105,8 +109,26 @@ struct State {
 pub struct FwCfg {
     items: BTreeMap<u16, Vec<u8>>,
     files: Vec<(String, u16)>,
-    state: Mutex<State>,
+    latches: Mutex<Latches>,
     memory: Option<GuestMemoryMmap>,
+}
+
+/// The guest-set latches, and the length of the selected item so the target
+/// can tell whether it holds the same one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FwCfgState {
+    /// The selected key (any 16-bit value: the guest may select keys that
+    /// name no item, and then reads zeros).
+    pub selector: u16,
+    /// Read position in the selected item; past its end when the guest has
+    /// read past it (it reads zeros there).
+    pub offset: u64,
+    /// The high half of the DMA address, latched until the low half is
+    /// written.
+    pub dma_address_high: u32,
+    /// Length of the selected item on the source; `None` when the selector
+    /// named no item there.
+    pub selected_len: Option<u64>,
 }
 
 impl FwCfg {
@@ -119,7 +141,7 @@ impl FwCfg {
         let mut dev = Self {
             items,
             files: Vec::new(),
-            state: Mutex::new(State {
+            latches: Mutex::new(Latches {
                 selector: 0,
                 offset: 0,
                 dma_high: 0,
@@ -178,9 +200,62 @@ impl FwCfg {
             .map_or(&[], |d| d.get(offset..).unwrap_or(&[]))
     }
 
+    fn item_len(&self, key: u16) -> Option<u64> {
+        self.items.get(&key).map(|d| d.len() as u64)
+    }
+
+    /// The latches, for migration.
+    pub fn state(&self) -> FwCfgState {
+        let latches = self.latches.lock().expect("fw_cfg lock poisoned");
+        FwCfgState {
+            selector: latches.selector,
+            offset: latches.offset as u64,
+            dma_address_high: latches.dma_high,
+            selected_len: self.item_len(latches.selector),
+        }
+    }
+
+    /// Takes on `state` (from [`FwCfg::state`] on the source), into a device
+    /// the target built with the same items. Refuses a state whose selected
+    /// item this device holds with another length, or not at all (or holds
+    /// when the source did not): the guest may be part-way through reading
+    /// it, and would go on reading something else. On error the device is
+    /// unchanged.
+    pub fn restore(&self, state: &FwCfgState) -> Result<(), DeviceStateError> {
+        let offset = usize::try_from(state.offset).map_err(|_| DeviceStateError::InvalidValue {
+            device: "fw_cfg",
+            field: "offset",
+            value: state.offset,
+            expected: "more than this host can address",
+        })?;
+        let ours = self.item_len(state.selector);
+        if ours != state.selected_len {
+            let describe = |len: Option<u64>| match len {
+                Some(n) => format!("{n} bytes"),
+                None => "absent".to_string(),
+            };
+            return Err(DeviceStateError::Mismatch {
+                device: "fw_cfg",
+                detail: format!(
+                    "selected item {:#x} is {} here, {} on the source",
+                    state.selector,
+                    describe(ours),
+                    describe(state.selected_len)
+                ),
+            });
+        }
+        let mut latches = self.latches.lock().expect("fw_cfg lock poisoned");
+        *latches = Latches {
+            selector: state.selector,
+            offset,
+            dma_high: state.dma_address_high,
+        };
+        Ok(())
+    }
+
     /// Runs the DMA request whose descriptor is at `addr`; returns the
     /// control word to write back.
-    fn dma(&self, state: &mut State, addr: u64) -> u32 {
+    fn dma(&self, latches: &mut Latches, addr: u64) -> u32 {
         let Some(mem) = self.memory.as_ref() else {
             return DMA_CTL_ERROR;
         };
@@ -192,13 +267,13 @@ impl FwCfg {
         let length = u32::from_be_bytes(desc[4..8].try_into().expect("4 bytes"));
         let target = u64::from_be_bytes(desc[8..16].try_into().expect("8 bytes"));
         if control & DMA_CTL_SELECT != 0 {
-            state.selector = (control >> 16) as u16;
-            state.offset = 0;
+            latches.selector = (control >> 16) as u16;
+            latches.offset = 0;
         }
         let result = if control & DMA_CTL_WRITE != 0 || length > MAX_DMA_LEN {
             DMA_CTL_ERROR
         } else if control & DMA_CTL_READ != 0 {
-            let tail = self.item_tail(state.selector, state.offset);
+            let tail = self.item_tail(latches.selector, latches.offset);
             let n = tail.len().min(length as usize);
             let mut buf = tail[..n].to_vec();
             // Past the end of an item the guest reads zeros.
@@ -206,12 +281,12 @@ impl FwCfg {
             if mem.write_slice(&buf, GuestAddress(target)).is_err() {
                 DMA_CTL_ERROR
             } else {
-                state.offset = state.offset.saturating_add(length as usize);
+                latches.offset = latches.offset.saturating_add(length as usize);
                 0
             }
         } else {
             if control & DMA_CTL_SKIP != 0 {
-                state.offset = state.offset.saturating_add(length as usize);
+                latches.offset = latches.offset.saturating_add(length as usize);
             }
             0
         };
@@ -228,16 +303,16 @@ impl FwCfg {
 
 impl BusDevice for FwCfg {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let mut state = self.state.lock().expect("fw_cfg lock poisoned");
+        let mut latches = self.latches.lock().expect("fw_cfg lock poisoned");
         match offset {
             DATA_OFFSET => {
                 for b in data.iter_mut() {
                     *b = self
-                        .item_tail(state.selector, state.offset)
+                        .item_tail(latches.selector, latches.offset)
                         .first()
                         .copied()
                         .unwrap_or(0);
-                    state.offset = state.offset.saturating_add(1);
+                    latches.offset = latches.offset.saturating_add(1);
                 }
             }
             DMA_HIGH_OFFSET..=11 => {
@@ -252,20 +327,20 @@ impl BusDevice for FwCfg {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
-        let mut state = self.state.lock().expect("fw_cfg lock poisoned");
+        let mut latches = self.latches.lock().expect("fw_cfg lock poisoned");
         match (offset, data.len()) {
             (0, 2) => {
-                state.selector = u16::from_le_bytes([data[0], data[1]]);
-                state.offset = 0;
+                latches.selector = u16::from_le_bytes([data[0], data[1]]);
+                latches.offset = 0;
             }
             (DMA_HIGH_OFFSET, 4) => {
-                state.dma_high = u32::from_be_bytes(data.try_into().expect("4 bytes"));
+                latches.dma_high = u32::from_be_bytes(data.try_into().expect("4 bytes"));
             }
             (DMA_LOW_OFFSET, 4) => {
                 let low = u32::from_be_bytes(data.try_into().expect("4 bytes"));
-                let addr = u64::from(state.dma_high) << 32 | u64::from(low);
-                state.dma_high = 0;
-                self.dma(&mut state, addr);
+                let addr = u64::from(latches.dma_high) << 32 | u64::from(low);
+                latches.dma_high = 0;
+                self.dma(&mut latches, addr);
             }
             // Writes to the data port are ignored (items are read-only).
             _ => log::debug!(
@@ -377,5 +452,136 @@ mod tests {
         select(&dev, keys::ID);
         dev.read(DATA_OFFSET, &mut id[..1]);
         assert_eq!(id[0], (FEATURE_TRADITIONAL | FEATURE_DMA) as u8);
+    }
+
+    /// Guest memory with a page above 4 GiB, so the DMA high latch counts.
+    const HIGH: u64 = 1 << 32;
+
+    fn with_file(len: usize) -> (FwCfg, GuestMemoryMmap) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(HIGH), 0x1000),
+        ])
+        .unwrap();
+        let mut dev = FwCfg::new(Some(mem.clone()));
+        dev.set_item(keys::CMDLINE_DATA, b"console=ttyS0\0".to_vec());
+        dev.add_file("etc/test", (0..len).map(|i| i as u8).collect())
+            .unwrap();
+        (dev, mem)
+    }
+
+    /// Drives `dev` through its ports part-way into etc/test, with the high
+    /// half of a DMA address latched.
+    fn drive(dev: &FwCfg) {
+        select(dev, keys::FILE_FIRST);
+        assert_eq!(read_bytes(dev, 10), (0..10).collect::<Vec<u8>>());
+        dev.write(DMA_HIGH_OFFSET, &1u32.to_be_bytes());
+    }
+
+    /// What the guest sees: more data-port bytes, then a DMA read started by
+    /// writing only the low half of the address, then the data port again.
+    fn observe(dev: &FwCfg, mem: &GuestMemoryMmap) -> Vec<u8> {
+        let mut seen = read_bytes(dev, 5);
+        let mut desc = DMA_CTL_READ.to_be_bytes().to_vec();
+        desc.extend_from_slice(&8u32.to_be_bytes());
+        desc.extend_from_slice(&(HIGH + 0x200).to_be_bytes());
+        mem.write_slice(&desc, GuestAddress(HIGH + 0x100)).unwrap();
+        dev.write(DMA_LOW_OFFSET, &0x100u32.to_be_bytes());
+        let mut out = [0u8; 12];
+        mem.read_slice(&mut out[..4], GuestAddress(HIGH + 0x100))
+            .unwrap();
+        mem.read_slice(&mut out[4..], GuestAddress(HIGH + 0x200))
+            .unwrap();
+        seen.extend_from_slice(&out);
+        seen.extend(read_bytes(dev, 3));
+        seen
+    }
+
+    #[test]
+    fn restored_fw_cfg_behaves_like_the_source() {
+        let (src, src_mem) = with_file(100);
+        drive(&src);
+        let state = src.state();
+        assert_eq!(
+            state,
+            FwCfgState {
+                selector: keys::FILE_FIRST,
+                offset: 10,
+                dma_address_high: 1,
+                selected_len: Some(100),
+            }
+        );
+        let (dst, dst_mem) = with_file(100);
+        dst.restore(&state).unwrap();
+        assert_eq!(dst.state(), state);
+        let seen = observe(&src, &src_mem);
+        assert_eq!(observe(&dst, &dst_mem), seen);
+        // Bytes 10..15, DMA done (control 0) with bytes 15..23, then 23..26.
+        let mut expected: Vec<u8> = (10..15).collect();
+        expected.extend_from_slice(&[0, 0, 0, 0]);
+        expected.extend(15..26);
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn unknown_selectors_and_offsets_past_the_end_round_trip() {
+        let (src, _mem) = with_file(4);
+        select(&src, 0x0e); // no such item: the guest reads zeros
+        read_bytes(&src, 3);
+        let (dst, _mem) = with_file(4);
+        dst.restore(&src.state()).unwrap();
+        assert_eq!(dst.state().offset, 3);
+        select(&src, keys::FILE_FIRST);
+        read_bytes(&src, 6);
+        dst.restore(&src.state()).unwrap();
+        assert_eq!(read_bytes(&dst, 2), [0, 0]);
+        assert_eq!(dst.state().offset, 8);
+    }
+
+    #[test]
+    fn a_state_from_another_configuration_is_refused_and_changes_nothing() {
+        let (src, _mem) = with_file(100);
+        drive(&src);
+        let state = src.state();
+        let (dst, _mem) = with_file(99);
+        select(&dst, keys::CMDLINE_DATA);
+        read_bytes(&dst, 2);
+        let before = dst.state();
+        let refused = |dev: &FwCfg, bad: &FwCfgState, needle: &str| {
+            let err = dev.restore(bad).unwrap_err();
+            assert!(matches!(
+                err,
+                DeviceStateError::Mismatch {
+                    device: "fw_cfg",
+                    ..
+                }
+            ));
+            assert!(err.to_string().contains(needle), "{err}");
+        };
+        // The selected file is shorter here.
+        refused(
+            &dst,
+            &state,
+            "item 0x20 is 99 bytes here, 100 bytes on the source",
+        );
+        // Or absent here, or absent there.
+        refused(
+            &dst,
+            &FwCfgState {
+                selector: 0x21,
+                ..state.clone()
+            },
+            "item 0x21 is absent here",
+        );
+        refused(
+            &dst,
+            &FwCfgState {
+                selected_len: None,
+                ..state.clone()
+            },
+            "absent on the source",
+        );
+        assert_eq!(dst.state(), before);
+        assert_eq!(read_bytes(&dst, 3), b"nso");
     }
 }

@@ -2,6 +2,11 @@
 //!
 //! Guests reboot by writing 0xfe to port 0x64; cgsvmm treats that as a
 //! request to end the VM cleanly.
+//!
+//! Stateless for migration: vm-superio's `I8042Device` keeps nothing but the
+//! reset line, every read returns 0 and every write other than the reset
+//! command is dropped, so the target's freshly built device is already in
+//! the source's state. There is no `I8042State`.
 
 use std::sync::Mutex;
 
@@ -64,5 +69,19 @@ mod tests {
         assert!(evt.read().is_err());
         dev.write(4, &[0xfe]);
         assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn nothing_the_guest_writes_is_kept() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(EventFdTrigger(evt));
+        for (offset, value) in [(4, 0x60), (0, 0x47), (4, 0xd1), (0, 0xdf), (4, 0xaa)] {
+            dev.write(offset, &[value]);
+        }
+        for offset in [0, 4] {
+            let mut data = [0xffu8; 2];
+            dev.read(offset, &mut data);
+            assert_eq!(data, [0, 0]);
+        }
     }
 }

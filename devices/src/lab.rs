@@ -1,6 +1,10 @@
 //! The lab control port: how cgsvmm's bare-metal lab guests ask the VMM for
 //! something (power off, report a failure, yield the CPU). Real machines have
 //! no such device; see `cgsvmm_fw_abi::LAB_PORT` for the guest side.
+//!
+//! Stateless for migration: reads return 0 and each write is handed to the
+//! VMM at once, so the target's freshly built port is already in the
+//! source's state. There is no `LabPortState`.
 
 use cgsvmm_fw_abi as abi;
 
@@ -24,14 +28,36 @@ pub enum LabRequest {
     /// The helper on this vCPU serves nothing (unusable configuration, or
     /// its index refused): keep it out of KVM_RUN.
     HelperRefused,
+    /// The guest declares 2 MiB block `block` of RAM shared (`true`) or
+    /// private.
+    MapBlock {
+        /// Block index (GPA / 2 MiB).
+        block: u16,
+        /// Shared or private.
+        shared: bool,
+    },
     /// A value this VMM does not know.
     Unknown(u32),
 }
 
 impl From<u32> for LabRequest {
     fn from(v: u32) -> Self {
-        if v & 0xffff == abi::LAB_CMD_WAIT {
-            return LabRequest::Wait((v >> 16) as u16);
+        let arg = (v >> 16) as u16;
+        match v & 0xffff {
+            abi::LAB_CMD_WAIT => return LabRequest::Wait(arg),
+            abi::LAB_CMD_SHARE_2M => {
+                return LabRequest::MapBlock {
+                    block: arg,
+                    shared: true,
+                }
+            }
+            abi::LAB_CMD_PRIVATE_2M => {
+                return LabRequest::MapBlock {
+                    block: arg,
+                    shared: false,
+                }
+            }
+            _ => {}
         }
         match v {
             abi::LAB_CMD_POWER_OFF => LabRequest::PowerOff,
@@ -91,6 +117,8 @@ mod tests {
         port.write(0, &9u32.to_le_bytes());
         port.write(0, &(4u32 | 3 << 16).to_le_bytes());
         port.write(0, &5u32.to_le_bytes());
+        port.write(0, &(6u32 | 9 << 16).to_le_bytes());
+        port.write(0, &(7u32 | 2 << 16).to_le_bytes());
         port.write(0, &[1]);
         port.write(2, &[1, 0]);
         assert_eq!(
@@ -102,6 +130,14 @@ mod tests {
                 LabRequest::Unknown(9),
                 LabRequest::Wait(3),
                 LabRequest::HelperRefused,
+                LabRequest::MapBlock {
+                    block: 9,
+                    shared: true
+                },
+                LabRequest::MapBlock {
+                    block: 2,
+                    shared: false
+                },
             ]
         );
     }
