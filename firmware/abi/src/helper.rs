@@ -49,6 +49,11 @@
 //!  |   else NO_ENTROPY); both MHs derive key, session id, digest key =
 //!  |   HKDF-SHA256(transport key, nonce_src || nonce_tgt, HKDF_INFO ||
 //!  |   the VM's identity); BEGIN while a session is open: SESSION_OPEN
+//!  | snapshots (a file has no target helper to answer): BEGIN(SNAPSHOT_SOURCE)
+//!  |   opens at once with salt = own nonce only and info = SNAPSHOT_HKDF_LABEL
+//!  |   || HKDF_INFO || identity; BEGIN(SNAPSHOT_TARGET) takes that nonce from
+//!  |   the file. The same file can be restored again: each restore is a new
+//!  |   incoming VM
 //!  | ENCRYPT_BATCH n:   part p = records [p*16, p*16+16): RecordHeader
 //!  |   {gpa, generation} x count, then slot n, then req_seq = n -------->|
 //!  | ENCRYPT_BATCH n+1 (part p+1, flag CHAIN) ...  up to QUEUE_DEPTH      |
@@ -102,7 +107,7 @@ use crate::GpaRange;
 /// Magic of [`HelperHeader`] ("CGSVMH01").
 pub const HELPER_MAGIC: [u8; 8] = *b"CGSVMH01";
 /// Version of this ABI (HELLO reports it; the host refuses others).
-pub const MH_ABI_VERSION: u32 = 4;
+pub const MH_ABI_VERSION: u32 = 5;
 /// Most helper vCPUs (mailboxes) an MH image provides.
 pub const MAX_HELPERS: u32 = 16;
 /// Most pages in one batch.
@@ -440,7 +445,17 @@ pub mod role {
     pub const SOURCE: u32 = 1;
     /// Receives pages (decrypts).
     pub const TARGET: u32 = 2;
+    /// Writes a snapshot: keys from this helper's nonce alone under
+    /// [`SNAPSHOT_HKDF_LABEL`](super::SNAPSHOT_HKDF_LABEL); open at once.
+    pub const SNAPSHOT_SOURCE: u32 = 3;
+    /// Restores a snapshot: keys from the nonce in it (`peer_nonce`);
+    /// incoming VMs only, as TARGET.
+    pub const SNAPSHOT_TARGET: u32 = 4;
 }
+
+/// Put before the HKDF info of snapshot sessions, so a snapshot's keys can
+/// never be a live session's (whose salt has two nonces) and the reverse.
+pub const SNAPSHOT_HKDF_LABEL: &[u8] = b"cgsvmm snapshot v1\0";
 
 /// SESSION_BEGIN / SESSION_PEER arguments and results (in `arg`).
 #[repr(C)]

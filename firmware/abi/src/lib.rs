@@ -100,6 +100,16 @@ pub const LAB_CMD_WAIT: u32 = 4;
 /// the VMM keeps it out of KVM_RUN for a while each time it says so.
 pub const LAB_CMD_HELPER_REFUSED: u32 = 5;
 
+/// The guest declares the 2 MiB block `index` (bits 16..) of guest RAM
+/// shared (plaintext to the host): the lab's stand-in for
+/// KVM_HC_MAP_GPA_RANGE, which cannot exit on the lab host. Both feed the
+/// VMM's one shared/private map.
+pub const LAB_CMD_SHARE_2M: u32 = 6;
+/// The guest declares the 2 MiB block `index` (bits 16..) private again.
+pub const LAB_CMD_PRIVATE_2M: u32 = 7;
+/// Bytes of the block [`LAB_CMD_SHARE_2M`] and [`LAB_CMD_PRIVATE_2M`] name.
+pub const LAB_SHARE_BLOCK: u64 = 2 << 20;
+
 /// COM1, the serial port the lab guests print on.
 pub const SERIAL_PORT: u16 = 0x3f8;
 

@@ -3,7 +3,9 @@
 //!
 //! - key, session id, digest key = HKDF-SHA256(ikm = transport key, salt =
 //!   source nonce || target nonce, info = HKDF_INFO || the VM's identity
-//!   from the measured launch configuration), 32 + 16 + 32 bytes;
+//!   from the measured launch configuration), 32 + 16 + 32 bytes; for a
+//!   snapshot (no target helper to answer), salt = the source nonce alone
+//!   and info = SNAPSHOT_HKDF_LABEL || the same;
 //! - page nonce = helper index (u32 LE) || that helper's counter (u64 LE).
 //!   The counters live in the session state, are reserved only under the
 //!   session lock and are never reset within a boot, so no (key, nonce)
@@ -221,20 +223,31 @@ fn scratch(index: u32) -> &'static mut [u8; PAGE] {
 /// the keys at once.
 pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
     let mut args: h::SessionArgs = mbox.read_arg();
-    if args.role != role::SOURCE && args.role != role::TARGET {
+    let incoming = args.role == role::TARGET || args.role == role::SNAPSHOT_TARGET;
+    if !incoming && args.role != role::SOURCE && args.role != role::SNAPSHOT_SOURCE {
         return Err((status::BAD_ARGS, 0));
     }
     // Only a VM launched to receive a migration takes pages in, and only
     // until one migration into it verified: after that its guest may run,
     // and a new target session would let the host roll its pages back.
-    if args.role == role::TARGET && (!env.incoming || RECEIVED.load(Ordering::Acquire)) {
+    if incoming && (!env.incoming || RECEIVED.load(Ordering::Acquire)) {
         return Err((status::NOT_INCOMING, 0));
     }
     // Entropy, the key and the derivation outside the lock: a fault there
-    // (a CPUID lie) must not leave the lock held.
-    let nonce = fresh_nonce(env)?;
+    // (a CPUID lie) must not leave the lock held. A snapshot target makes
+    // no nonce: its keys come from the one in the file.
+    let nonce = if args.role == role::SNAPSHOT_TARGET {
+        [0; 32]
+    } else {
+        fresh_nonce(env)?
+    };
     let mut key = transport_key().ok_or((status::NO_KEY, 0))?;
-    let derived = (args.role == role::TARGET).then(|| derive(&key, &args.peer_nonce, &nonce, env));
+    let derived = match args.role {
+        role::TARGET => Some((derive(&key, &args.peer_nonce, &nonce, env), true)),
+        role::SNAPSHOT_SOURCE => Some((derive_snapshot(&key, &nonce, env), false)),
+        role::SNAPSHOT_TARGET => Some((derive_snapshot(&key, &args.peer_nonce, env), true)),
+        _ => None,
+    };
     key.zeroize();
     let session_id = SESSION.write(|s| {
         if s.phase != Phase::Idle {
@@ -244,10 +257,14 @@ pub fn begin(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
         s.reset_tallies(env);
         s.own_nonce = nonce;
         match derived {
-            Some((keys, id)) => {
+            Some(((keys, id), target)) => {
                 s.keys = Some(keys);
                 s.session_id = id;
-                s.phase = Phase::TargetOpen;
+                s.phase = if target {
+                    Phase::TargetOpen
+                } else {
+                    Phase::SourceOpen
+                };
             }
             None => s.phase = Phase::SourceBegun,
         }
@@ -303,8 +320,17 @@ fn transport_key() -> Option<[u8; 32]> {
     key
 }
 
-/// HKDF output: AEAD key (32) || session id (16) || digest key (32). With
-/// the page path, the AEAD key also goes to it.
+/// A snapshot's keys: the source helper's nonce alone as the salt, and
+/// the snapshot label before the info, so they are never a live session's.
+fn derive_snapshot(
+    transport_key: &[u8; 32],
+    source_nonce: &[u8; 32],
+    env: &Env,
+) -> (Keys, [u8; 16]) {
+    hkdf_keys(transport_key, source_nonce, h::SNAPSHOT_HKDF_LABEL, env)
+}
+
+/// A live session's keys: both nonces as the salt.
 fn derive(
     transport_key: &[u8; 32],
     source_nonce: &[u8; 32],
@@ -314,9 +340,15 @@ fn derive(
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(source_nonce);
     salt[32..].copy_from_slice(target_nonce);
-    let hk = Hkdf::<Sha256>::new(Some(&salt), transport_key);
+    hkdf_keys(transport_key, &salt, b"", env)
+}
+
+/// HKDF output: AEAD key (32) || session id (16) || digest key (32). With
+/// the page path, the AEAD key also goes to it.
+fn hkdf_keys(transport_key: &[u8; 32], salt: &[u8], label: &[u8], env: &Env) -> (Keys, [u8; 16]) {
+    let hk = Hkdf::<Sha256>::new(Some(salt), transport_key);
     let mut okm = [0u8; 80];
-    hk.expand(&env.hkdf_info, &mut okm)
+    hk.expand_multi_info(&[label, &env.hkdf_info], &mut okm)
         .expect("80 bytes is a valid HKDF-SHA256 length");
     let mut aead_key: [u8; 32] = okm[..32].try_into().expect("32 bytes");
     let aead = Wiped::new(LessSafeKey::new(
