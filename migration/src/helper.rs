@@ -521,6 +521,30 @@ impl HelperClient {
         Ok((out.own_nonce, out.session_id))
     }
 
+    /// Snapshot source: starts a session that needs no answer (keys from
+    /// this helper's nonce alone); returns the nonce the file carries.
+    pub fn begin_snapshot_source(&mut self) -> Result<[u8; 32], HelperError> {
+        let args = h::SessionArgs {
+            role: role::SNAPSHOT_SOURCE,
+            ..Default::default()
+        };
+        Ok(self.session(cmd::SESSION_BEGIN, args)?.own_nonce)
+    }
+
+    /// Snapshot target: starts a session from the nonce in the file;
+    /// returns the session id.
+    pub fn begin_snapshot_target(
+        &mut self,
+        source_nonce: [u8; 32],
+    ) -> Result<[u8; 16], HelperError> {
+        let args = h::SessionArgs {
+            role: role::SNAPSHOT_TARGET,
+            peer_nonce: source_nonce,
+            ..Default::default()
+        };
+        Ok(self.session(cmd::SESSION_BEGIN, args)?.session_id)
+    }
+
     /// Source: completes the session with the target's nonce; returns the
     /// session id (equal to the target's when both share the transport key).
     pub fn complete_source(&mut self, target_nonce: [u8; 32]) -> Result<[u8; 16], HelperError> {

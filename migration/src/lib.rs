@@ -1,18 +1,142 @@
-//! cgsvmm's live migration.
+//! cgsvmm's migration: a VM's whole state leaves one cgsvmm process and
+//! resumes in another, every private page through the migration helpers.
 //!
-//! Owns, as the migration issues land: the stream format, the RAM sender and
-//! receiver (dirty rounds, shared vs private pages), the migration-helper
-//! mailbox client, vCPU and device state records, transports and the
-//! convergence policy. It depends on the firmware ABI crate and never on
-//! `vmm`: the VMM hands it memory and state, it hands back bytes.
+//! Module map (ARCHITECTURE.md §7):
+//! - [`protocol`]: the wire format only (frames, kinds, bounds, checksums;
+//!   the sequence diagram);
+//! - [`transport`]: tcp, unix and file, the only module that knows about
+//!   sockets and files;
+//! - [`state`]: versioned, bounded state records (vCPU, irqchip/PIT/clock,
+//!   configuration);
+//! - [`ranges`]: the shared/private map; [`dirty`]: dirty bitmaps as
+//!   ranges;
+//! - [`helper`]: the migration-helper client (mailbox, batches, seal);
+//! - [`source`]: sends a paused VM; [`target`]: the receiver's state
+//!   machine, which verifies the seal before any vCPU runs.
 //!
-//! Today it holds the migration-helper client ([`helper`]), which moves
-//! private pages through the helper's mailbox, dirty-bitmap ranges
-//! ([`dirty`]), the stream's wire format ([`protocol`]: frames, kinds,
-//! bounds, checksums) and its transports ([`transport`]: tcp, unix, file),
-//! which the sender and receiver will build on.
+//! The crate never depends on `vmm`: what it needs from a VM is the
+//! [`MigratableVm`] trait, which the VMM implements in one file.
 
 pub mod dirty;
 pub mod helper;
 pub mod protocol;
+pub mod ranges;
+pub mod source;
+pub mod state;
+pub mod target;
 pub mod transport;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::helper::HelperClient;
+use crate::ranges::SharedMap;
+use crate::state::{ConfigRecord, StreamMode, VcpuRecord, VmRecord};
+
+/// A VM's state besides its RAM, as the source saved it.
+#[derive(Debug)]
+pub struct SavedState {
+    /// irqchip, PIT, clock.
+    pub vm: VmRecord,
+    /// Every main vCPU, by index.
+    pub vcpus: Vec<VcpuRecord>,
+    /// The devices, an encoded record of the VMM's own.
+    pub devices: Vec<u8>,
+}
+
+/// What migration needs from a VM. Errors are the VMM's words, passed on.
+pub trait MigratableVm: Send + Sync {
+    /// What the target checks first.
+    fn config(&self, mode: StreamMode) -> ConfigRecord;
+    /// Guest RAM (the main VM's memory, without the mirror region).
+    fn ram(&self) -> &GuestMemoryMmap;
+    /// Guest RAM ranges: (start, length).
+    fn ram_ranges(&self) -> Vec<(u64, u64)>;
+    /// What the guest declared shared.
+    fn shared_map(&self) -> SharedMap;
+    /// Replaces the shared map (the target, from the stream).
+    fn set_shared_map(&self, map: SharedMap);
+    /// One client per migration helper, each having answered HELLO.
+    fn helpers(&self) -> Result<Vec<HelperClient>, String>;
+    /// Pauses the main vCPUs (the mirror runs on); whether they ran.
+    fn pause(&self) -> Result<bool, String>;
+    /// Resumes the main vCPUs after a failed or cancelled migration.
+    fn resume(&self) -> Result<(), String>;
+    /// Saves vCPU, VM and device state (main vCPUs paused).
+    fn save(&self) -> Result<SavedState, String>;
+    /// Restores what [`MigratableVm::save`] saved (main vCPUs never run).
+    fn restore(&self, state: SavedState) -> Result<(), String>;
+    /// Lets the guest run here (or leaves it paused, as asked).
+    fn start(&self) -> Result<(), String>;
+}
+
+/// Counters of a migration in progress, shared without locks with whoever
+/// reports them (`query-migrate`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of guest RAM.
+    pub total: AtomicU64,
+    /// Bytes of guest RAM not yet sent (or received).
+    pub remaining: AtomicU64,
+    /// Bytes put on (or taken off) the wire.
+    pub transferred: AtomicU64,
+    /// Private pages sent through the helpers.
+    pub private_pages: AtomicU64,
+    /// Shared pages sent as plaintext.
+    pub shared_pages: AtomicU64,
+    /// Microseconds from the start to the main vCPUs' pause.
+    pub setup_us: AtomicU64,
+    /// Microseconds the guest was paused (stopped migration: from the
+    /// pause to the target's acknowledgement).
+    pub downtime_us: AtomicU64,
+}
+
+impl Progress {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A counter's value.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a migration failed, in one sentence for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream is damaged or does not follow the protocol.
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// A state record was refused.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// A helper failed or refused.
+    #[error(transparent)]
+    Helper(#[from] helper::HelperError),
+    /// The target cannot take this VM.
+    #[error("The target cannot take this VM: {0}")]
+    Mismatch(String),
+    /// The peer gave up and said why.
+    #[error("The {side} reported: {why}")]
+    Peer {
+        /// "target" or "source".
+        side: &'static str,
+        /// Its message.
+        why: String,
+    },
+    /// A frame that does not belong where it came.
+    #[error("Unexpected migration frame: {0}")]
+    Sequence(String),
+    /// The VMM failed a step.
+    #[error("{0}")]
+    Vm(String),
+    /// `migrate_cancel`.
+    #[error("Migration cancelled")]
+    Cancelled,
+}

@@ -271,6 +271,16 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error>
 /// The header is checked (kind, bound, reserved bits) before the payload is
 /// allocated, and the checksum before the frame is returned.
 pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
+    let mut payload = Vec::new();
+    Ok(read_frame_into(r, &mut payload)?.map(|kind| Frame { kind, payload }))
+}
+
+/// [`read_frame`] into a buffer the caller reuses: `payload` holds exactly
+/// the payload when a kind is returned.
+pub fn read_frame_into(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+) -> Result<Option<FrameKind>, ProtocolError> {
     let mut raw = [0u8; HEADER_SIZE];
     match read_full(r, &mut raw)? {
         0 => return Ok(None),
@@ -295,15 +305,15 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
             max,
         });
     }
-    let mut payload = vec![0u8; h.length as usize];
-    let got = read_full(r, &mut payload)?;
+    payload.resize(h.length as usize, 0);
+    let got = read_full(r, payload)?;
     if got < payload.len() {
         return Err(ProtocolError::Truncated {
             got: HEADER_SIZE + got,
             want: HEADER_SIZE + payload.len(),
         });
     }
-    let computed = checksum(&h, &payload);
+    let computed = checksum(&h, payload);
     if computed != h.checksum {
         return Err(ProtocolError::Checksum {
             kind,
@@ -311,7 +321,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<Frame>, ProtocolError> {
             computed,
         });
     }
-    Ok(Some(Frame { kind, payload }))
+    Ok(Some(kind))
 }
 
 /// Reads the Hello frame that must start a stream.

@@ -96,6 +96,16 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// Ends a connection in both directions at once, so a thread blocked
+    /// on it returns (a cancelled migration); a file is left alone.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Channel::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Channel::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Channel::File(_) => Ok(()),
+        };
+    }
+
     /// A second handle on the same stream (one thread reads, one writes).
     /// A file has one direction only: it is refused.
     pub fn try_clone(&self) -> std::io::Result<Channel> {

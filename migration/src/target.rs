@@ -1,0 +1,399 @@
+//! The receiving side: an explicit state machine over the stream.
+//!
+//! ```text
+//! Hello -> Config (checked against this VM before anything is written)
+//!       -> SessionOffer (target helpers begin; live: SessionAnswer back)
+//!       -> SharedMap (validated)
+//!       -> Pages: SharedPages (only into shared pages, each once)
+//!                 | HelperRecords (to the helpers, in parallel)
+//!       -> DeviceState -> VmState -> VcpuState x vCPUs (index order)
+//!       -> Seal -> End
+//!       => every shared page arrived, the helpers verify the seal (every
+//!          private page written in this session), state restored, the
+//!          guest may run, Ack (live)
+//! ```
+//!
+//! Any other frame, any frame out of its place, a damaged or short stream,
+//! or a refusal anywhere is one [`MigrationError`]: the helper sessions
+//! end, a live source is told why, and the main vCPUs never run.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Mutex;
+
+use vm_memory::{Bytes, GuestAddress};
+use zerocopy::FromBytes;
+
+use crate::helper::{GpaRange, HelperClient, SealRecord, RECORD_STRIDE};
+use crate::protocol::{self, FrameKind, ProtocolError};
+use crate::ranges::SharedMap;
+use crate::source::SHARED_PAGE_STRIDE;
+use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
+use crate::transport::Channel;
+use crate::{MigratableVm, MigrationError, Progress, SavedState};
+
+const PAGE: u64 = 4096;
+/// Bytes read ahead from the channel.
+const READ_BUFFER: usize = 1 << 20;
+
+/// Receives a VM from `channel` into `vm`; on success the guest runs here
+/// (or stays paused if the VM was told so) and a live source has its
+/// acknowledgement.
+pub fn receive(
+    vm: &dyn MigratableVm,
+    channel: Channel,
+    progress: &Progress,
+) -> Result<(), MigrationError> {
+    let live = channel.is_live();
+    let writer = if live {
+        Some(BufWriter::new(
+            channel.try_clone().map_err(ProtocolError::Io)?,
+        ))
+    } else {
+        None
+    };
+    let mut helpers = Vec::new();
+    let mut receiver = Receiver {
+        vm,
+        progress,
+        mode: if live {
+            StreamMode::Live
+        } else {
+            StreamMode::Snapshot
+        },
+        input: BufReader::with_capacity(READ_BUFFER, channel),
+        output: writer,
+        buf: Vec::new(),
+    };
+    let result = receiver.run(&mut helpers);
+    if let Err(e) = &result {
+        for h in &mut helpers {
+            let _ = h.end();
+        }
+        if !matches!(e, MigrationError::Peer { .. }) {
+            let msg = e.to_string();
+            let cut = msg.len().min(FrameKind::Error.max_length() as usize);
+            let _ = receiver.send(FrameKind::Error, &msg.as_bytes()[..cut]);
+        }
+    }
+    result
+}
+
+struct Receiver<'a> {
+    vm: &'a dyn MigratableVm,
+    progress: &'a Progress,
+    mode: StreamMode,
+    input: BufReader<Channel>,
+    output: Option<BufWriter<Channel>>,
+    buf: Vec<u8>,
+}
+
+impl Receiver<'_> {
+    fn send(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
+        if let Some(out) = self.output.as_mut() {
+            protocol::write_frame(out, kind, payload)?;
+            out.flush().map_err(ProtocolError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// The next frame into `self.buf`; the stream may not end here.
+    fn next(&mut self) -> Result<FrameKind, MigrationError> {
+        let kind = protocol::read_frame_into(&mut self.input, &mut self.buf)?.ok_or(
+            ProtocolError::Truncated {
+                got: 0,
+                want: protocol::HEADER_SIZE,
+            },
+        )?;
+        Progress::add(
+            &self.progress.transferred,
+            (protocol::HEADER_SIZE + self.buf.len()) as u64,
+        );
+        if kind == FrameKind::Error {
+            return Err(MigrationError::Peer {
+                side: "source",
+                why: String::from_utf8_lossy(&self.buf).into_owned(),
+            });
+        }
+        Ok(kind)
+    }
+
+    /// The next frame, which must be `want`.
+    fn expect(&mut self, want: FrameKind) -> Result<(), MigrationError> {
+        match self.next()? {
+            k if k == want => Ok(()),
+            k => Err(MigrationError::Sequence(format!(
+                "{k:?} where {want:?} belongs"
+            ))),
+        }
+    }
+
+    fn run(&mut self, helpers: &mut Vec<HelperClient>) -> Result<(), MigrationError> {
+        let vm = self.vm;
+        protocol::read_hello(&mut self.input)?;
+        self.expect(FrameKind::Config)?;
+        let theirs: ConfigRecord = state::decode(&self.buf)?;
+        let ours = vm.config(self.mode);
+        if let Some(why) = state::config_mismatch(&theirs, &ours) {
+            return Err(MigrationError::Mismatch(why));
+        }
+
+        self.expect(FrameKind::SessionOffer)?;
+        let source_nonce: [u8; 32] = self.buf[..].try_into().map_err(|_| {
+            MigrationError::Sequence(format!("a session offer of {} bytes", self.buf.len()))
+        })?;
+        *helpers = vm.helpers().map_err(MigrationError::Vm)?;
+        if helpers.is_empty() {
+            return Err(MigrationError::Vm(
+                "this VM runs no migration helper".into(),
+            ));
+        }
+        match self.mode {
+            StreamMode::Live => {
+                let (nonce, id) = helpers[0].begin_target(source_nonce)?;
+                let mut answer = nonce.to_vec();
+                answer.extend_from_slice(&id);
+                self.send(FrameKind::SessionAnswer, &answer)?;
+            }
+            StreamMode::Snapshot => {
+                helpers[0].begin_snapshot_target(source_nonce)?;
+            }
+        }
+
+        self.expect(FrameKind::SharedMap)?;
+        let ram = vm.ram_ranges();
+        let map = shared_map(&ram, &self.buf)?;
+        let total: u64 = ram.iter().map(|r| r.1).sum();
+        self.progress
+            .total
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.progress
+            .remaining
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+
+        self.pages(helpers, &map)?;
+
+        // DeviceState ended the pages.
+        let devices = self.buf.clone();
+        self.expect(FrameKind::VmState)?;
+        let vm_state: VmRecord = state::decode(&self.buf)?;
+        let mut vcpus = Vec::with_capacity(theirs.vcpus as usize);
+        for index in 0..theirs.vcpus {
+            self.expect(FrameKind::VcpuState)?;
+            let vcpu: VcpuRecord = state::decode(&self.buf)?;
+            if vcpu.index != index {
+                return Err(MigrationError::Sequence(format!(
+                    "the state of vCPU {} where vCPU {index}'s belongs",
+                    vcpu.index
+                )));
+            }
+            vcpus.push(vcpu);
+        }
+        self.expect(FrameKind::Seal)?;
+        let seal = SealRecord::read_from_bytes(&self.buf)
+            .map_err(|_| MigrationError::Sequence(format!("a seal of {} bytes", self.buf.len())))?;
+        self.expect(FrameKind::End)?;
+
+        helpers[0].verify_seal(&seal, &map.ranges())?;
+        let saved = SavedState {
+            vm: vm_state,
+            vcpus,
+            devices,
+        };
+        vm.set_shared_map(map);
+        vm.restore(saved).map_err(MigrationError::Vm)?;
+        vm.start().map_err(MigrationError::Vm)?;
+        self.send(FrameKind::Ack, &[])?;
+        Ok(())
+    }
+
+    /// Page frames until DeviceState: shared pages written here, helper
+    /// records decrypted by every helper at once.
+    fn pages(
+        &mut self,
+        helpers: &mut [HelperClient],
+        map: &SharedMap,
+    ) -> Result<(), MigrationError> {
+        let failure: Mutex<Option<MigrationError>> = Mutex::new(None);
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let mut seen = vec![false; usize::try_from(map.pages()).unwrap_or(usize::MAX)];
+        let shared = map.ranges();
+        let result = std::thread::scope(|scope| {
+            let mut workers: Vec<SyncSender<Vec<u8>>> = Vec::new();
+            for client in helpers.iter_mut() {
+                let (tx, rx) = sync_channel::<Vec<u8>>(2);
+                let (failure, pool, progress) = (&failure, &pool, self.progress);
+                scope.spawn(move || {
+                    for records in rx {
+                        match client.decrypt(&records) {
+                            Ok(n) => {
+                                Progress::add(&progress.private_pages, n as u64);
+                                progress.remaining.fetch_sub(
+                                    n as u64 * PAGE,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                                pool.lock().expect("pool lock poisoned").push(records);
+                            }
+                            Err(e) => {
+                                failure
+                                    .lock()
+                                    .expect("failure lock poisoned")
+                                    .get_or_insert(e.into());
+                                return;
+                            }
+                        }
+                    }
+                });
+                workers.push(tx);
+            }
+            let mut next = 0;
+            loop {
+                if let Some(buf) = pool.lock().expect("pool lock poisoned").pop() {
+                    self.buf = buf;
+                }
+                match self.next()? {
+                    FrameKind::SharedPages => self.shared_pages(&shared, &mut seen)?,
+                    FrameKind::HelperRecords => {
+                        if self.buf.is_empty() || self.buf.len() % RECORD_STRIDE != 0 {
+                            return Err(MigrationError::Sequence(format!(
+                                "helper records of {} bytes",
+                                self.buf.len()
+                            )));
+                        }
+                        let records = std::mem::take(&mut self.buf);
+                        if workers[next].send(records).is_err() {
+                            // That helper failed: its error is in `failure`.
+                            return Ok(());
+                        }
+                        next = (next + 1) % workers.len();
+                    }
+                    FrameKind::DeviceState => return Ok(()),
+                    other => {
+                        return Err(MigrationError::Sequence(format!(
+                            "{other:?} among the pages"
+                        )))
+                    }
+                }
+                if failure.lock().expect("failure lock poisoned").is_some() {
+                    return Ok(());
+                }
+            }
+        });
+        if let Some(e) = failure.into_inner().expect("failure lock poisoned") {
+            return Err(e);
+        }
+        result?;
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            return Err(MigrationError::Sequence(format!(
+                "shared page {:#x} never arrived",
+                nth_page(&shared, missing as u64)
+            )));
+        }
+        Ok(())
+    }
+
+    fn shared_pages(
+        &mut self,
+        shared: &[GpaRange],
+        seen: &mut [bool],
+    ) -> Result<(), MigrationError> {
+        if self.buf.is_empty() || self.buf.len() % SHARED_PAGE_STRIDE != 0 {
+            return Err(MigrationError::Sequence(format!(
+                "shared pages of {} bytes",
+                self.buf.len()
+            )));
+        }
+        for page in self.buf.chunks(SHARED_PAGE_STRIDE) {
+            let gpa = u64::from_le_bytes(page[..8].try_into().expect("8 bytes"));
+            let slot = page_index(shared, gpa).ok_or_else(|| {
+                MigrationError::Sequence(format!(
+                    "plaintext for page {gpa:#x}, which is not shared"
+                ))
+            })?;
+            if std::mem::replace(&mut seen[slot as usize], true) {
+                return Err(MigrationError::Sequence(format!(
+                    "shared page {gpa:#x} sent twice"
+                )));
+            }
+            self.vm
+                .ram()
+                .write_slice(&page[8..], GuestAddress(gpa))
+                .map_err(|e| MigrationError::Vm(format!("Cannot write page {gpa:#x}: {e}")))?;
+        }
+        let n = (self.buf.len() / SHARED_PAGE_STRIDE) as u64;
+        Progress::add(&self.progress.shared_pages, n);
+        self.progress
+            .remaining
+            .fetch_sub(n * PAGE, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The shared map a SharedMap frame declares, checked.
+fn shared_map(ram: &[(u64, u64)], payload: &[u8]) -> Result<SharedMap, MigrationError> {
+    let size = std::mem::size_of::<GpaRange>();
+    if payload.len() % size != 0 {
+        return Err(MigrationError::Sequence(format!(
+            "a shared map of {} bytes",
+            payload.len()
+        )));
+    }
+    let ranges: Vec<GpaRange> = payload
+        .chunks(size)
+        .map(|c| GpaRange::read_from_bytes(c).expect("chunk of a range's size"))
+        .collect();
+    let limit = cgsvmm_fw_abi::helper::MAX_SHARED_RANGES as usize;
+    SharedMap::from_ranges(ram, &ranges, limit).map_err(|e| MigrationError::Sequence(e.to_string()))
+}
+
+/// Index of the page at `gpa` among all shared pages (None if not a
+/// shared page).
+fn page_index(shared: &[GpaRange], gpa: u64) -> Option<u64> {
+    if gpa % PAGE != 0 {
+        return None;
+    }
+    let mut before = 0;
+    for r in shared {
+        if gpa >= r.start && gpa < r.end {
+            return Some(before + (gpa - r.start) / PAGE);
+        }
+        before += (r.end - r.start) / PAGE;
+    }
+    None
+}
+
+/// The GPA of the `n`th shared page.
+fn nth_page(shared: &[GpaRange], mut n: u64) -> u64 {
+    for r in shared {
+        let pages = (r.end - r.start) / PAGE;
+        if n < pages {
+            return r.start + n * PAGE;
+        }
+        n -= pages;
+    }
+    0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    #[test]
+    fn shared_pages_are_numbered_across_ranges() {
+        let r = |start, end| GpaRange { start, end };
+        let shared = [r(0x1000, 0x3000), r(0x8000, 0x9000)];
+        assert_eq!(page_index(&shared, 0x1000), Some(0));
+        assert_eq!(page_index(&shared, 0x2000), Some(1));
+        assert_eq!(page_index(&shared, 0x8000), Some(2));
+        assert_eq!(page_index(&shared, 0x3000), None);
+        assert_eq!(page_index(&shared, 0x1008), None);
+        assert_eq!(nth_page(&shared, 2), 0x8000);
+        let bytes: Vec<u8> = shared.iter().flat_map(|r| r.as_bytes().to_vec()).collect();
+        let ram = [(0u64, 0x10_0000u64)];
+        assert_eq!(shared_map(&ram, &bytes).unwrap().pages(), 3);
+        assert!(shared_map(&ram, &bytes[..20]).is_err());
+        assert!(shared_map(&[(0, 0x4000)], &bytes).is_err());
+    }
+}
