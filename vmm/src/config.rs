@@ -87,6 +87,30 @@ pub struct VmmConfig {
     pub helper: Option<HelperLaunch>,
     /// How guest memory is kept from the host.
     pub confidential: Confidential,
+    /// Build the VM to receive a migration instead of booting it.
+    pub incoming: Option<Incoming>,
+    /// Leave the guest paused after an incoming migration (QEMU's `-S`),
+    /// or before its first instruction, until `cont`.
+    pub paused: bool,
+}
+
+/// Where an incoming migration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Listen at (or read) this URI at once.
+    Uri(cgsvmm_migration::transport::Uri),
+    /// Wait for QMP `migrate-incoming`.
+    Defer,
+}
+
+/// Parses `--incoming`: a migration URI or `defer`.
+pub fn parse_incoming(s: &str) -> Result<Incoming, String> {
+    if s == "defer" {
+        return Ok(Incoming::Defer);
+    }
+    s.parse()
+        .map(Incoming::Uri)
+        .map_err(|e: cgsvmm_migration::transport::TransportError| e.to_string())
 }
 
 impl Default for VmmConfig {
@@ -100,6 +124,8 @@ impl Default for VmmConfig {
             serial: SerialConfig::default(),
             helper: None,
             confidential: Confidential::None,
+            incoming: None,
+            paused: false,
         }
     }
 }
@@ -338,6 +364,12 @@ impl VmmConfig {
                     host: host / MIB,
                 });
             }
+        }
+        if self.incoming.is_some() && self.helper.is_none() {
+            return Err(ConfigError::Conflict(
+                "--incoming needs the migration helper, which receives the private pages: \
+                 give --transport-key-file (or --confidential sev)",
+            ));
         }
         if !(1..=MAX_CPUS).contains(&self.cpus) {
             return Err(ConfigError::CpuCount {

@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::{LineWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_ioctls::VmFd;
@@ -19,6 +19,7 @@ use cgsvmm_devices::lab::{LabPort, LabRequest, LAB_PORT_LEN};
 use cgsvmm_devices::serial::{SerialDevice, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 use cgsvmm_devices::{Bus, BusError, CallbackTrigger, EventFdTrigger};
 use cgsvmm_fw_abi as abi;
+use cgsvmm_migration::ranges::SharedMap;
 
 use crate::boot::linux::{split_bzimage, LinuxConfig};
 use crate::config::{BootConfig, SerialConfig, VmmConfig};
@@ -61,8 +62,12 @@ pub enum DeviceError {
 pub struct MainDevices {
     /// The port I/O bus.
     pub bus: Arc<Bus>,
-    /// COM1 (for input from stdin).
+    /// COM1 (input from stdin; migration).
     pub serial: Arc<SerialDevice>,
+    /// CMOS/RTC (migration).
+    pub cmos: Arc<Cmos>,
+    /// fw_cfg (migration).
+    pub fw_cfg: Arc<FwCfg>,
 }
 
 /// Builds the main VM's devices.
@@ -71,17 +76,20 @@ pub fn main_devices(
     config: &VmmConfig,
     memory: &Memory,
     exit: &ExitHandle,
+    shared: &Arc<Mutex<SharedMap>>,
 ) -> Result<MainDevices, DeviceError> {
     let mut bus = Bus::new();
     let serial = add_serial(&mut bus, vm, &config.serial)?;
     add_i8042(&mut bus, exit)?;
-    add_cmos(&mut bus, memory)?;
+    let cmos = add_cmos(&mut bus, memory)?;
     bus.insert(Arc::new(DebugPort::default()), DEBUG_PORT, 1)?;
-    add_fw_cfg(&mut bus, config, memory)?;
-    add_lab_port(&mut bus, exit)?;
+    let fw_cfg = add_fw_cfg(&mut bus, config, memory)?;
+    add_lab_port(&mut bus, exit, memory.layout.ram_ranges(), shared.clone())?;
     Ok(MainDevices {
         bus: Arc::new(bus),
         serial,
+        cmos,
+        fw_cfg,
     })
 }
 
@@ -149,13 +157,20 @@ fn add_i8042(bus: &mut Bus, exit: &ExitHandle) -> Result<(), DeviceError> {
     Ok(())
 }
 
-fn add_cmos(bus: &mut Bus, memory: &Memory) -> Result<(), DeviceError> {
-    let cmos = Cmos::new(memory.layout.below_4g(), memory.layout.above_4g());
-    bus.insert(Arc::new(cmos), CMOS_PORT_BASE, CMOS_PORT_LEN)?;
-    Ok(())
+fn add_cmos(bus: &mut Bus, memory: &Memory) -> Result<Arc<Cmos>, DeviceError> {
+    let cmos = Arc::new(Cmos::new(
+        memory.layout.below_4g(),
+        memory.layout.above_4g(),
+    ));
+    bus.insert(cmos.clone(), CMOS_PORT_BASE, CMOS_PORT_LEN)?;
+    Ok(cmos)
 }
 
-fn add_fw_cfg(bus: &mut Bus, config: &VmmConfig, memory: &Memory) -> Result<(), DeviceError> {
+fn add_fw_cfg(
+    bus: &mut Bus,
+    config: &VmmConfig,
+    memory: &Memory,
+) -> Result<Arc<FwCfg>, DeviceError> {
     let mut dev = FwCfg::new(Some(memory.ram.clone()));
     let cpus = (config.cpus as u16).to_le_bytes().to_vec();
     dev.set_item(keys::NB_CPUS, cpus.clone());
@@ -169,8 +184,9 @@ fn add_fw_cfg(bus: &mut Bus, config: &VmmConfig, memory: &Memory) -> Result<(), 
     {
         add_fw_cfg_kernel(&mut dev, linux)?;
     }
-    bus.insert(Arc::new(dev), FW_CFG_PORT_BASE, FW_CFG_PORT_LEN)?;
-    Ok(())
+    let dev = Arc::new(dev);
+    bus.insert(dev.clone(), FW_CFG_PORT_BASE, FW_CFG_PORT_LEN)?;
+    Ok(dev)
 }
 
 /// The kernel, initrd and command line for firmware to boot, in QEMU's
@@ -197,14 +213,57 @@ fn add_fw_cfg_kernel(dev: &mut FwCfg, linux: &LinuxConfig) -> Result<(), DeviceE
     Ok(())
 }
 
-fn add_lab_port(bus: &mut Bus, exit: &ExitHandle) -> Result<(), DeviceError> {
+/// The lab port; its shared/private requests feed `shared`.
+fn add_lab_port(
+    bus: &mut Bus,
+    exit: &ExitHandle,
+    ram: Vec<(u64, u64)>,
+    shared: Arc<Mutex<SharedMap>>,
+) -> Result<(), DeviceError> {
     let exit = exit.clone();
     let port = LabPort::new(move |request| match request {
         LabRequest::PowerOff => exit.request(ExitReason::PowerOff),
         LabRequest::Fail => exit.request(ExitReason::GuestFailure),
         LabRequest::Yield => std::thread::sleep(YIELD_SLEEP),
+        LabRequest::MapBlock {
+            block,
+            shared: to_shared,
+        } => {
+            let start = u64::from(block) * abi::LAB_SHARE_BLOCK;
+            map_gpa_range(&shared, &ram, start, abi::LAB_SHARE_BLOCK / 4096, to_shared);
+        }
         other => log::warn!("guest: ignored lab request {other:?}"),
     });
     bus.insert(Arc::new(port), u64::from(abi::LAB_PORT), LAB_PORT_LEN)?;
     Ok(())
+}
+
+/// A guest's request to make `pages` pages from `gpa` shared or private
+/// (KVM_HC_MAP_GPA_RANGE, or the lab port standing in for it); whether it
+/// was taken. A bad range is logged and refused, never fatal.
+pub fn map_gpa_range(
+    shared: &Mutex<SharedMap>,
+    ram: &[(u64, u64)],
+    gpa: u64,
+    pages: u64,
+    to_shared: bool,
+) -> bool {
+    let end = pages
+        .checked_mul(4096)
+        .and_then(|len| gpa.checked_add(len))
+        .unwrap_or(u64::MAX);
+    let mut map = shared.lock().expect("shared map lock poisoned");
+    match map.set(ram, gpa, end, to_shared) {
+        Ok(()) => {
+            log::debug!(
+                "Guest made {gpa:#x}..{end:#x} {}",
+                if to_shared { "shared" } else { "private" }
+            );
+            true
+        }
+        Err(e) => {
+            log::warn!("Guest's memory conversion refused: {e}");
+            false
+        }
+    }
 }

@@ -26,6 +26,8 @@ pub enum ExitReason {
     GuestFailure,
     /// A vCPU faulted or KVM failed.
     Fault(String),
+    /// The incoming migration failed (the guest never ran here).
+    IncomingFailed(String),
 }
 
 impl ExitReason {
@@ -37,7 +39,7 @@ impl ExitReason {
             | ExitReason::Quit
             | ExitReason::HostPowerdown
             | ExitReason::Signal(_) => 0,
-            ExitReason::Fault(_) => 1,
+            ExitReason::Fault(_) | ExitReason::IncomingFailed(_) => 1,
             ExitReason::GuestFailure => 2,
         }
     }
@@ -51,7 +53,7 @@ impl ExitReason {
             ExitReason::HostPowerdown => "host-qmp-system-powerdown",
             ExitReason::Signal(_) => "host-signal",
             ExitReason::GuestFailure => "guest-panic",
-            ExitReason::Fault(_) => "host-error",
+            ExitReason::Fault(_) | ExitReason::IncomingFailed(_) => "host-error",
         }
     }
 

@@ -25,6 +25,7 @@ pub mod exit;
 pub mod helper_link;
 pub mod lab;
 pub mod memory;
+pub mod migration_link;
 pub mod mirror;
 pub mod qmp;
 pub mod vcpu;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cgsvmm::boot::linux::LinuxConfig;
 use cgsvmm::confidential::sev::{self, LaunchSecret, SevConfig};
 use cgsvmm::confidential::Confidential;
-use cgsvmm::config::{self, BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm::config::{self, BootConfig, HelperLaunch, Incoming, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::Vmm;
 
 /// The kernel command line when `--cmdline` is not given.
@@ -174,6 +174,15 @@ struct RunArgs {
     /// The guest owner's launch session blob (SEV LAUNCH_START).
     #[arg(long = "sev-session")]
     sev_session: Option<PathBuf>,
+    /// Receive a migrated guest instead of booting one: tcp:HOST:PORT or
+    /// unix:PATH (wait for the source), file:PATH (restore a snapshot), or
+    /// defer (wait for QMP migrate-incoming). Needs the migration helper.
+    #[arg(long, value_parser = config::parse_incoming)]
+    incoming: Option<Incoming>,
+    /// Keep the guest paused (after an incoming migration, or before its
+    /// first instruction) until QMP cont, as QEMU's -S.
+    #[arg(long, short = 'S')]
+    paused: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -229,16 +238,19 @@ impl TryFrom<RunArgs> for VmmConfig {
                 })
             }
         };
+        let incoming = a.incoming.is_some();
         let helper = match (&a.transport_key_file, &confidential) {
             (Some(path), _) => Some(HelperLaunch {
                 key: Some(config::read_transport_key(path)?),
                 vm_id: a.uuid.unwrap_or_default(),
+                incoming,
                 ..Default::default()
             }),
             // The key arrives by LAUNCH_SECRET.
             (None, Confidential::Sev(_)) => Some(HelperLaunch {
                 key: None,
                 vm_id: a.uuid.unwrap_or_default(),
+                incoming,
                 ..Default::default()
             }),
             (None, Confidential::None) if a.uuid.is_some() => {
@@ -280,6 +292,8 @@ impl TryFrom<RunArgs> for VmmConfig {
             serial: a.serial,
             helper,
             confidential,
+            incoming: a.incoming,
+            paused: a.paused,
         })
     }
 }

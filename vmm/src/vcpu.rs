@@ -25,14 +25,12 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-};
+use kvm_bindings::{kvm_msr_entry, kvm_run, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use cgsvmm_devices::Bus;
+use cgsvmm_migration::state::{Fpu, VcpuRecord};
 
 use crate::exit::{ExitHandle, ExitReason};
 
@@ -60,7 +58,7 @@ impl VcpuRole {
 }
 
 /// What a handle asks of a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     /// Stop running guest code (after draining any pending I/O).
     Pause,
@@ -68,6 +66,9 @@ pub enum VcpuEvent {
     Resume,
     /// Report the architectural state (only while paused).
     SaveState,
+    /// Take this architectural state (only while paused; an incoming VM's
+    /// vCPUs before they ever run).
+    RestoreState(Box<VcpuRecord>),
     /// End the thread.
     Finish,
 }
@@ -82,7 +83,9 @@ pub enum VcpuResponse {
     /// The vCPU is running.
     Resumed,
     /// The state, as asked.
-    SavedState(Box<VcpuState>),
+    SavedState(Box<VcpuRecord>),
+    /// The state was taken.
+    Restored,
     /// The thread is ending.
     Finished,
     /// The event is not allowed in this state.
@@ -139,41 +142,6 @@ pub fn pin_thread(tid: i32, cpu: usize) -> std::io::Result<()> {
     }
 }
 
-/// The architectural state of one vCPU, as KVM reports it. Pieces the host
-/// does not support (no in-kernel LAPIC on the mirror VM) are `None`.
-pub struct VcpuState {
-    /// General registers.
-    pub regs: kvm_regs,
-    /// Segment and control registers.
-    pub sregs: kvm_sregs,
-    /// x87/SSE state.
-    pub fpu: kvm_fpu,
-    /// Extended state (4 KiB).
-    pub xsave: kvm_xsave,
-    /// XCR0.
-    pub xcrs: kvm_xcrs,
-    /// Every MSR of KVM_GET_MSR_INDEX_LIST that KVM could read.
-    pub msrs: Vec<kvm_msr_entry>,
-    /// Local APIC.
-    pub lapic: Option<kvm_lapic_state>,
-    /// Run state (runnable, halted, waiting for SIPI).
-    pub mp_state: Option<kvm_mp_state>,
-    /// Pending exceptions, interrupts, NMIs.
-    pub events: kvm_vcpu_events,
-    /// Debug registers.
-    pub debugregs: kvm_debugregs,
-}
-
-impl std::fmt::Debug for VcpuState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuState")
-            .field("rip", &format_args!("{:#x}", self.regs.rip))
-            .field("msrs", &self.msrs.len())
-            .field("lapic", &self.lapic.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -215,15 +183,25 @@ pub struct Vcpu {
     exit: ExitHandle,
     msr_indices: Arc<Vec<u32>>,
     on_fault: Option<FaultSink>,
+    map_gpa: Option<MapGpa>,
 }
+
+/// Converts guest pages between private and shared (gpa, pages, shared);
+/// whether it was taken.
+pub type MapGpa = Arc<dyn Fn(u64, u64, bool) -> bool + Send + Sync>;
 
 /// Where a vCPU reports its own fatal exit instead of stopping the VM.
 pub type FaultSink = Arc<dyn Fn(usize, String) + Send + Sync>;
 
 enum State {
+    /// Waits for an event.
     Paused,
+    /// Runs guest code between events.
     Running,
+    /// The guest or KVM ended this vCPU (why); answers events, never runs.
     Stopped(String),
+    /// Asked to finish: the thread ends.
+    Finished,
 }
 
 struct Thread {
@@ -250,6 +228,7 @@ impl Vcpu {
             exit,
             msr_indices,
             on_fault: None,
+            map_gpa: None,
         }
     }
 
@@ -257,6 +236,12 @@ impl Vcpu {
     /// VM (mirror vCPUs: a broken helper must not take the guest down).
     pub fn with_fault_sink(mut self, sink: FaultSink) -> Self {
         self.on_fault = Some(sink);
+        self
+    }
+
+    /// Answers the guest's KVM_HC_MAP_GPA_RANGE hypercalls with `map`.
+    pub fn with_map_gpa(mut self, map: MapGpa) -> Self {
+        self.map_gpa = Some(map);
         self
     }
 
@@ -326,10 +311,8 @@ impl Thread {
                     Err(_) => break,
                 },
                 State::Running => self.run_until_event(),
+                State::Finished => break,
             };
-            if matches!(state, State::Stopped(ref s) if s == FINISHED) {
-                break;
-            }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         self.reply(VcpuResponse::Finished);
@@ -338,7 +321,7 @@ impl Thread {
     /// Handles an event while not running.
     fn on_event_stopped(&mut self, event: VcpuEvent, state: State) -> State {
         match (event, state) {
-            (VcpuEvent::Finish, _) => State::Stopped(FINISHED.into()),
+            (VcpuEvent::Finish, _) => State::Finished,
             (VcpuEvent::Pause, s) => {
                 self.reply(VcpuResponse::Paused);
                 s
@@ -356,9 +339,22 @@ impl Thread {
             (VcpuEvent::SaveState, s) => {
                 let r = match self.save_state() {
                     Ok(st) => VcpuResponse::SavedState(Box::new(st)),
-                    Err(e) => VcpuResponse::Error(e.to_string()),
+                    Err(e) => VcpuResponse::Error(e),
                 };
                 self.reply(r);
+                s
+            }
+            (VcpuEvent::RestoreState(_), State::Stopped(why)) => {
+                self.reply(VcpuResponse::NotAllowed(format!(
+                    "the vCPU has stopped: {why}"
+                )));
+                State::Stopped(why)
+            }
+            (VcpuEvent::RestoreState(record), s) => {
+                self.reply(match self.restore_state(&record) {
+                    Ok(()) => VcpuResponse::Restored,
+                    Err(e) => VcpuResponse::Error(e),
+                });
                 s
             }
         }
@@ -378,14 +374,14 @@ impl Thread {
                     self.reply(VcpuResponse::Paused);
                     return State::Paused;
                 }
-                Ok(VcpuEvent::SaveState) => {
+                Ok(VcpuEvent::SaveState | VcpuEvent::RestoreState(_)) => {
                     self.reply(VcpuResponse::NotAllowed(
-                        "save state needs a paused vCPU".into(),
+                        "saving or restoring state needs a paused vCPU".into(),
                     ));
                 }
                 Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => {
                     self.drain();
-                    return State::Stopped(FINISHED.into());
+                    return State::Finished;
                 }
                 Err(TryRecvError::Empty) => {}
             }
@@ -417,6 +413,7 @@ impl Thread {
             role,
             index,
             on_fault,
+            map_gpa,
             ..
         } = &mut self.vcpu;
         let result = fd.run();
@@ -450,6 +447,21 @@ impl Thread {
                 log::debug!("{} {index}: unhandled MMIO write at {addr:#x}", role.name());
                 None
             }
+            Ok(VcpuExit::Hypercall(call)) => {
+                *call.ret = match (call.nr, map_gpa.as_ref()) {
+                    (crate::vm::KVM_HC_MAP_GPA_RANGE, Some(map)) => {
+                        let [gpa, pages, attrs, ..] = call.args;
+                        let shared = attrs & crate::vm::KVM_MAP_GPA_RANGE_ENCRYPTED == 0;
+                        if map(gpa, pages, shared) {
+                            0
+                        } else {
+                            (-i64::from(libc::EINVAL)) as u64
+                        }
+                    }
+                    _ => (-i64::from(libc::ENOSYS)) as u64,
+                };
+                None
+            }
             Ok(VcpuExit::Hlt) => Some("halted".into()),
             Ok(VcpuExit::Shutdown) => fatal(exit, "triple fault (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -476,47 +488,99 @@ impl Thread {
         }
     }
 
-    fn save_state(&self) -> Result<VcpuState, kvm_ioctls::Error> {
+    /// Everything KVM keeps of this vCPU; any piece it will not give
+    /// (an MSR it lists but cannot read) is an error that names it.
+    fn save_state(&self) -> Result<VcpuRecord, String> {
         let fd = &self.vcpu.fd;
-        Ok(VcpuState {
-            regs: fd.get_regs()?,
-            sregs: fd.get_sregs()?,
-            fpu: fd.get_fpu()?,
-            xsave: fd.get_xsave()?,
-            xcrs: fd.get_xcrs()?,
-            msrs: read_msrs(fd, &self.vcpu.msr_indices),
-            lapic: fd.get_lapic().ok(),
-            mp_state: fd.get_mp_state().ok(),
-            events: fd.get_vcpu_events()?,
-            debugregs: fd.get_debug_regs()?,
+        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+        Ok(VcpuRecord {
+            index: self.vcpu.index as u32,
+            regs: fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+            fpu: Fpu::from(&fd.get_fpu().map_err(e("KVM_GET_FPU"))?),
+            xsave: fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
+            msrs: read_msrs(fd, &self.vcpu.msr_indices)?,
+            lapic: fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
+            mp_state: fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
+            events: fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
+            tsc_khz: fd.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?,
         })
+    }
+
+    /// Gives KVM a saved state, in the order KVM's dependencies need
+    /// (TSC rate before the TSC MSR, sregs before the LAPIC, events last).
+    fn restore_state(&self, r: &VcpuRecord) -> Result<(), String> {
+        let fd = &self.vcpu.fd;
+        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+        if fd.get_tsc_khz().ok() != Some(r.tsc_khz) {
+            fd.set_tsc_khz(r.tsc_khz)
+                .map_err(e("KVM_SET_TSC_KHZ (the source's TSC rate)"))?;
+        }
+        fd.set_regs(&r.regs).map_err(e("KVM_SET_REGS"))?;
+        fd.set_sregs(&r.sregs).map_err(e("KVM_SET_SREGS"))?;
+        fd.set_fpu(&(&r.fpu).into()).map_err(e("KVM_SET_FPU"))?;
+        // SAFETY: the record's xsave area came from KVM_GET_XSAVE of the same
+        // size (kvm_xsave); KVM checks its contents against this vCPU's CPUID
+        // and refuses what it cannot take.
+        unsafe { fd.set_xsave(&r.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&r.xcrs).map_err(e("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&r.debugregs)
+            .map_err(e("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&r.lapic).map_err(e("KVM_SET_LAPIC"))?;
+        write_msrs(fd, &r.msrs)?;
+        fd.set_mp_state(r.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
+        fd.set_vcpu_events(&r.events)
+            .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
     }
 }
 
-/// Marks the Stopped state that ends the thread.
-const FINISHED: &str = "finished";
-
-/// Reads every MSR KVM can read; KVM_GET_MSRS stops at the first it
-/// cannot, so that one is dropped and the rest retried.
-fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Vec<kvm_msr_entry> {
-    let mut wanted: Vec<u32> = indices.to_vec();
-    let mut out = Vec::new();
-    while !wanted.is_empty() {
-        let entries: Vec<kvm_msr_entry> = wanted
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let Ok(mut msrs) = Msrs::from_entries(&entries) else {
-            break;
-        };
-        let n = fd.get_msrs(&mut msrs).unwrap_or(0);
-        out.extend_from_slice(&msrs.as_slice()[..n]);
-        wanted.drain(..(n + 1).min(wanted.len()));
+/// Reads every MSR of `indices`; one KVM will not read is an error that
+/// names it (KVM_GET_MSRS stops at the first it cannot).
+fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, String> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+    let n = fd
+        .get_msrs(&mut msrs)
+        .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+    if n < indices.len() {
+        return Err(format!(
+            "KVM cannot read MSR {:#x}, which it lists as saveable",
+            indices[n]
+        ));
     }
-    out
+    Ok(msrs.as_slice().iter().map(|m| (m.index, m.data)).collect())
+}
+
+/// Writes every saved MSR; one KVM refuses is an error that names it.
+fn write_msrs(fd: &VcpuFd, saved: &[(u32, u64)]) -> Result<(), String> {
+    let entries: Vec<kvm_msr_entry> = saved
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+    let n = fd
+        .set_msrs(&msrs)
+        .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
+    if n < saved.len() {
+        return Err(format!(
+            "KVM refuses MSR {:#x} = {:#x} from the source",
+            saved[n].0, saved[n].1
+        ));
+    }
+    Ok(())
 }
 
 /// Controls one vCPU thread.
@@ -617,11 +681,11 @@ impl VcpuGroup {
     /// vCPUs act in parallel.
     fn broadcast(
         &self,
-        event: VcpuEvent,
+        event: fn() -> VcpuEvent,
         want: fn(&VcpuResponse) -> bool,
     ) -> Result<Vec<VcpuResponse>, VcpuError> {
         for h in &self.handles {
-            h.send(event)?;
+            h.send(event())?;
         }
         let mut out = Vec::with_capacity(self.handles.len());
         let mut first_err = None;
@@ -638,21 +702,42 @@ impl VcpuGroup {
 
     /// Pauses every vCPU (drained: no I/O left half done).
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Pause, |r| matches!(r, VcpuResponse::Paused))
+        self.broadcast(|| VcpuEvent::Pause, |r| matches!(r, VcpuResponse::Paused))
             .map(drop)
     }
 
     /// Resumes every vCPU.
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.broadcast(VcpuEvent::Resume, |r| matches!(r, VcpuResponse::Resumed))
+        self.broadcast(|| VcpuEvent::Resume, |r| matches!(r, VcpuResponse::Resumed))
             .map(drop)
     }
 
+    /// Gives each vCPU its saved state (they must be paused), in parallel.
+    pub fn restore_state(&self, records: Vec<VcpuRecord>) -> Result<(), VcpuError> {
+        if records.len() != self.handles.len() {
+            return Err(VcpuError::Unexpected(
+                "vCPU group".into(),
+                format!("{} states for {} vCPUs", records.len(), self.handles.len()),
+            ));
+        }
+        for (h, r) in self.handles.iter().zip(records) {
+            h.send(VcpuEvent::RestoreState(Box::new(r)))?;
+        }
+        let mut first_err = None;
+        for h in &self.handles {
+            if let Err(e) = h.expect(|r| matches!(r, VcpuResponse::Restored)) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// The state of every vCPU (they must be paused).
-    pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
-        let responses = self.broadcast(VcpuEvent::SaveState, |r| {
-            matches!(r, VcpuResponse::SavedState(_))
-        })?;
+    pub fn save_state(&self) -> Result<Vec<VcpuRecord>, VcpuError> {
+        let responses = self.broadcast(
+            || VcpuEvent::SaveState,
+            |r| matches!(r, VcpuResponse::SavedState(_)),
+        )?;
         Ok(responses
             .into_iter()
             .filter_map(|r| match r {

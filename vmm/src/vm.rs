@@ -6,8 +6,10 @@
 //! SEV the mirror would also share the encryption context
 //! (KVM_CAP_VM_COPY_ENC_CONTEXT_FROM); the `none` backend needs nothing more.
 
+use cgsvmm_migration::state::VmRecord;
 use kvm_bindings::{
-    kvm_mp_state, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    kvm_clock_data, kvm_irqchip, kvm_mp_state, kvm_pit_config, CpuId, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -133,4 +135,94 @@ pub fn create_vcpu(
             .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     }
     Ok(fd)
+}
+
+/// The main VM's in-kernel state: both PICs, the IOAPIC, the PIT and the
+/// KVM clock (main vCPUs paused).
+pub fn save_state(vm: &VmFd) -> Result<VmRecord, VmError> {
+    let chip = |id| {
+        let mut c = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c).map(|()| c)
+    };
+    Ok(VmRecord {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)
+            .map_err(kvm_err("KVM_GET_IRQCHIP (PIC master)"))?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE).map_err(kvm_err("KVM_GET_IRQCHIP (PIC slave)"))?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(kvm_err("KVM_GET_IRQCHIP (IOAPIC)"))?,
+        pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Gives the main VM a saved in-kernel state, each chip checked to be the
+/// one it claims to be.
+pub fn restore_state(vm: &VmFd, r: &VmRecord) -> Result<(), VmError> {
+    for (want, chip, what) in [
+        (
+            KVM_IRQCHIP_PIC_MASTER,
+            &r.pic_master,
+            "KVM_SET_IRQCHIP (PIC master)",
+        ),
+        (
+            KVM_IRQCHIP_PIC_SLAVE,
+            &r.pic_slave,
+            "KVM_SET_IRQCHIP (PIC slave)",
+        ),
+        (KVM_IRQCHIP_IOAPIC, &r.ioapic, "KVM_SET_IRQCHIP (IOAPIC)"),
+    ] {
+        if chip.chip_id != want {
+            return Err(VmError::Kvm {
+                what,
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+        vm.set_irqchip(chip).map_err(kvm_err(what))?;
+    }
+    vm.set_pit2(&r.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    // Only the clock value goes back: the flags and host TSC/realtime
+    // readings describe the source host's moment of saving.
+    let clock = kvm_clock_data {
+        clock: r.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    Ok(())
+}
+
+/// The KVM hypercall a guest converts pages between private and shared
+/// with (KVM_HC_MAP_GPA_RANGE, Linux's include/uapi/linux/kvm_para.h).
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// Its `attrs` bit for "private" (encrypted).
+pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
+/// CPUID 0x40000001 EAX bit telling the guest the hypercall exists.
+pub const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
+/// The KVM paravirtual feature leaf.
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+
+/// Asks KVM to hand KVM_HC_MAP_GPA_RANGE to the VMM (KVM_CAP_EXIT_HYPERCALL)
+/// and makes `cpuid` advertise the hypercall only if it will: a guest must
+/// never call a hypercall nobody answers. Whether it is on.
+pub fn enable_map_gpa_exits(vm: &VmFd, cpuid: &mut CpuId) -> bool {
+    let mut cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_EXIT_HYPERCALL,
+        ..Default::default()
+    };
+    cap.args[0] = 1 << KVM_HC_MAP_GPA_RANGE;
+    let on = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_EXIT_HYPERCALL)) > 0
+        && vm.enable_cap(&cap).is_ok();
+    if !on {
+        for e in cpuid.as_mut_slice() {
+            if e.function == KVM_CPUID_FEATURES {
+                e.eax &= !(1 << KVM_FEATURE_HC_MAP_GPA_RANGE);
+            }
+        }
+    }
+    log::debug!(
+        "KVM_HC_MAP_GPA_RANGE exits: {}",
+        if on { "on" } else { "not available" }
+    );
+    on
 }

@@ -31,13 +31,16 @@ use crate::boot::firmware::{self, Firmware};
 use crate::boot::{images, linux, BootError, VcpuBoot};
 use crate::confidential::sev::{self, SevConfig, SevError, SevLaunch};
 use crate::confidential::Confidential;
-use crate::config::{BootConfig, ConfigError, SerialConfig, VmmConfig};
+use crate::config::{BootConfig, ConfigError, Incoming, SerialConfig, VmmConfig};
 use crate::control::Controller;
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
 use crate::memory::{slots_of, MemSlot, Memory, MemoryError};
+use crate::migration_link::{MigratableDevices, VmLink};
 use crate::qmp::{QmpServer, QmpServerError};
+use cgsvmm_migration::ranges::SharedMap;
+use cgsvmm_migration::state::CpuidEntry;
 
 /// How long queued QMP output (the SHUTDOWN event) may take to leave at
 /// exit.
@@ -86,6 +89,9 @@ pub enum VmmError {
     /// The SEV backend failed.
     #[error(transparent)]
     Sev(#[from] SevError),
+    /// The incoming migration could not start.
+    #[error(transparent)]
+    Incoming(#[from] crate::migration_link::LinkError),
 }
 
 /// A built VM, vCPUs created and paused.
@@ -98,8 +104,12 @@ pub struct Vmm {
     links: Arc<HelperLinks>,
     helper_header: Option<HelperHeader>,
     tsc_khz: u64,
+    /// What migration reaches this VM through (with a helper only).
+    link: Option<Arc<VmLink>>,
+    /// Written when the controller raises an event (QMP sends it then).
+    event_wake: EventFd,
     // Kept alive for as long as the vCPUs run.
-    _main_vm: VmFd,
+    _main_vm: Arc<VmFd>,
     _mirror_vm: VmFd,
     _firmware: Option<Firmware>,
     _kvm: Kvm,
@@ -131,7 +141,7 @@ impl TryFrom<VmmConfig> for Vmm {
             slots.extend(slots_of(&fw.memory, next, true));
         }
         let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
-        let main_vm = vm::create_main_vm(&kvm, &slots)?;
+        let main_vm = Arc::new(vm::create_main_vm(&kvm, &slots)?);
         if let Some((launch, ..)) = &sev {
             launch.init(&main_vm)?;
             for slot in &slots {
@@ -161,7 +171,8 @@ impl TryFrom<VmmConfig> for Vmm {
                 Confidential::Sev(_) => "sev",
             }
         );
-        let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit)?;
+        let shared = Arc::new(Mutex::new(SharedMap::default()));
+        let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit, &shared)?;
         log::debug!(
             "Devices: COM1 ({:?}), i8042, CMOS/RTC, debug port, fw_cfg, lab port",
             config.serial
@@ -169,7 +180,10 @@ impl TryFrom<VmmConfig> for Vmm {
         let links = Arc::new(HelperLinks::new(config.mirror_cpus));
         let mirror_bus = device_manager::mirror_devices(&links)?;
 
+        let incoming = config.incoming.is_some();
         let main_boots = match &config.boot {
+            // An incoming VM's guest arrives with its state: nothing to load.
+            _ if incoming => vec![VcpuBoot::Reset; config.cpus],
             BootConfig::Lab(guest) => {
                 let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
                 let entry = image.load(&memory.ram)?;
@@ -182,7 +196,14 @@ impl TryFrom<VmmConfig> for Vmm {
         let mirror_image = mirror::payload(config.helper.as_ref());
         let mirror_boots = mirror::prepare(&memory, config.mirror_cpus, mirror_image, c_bit)?;
 
-        let cpuid = vm::supported_cpuid(&kvm)?;
+        let mut cpuid = vm::supported_cpuid(&kvm)?;
+        let map_gpa: Option<crate::vcpu::MapGpa> = vm::enable_map_gpa_exits(&main_vm, &mut cpuid)
+            .then(|| {
+                let (shared, ram) = (shared.clone(), memory.layout.ram_ranges());
+                Arc::new(move |gpa, pages, to_shared| {
+                    device_manager::map_gpa_range(&shared, &ram, gpa, pages, to_shared)
+                }) as crate::vcpu::MapGpa
+            });
         let msrs = Arc::new(msr_index_list(&kvm));
         let create = |vm_fd: &VmFd, boots: &[VcpuBoot], role, bus: &Arc<cgsvmm_devices::Bus>| {
             let setup = VcpuSetup {
@@ -206,7 +227,13 @@ impl TryFrom<VmmConfig> for Vmm {
                 })
                 .collect::<Result<Vec<_>, VmmError>>()
         };
-        let main_vcpus = create(&main_vm, &main_boots, VcpuRole::Main, &devices.bus)?;
+        let main_vcpus = create(&main_vm, &main_boots, VcpuRole::Main, &devices.bus)?
+            .into_iter()
+            .map(|v| match &map_gpa {
+                Some(map) => v.with_map_gpa(map.clone()),
+                None => v,
+            })
+            .collect::<Vec<_>>();
         let sink: FaultSink = {
             let links = links.clone();
             Arc::new(move |index, why| {
@@ -224,7 +251,7 @@ impl TryFrom<VmmConfig> for Vmm {
             .get_tsc_khz()
             .map(u64::from)
             .unwrap_or(FALLBACK_TSC_KHZ);
-        if matches!(config.boot, BootConfig::Lab(_)) {
+        if matches!(config.boot, BootConfig::Lab(_)) && !incoming {
             lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
         }
         let helper_header = match &config.helper {
@@ -272,9 +299,50 @@ impl TryFrom<VmmConfig> for Vmm {
         if let Some(m) = sev_measurement {
             controller.set_sev_measurement(m);
         }
+        let controller = Arc::new(Mutex::new(controller));
+        let link = helper_header.map(|helper| {
+            Arc::new(VmLink {
+                controller: Arc::downgrade(&controller),
+                main_vm: main_vm.clone(),
+                memory: memory.clone(),
+                helper,
+                links: links.clone(),
+                helpers: config.mirror_cpus,
+                vcpus: config.cpus,
+                backend: match config.confidential {
+                    Confidential::None => "none",
+                    Confidential::Sev(_) => "sev",
+                },
+                cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+                msrs: msrs.to_vec(),
+                devices: MigratableDevices {
+                    serial: devices.serial.clone(),
+                    cmos: devices.cmos.clone(),
+                    fw_cfg: devices.fw_cfg.clone(),
+                },
+                shared: shared.clone(),
+                exit: exit.clone(),
+            })
+        });
+        let event_wake =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("event eventfd", e))?;
+        let wake = event_wake
+            .try_clone()
+            .map_err(|e| VmmError::Setup("event eventfd", e))?;
+        controller
+            .lock()
+            .expect("controller lock poisoned")
+            .configure(
+                link.as_ref(),
+                config.incoming.clone(),
+                !config.paused,
+                Some(wake),
+            );
         Ok(Self {
             config,
-            controller: Arc::new(Mutex::new(controller)),
+            controller,
+            link,
+            event_wake,
             memory,
             exit,
             serial: devices.serial,
@@ -396,6 +464,11 @@ impl Vmm {
         &self.memory
     }
 
+    /// What migration reaches this VM through (None without a helper).
+    pub fn migration_link(&self) -> Option<&Arc<VmLink>> {
+        self.link.as_ref()
+    }
+
     /// Where stop requests go.
     pub fn exit_handle(&self) -> &ExitHandle {
         &self.exit
@@ -487,9 +560,20 @@ impl Vmm {
                 stdin: std::io::stdin(),
             })));
         }
+        if let Some(Incoming::Uri(uri)) = &self.config.incoming {
+            self.controller
+                .lock()
+                .expect("controller lock poisoned")
+                .start_incoming(uri)?;
+        }
         let qmp = match &self.config.qmp {
             Some(path) => {
-                let server = Arc::new(Mutex::new(QmpServer::bind(path, self.controller.clone())?));
+                let wake = self
+                    .event_wake
+                    .try_clone()
+                    .map_err(|e| VmmError::Setup("event eventfd", e))?;
+                let server = QmpServer::bind(path, self.controller.clone())?.with_event_wake(wake);
+                let server = Arc::new(Mutex::new(server));
                 manager.add_subscriber(server.clone());
                 Some(server)
             }

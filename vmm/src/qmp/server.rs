@@ -177,6 +177,9 @@ pub struct QmpServer {
     /// The listener is watched (not while out of descriptors with no spare:
     /// until a client leaves).
     listening: bool,
+    /// Written when the backend raises an event outside a command (a
+    /// migration worker's MIGRATION events): they go out at once.
+    event_wake: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl QmpServer {
@@ -214,7 +217,15 @@ impl QmpServer {
             spare_fd: File::open("/dev/null").ok(),
             fd_shortage_logged: false,
             listening: false,
+            event_wake: None,
         })
+    }
+
+    /// Sends the backend's events whenever `wake` is written, not only
+    /// after a command.
+    pub fn with_event_wake(mut self, wake: vmm_sys_util::eventfd::EventFd) -> Self {
+        self.event_wake = Some(wake);
+        self
     }
 
     /// Queues an event for every negotiated client.
@@ -405,10 +416,23 @@ impl Drop for QmpServer {
 impl MutEventSubscriber for QmpServer {
     fn init(&mut self, ops: &mut EventOps) {
         self.set_listening(true, ops);
+        if let Some(wake) = &self.event_wake {
+            if let Err(e) = ops.add(Events::new(wake, EventSet::IN)) {
+                log::warn!("QMP: events will wait for the next command: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.listener.as_raw_fd() {
+        let woken = self
+            .event_wake
+            .as_ref()
+            .is_some_and(|w| w.as_raw_fd() == events.fd());
+        if woken {
+            if let Some(w) = &self.event_wake {
+                let _ = w.read();
+            }
+        } else if events.fd() == self.listener.as_raw_fd() {
             self.accept(ops);
         } else {
             self.serve(events.fd(), events.event_set());

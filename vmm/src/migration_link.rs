@@ -1,0 +1,490 @@
+//! How the migration crate reaches this VMM's VM: [`VmLink`] implements
+//! `cgsvmm_migration::MigratableVm` (pause and resume the main vCPUs, save
+//! and restore vCPU, VM and device state, guest RAM, the shared map, the
+//! helpers), and the workers that run a migration beside the event loop.
+//!
+//! QMP `migrate` and `migrate-incoming` (or `--incoming URI`) start a
+//! worker thread that owns the migration while it runs; the controller
+//! keeps a [`MigrationJob`] whose counters `query-migrate` reads without
+//! waiting for the worker. The worker takes the controller's lock only for
+//! the moments it changes the VM (pause, save, restore, resume).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use cgsvmm_devices::cmos::{Cmos, CmosState};
+use cgsvmm_devices::fw_cfg::{FwCfg, FwCfgState};
+use cgsvmm_devices::serial::{SerialDevice, SerialState};
+use cgsvmm_fw_abi::helper::{HelperHeader, MH_ABI_VERSION};
+use cgsvmm_migration::helper::{HelperClient, HelperLink};
+use cgsvmm_migration::ranges::SharedMap;
+use cgsvmm_migration::source::{self, Cancel};
+use cgsvmm_migration::state::{self, ConfigRecord, CpuidEntry, Record, StreamMode};
+use cgsvmm_migration::transport::{Listener, TransportError, Uri};
+use cgsvmm_migration::{target, MigratableVm, MigrationError, Progress, SavedState};
+
+use crate::control::{Controller, RunState};
+use crate::exit::{ExitHandle, ExitReason};
+use crate::helper_link::HelperLinks;
+use crate::memory::Memory;
+use crate::vm;
+
+/// How long a helper may take to answer one request during a migration.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of starting a migration worker.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The VM is gone.
+    #[error("The VM is shutting down")]
+    NoLink,
+    /// Listening failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The worker thread could not start.
+    #[error("Cannot start the migration thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The devices' state, one record.
+#[derive(Serialize, Deserialize)]
+pub struct DevicesRecord {
+    /// COM1.
+    pub serial: SerialState,
+    /// CMOS/RTC.
+    pub cmos: CmosState,
+    /// fw_cfg.
+    pub fw_cfg: FwCfgState,
+}
+
+impl Record for DevicesRecord {
+    const NAME: &'static str = "devices";
+    const VERSION: u16 = 1;
+    const MAX_LEN: usize = 16 << 10;
+}
+
+/// The devices whose state migrates (i8042, the debug and lab ports keep
+/// none).
+#[derive(Clone)]
+pub struct MigratableDevices {
+    /// COM1.
+    pub serial: Arc<SerialDevice>,
+    /// CMOS/RTC.
+    pub cmos: Arc<Cmos>,
+    /// fw_cfg.
+    pub fw_cfg: Arc<FwCfg>,
+}
+
+/// What the migration crate sees of this VM.
+pub struct VmLink {
+    /// The controller (owned by the `Vmm`).
+    pub controller: Weak<Mutex<Controller>>,
+    /// The main VM.
+    pub main_vm: Arc<VmFd>,
+    /// Guest memory and the mirror region.
+    pub memory: Arc<Memory>,
+    /// Where the helpers' mailboxes are.
+    pub helper: HelperHeader,
+    /// Their doorbells.
+    pub links: Arc<HelperLinks>,
+    /// Helpers running.
+    pub helpers: usize,
+    /// Main vCPUs.
+    pub vcpus: usize,
+    /// "none" or "sev".
+    pub backend: &'static str,
+    /// The CPUID the vCPUs were given.
+    pub cpuid: Vec<CpuidEntry>,
+    /// The MSRs each vCPU saves.
+    pub msrs: Vec<u32>,
+    /// The devices.
+    pub devices: MigratableDevices,
+    /// The shared/private map.
+    pub shared: Arc<Mutex<SharedMap>>,
+    /// Where a failed incoming migration ends the process.
+    pub exit: ExitHandle,
+}
+
+impl VmLink {
+    fn with_controller<T>(
+        &self,
+        f: impl FnOnce(&mut Controller) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let controller = self
+            .controller
+            .upgrade()
+            .ok_or_else(|| "the VM is shutting down".to_string())?;
+        let mut c = controller.lock().expect("controller lock poisoned");
+        f(&mut c)
+    }
+
+    fn raise_migration(&self, status: &str) {
+        let _ = self.with_controller(|c| {
+            c.raise("MIGRATION", json!({"status": status}));
+            Ok(())
+        });
+    }
+}
+
+impl MigratableVm for VmLink {
+    fn config(&self, mode: StreamMode) -> ConfigRecord {
+        ConfigRecord {
+            ram: self.memory.layout.ram_ranges(),
+            vcpus: self.vcpus as u32,
+            helpers: self.helpers as u32,
+            backend: self.backend.to_string(),
+            helper_abi: MH_ABI_VERSION,
+            cpuid: self.cpuid.clone(),
+            msrs: self.msrs.clone(),
+            mode,
+        }
+    }
+
+    fn ram(&self) -> &GuestMemoryMmap {
+        &self.memory.ram
+    }
+
+    fn ram_ranges(&self) -> Vec<(u64, u64)> {
+        self.memory.layout.ram_ranges()
+    }
+
+    fn shared_map(&self) -> SharedMap {
+        self.shared
+            .lock()
+            .expect("shared map lock poisoned")
+            .clone()
+    }
+
+    fn set_shared_map(&self, map: SharedMap) {
+        *self.shared.lock().expect("shared map lock poisoned") = map;
+    }
+
+    fn helpers(&self) -> Result<Vec<HelperClient>, String> {
+        (0..self.helpers)
+            .map(|i| {
+                let mailbox = self.helper.mailbox_gpa + i as u64 * self.helper.mailbox_stride;
+                let link: Arc<dyn HelperLink> = self.links.clone();
+                let mut client =
+                    HelperClient::new(self.memory.mirror.clone(), mailbox, i, link, HELPER_TIMEOUT);
+                client.hello().map_err(|e| e.to_string())?;
+                Ok(client)
+            })
+            .collect()
+    }
+
+    fn pause(&self) -> Result<bool, String> {
+        self.with_controller(|c| c.pause_for_migration().map_err(|e| e.to_string()))
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        self.with_controller(|c| c.resume_after_migration().map_err(|e| e.to_string()))
+    }
+
+    fn save(&self) -> Result<SavedState, String> {
+        let devices = DevicesRecord {
+            serial: self.devices.serial.state(),
+            cmos: self.devices.cmos.state(),
+            fw_cfg: self.devices.fw_cfg.state(),
+        };
+        let vcpus = self.with_controller(|c| {
+            c.main_vcpus()
+                .save_state()
+                .map_err(|e| format!("Cannot save the vCPUs' state: {e}"))
+        })?;
+        Ok(SavedState {
+            vm: vm::save_state(&self.main_vm).map_err(|e| e.to_string())?,
+            vcpus,
+            devices: state::encode(&devices).map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn restore(&self, saved: SavedState) -> Result<(), String> {
+        let devices: DevicesRecord = state::decode(&saved.devices).map_err(|e| e.to_string())?;
+        let d = &self.devices;
+        d.serial
+            .restore(&devices.serial)
+            .map_err(|e| e.to_string())?;
+        d.cmos.restore(&devices.cmos).map_err(|e| e.to_string())?;
+        d.fw_cfg
+            .restore(&devices.fw_cfg)
+            .map_err(|e| e.to_string())?;
+        vm::restore_state(&self.main_vm, &saved.vm).map_err(|e| e.to_string())?;
+        self.with_controller(|c| {
+            c.main_vcpus()
+                .restore_state(saved.vcpus)
+                .map_err(|e| format!("Cannot restore the vCPUs' state: {e}"))
+        })
+    }
+
+    fn start(&self) -> Result<(), String> {
+        self.with_controller(|c| c.finish_incoming().map_err(|e| e.to_string()))
+    }
+}
+
+/// QEMU's MigrationStatus values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MigrationStatus {
+    /// Connecting, pausing.
+    Setup = 0,
+    /// Sending or receiving.
+    Active = 1,
+    /// Done.
+    Completed = 2,
+    /// Failed (the guest runs on where it was).
+    Failed = 3,
+    /// `migrate_cancel` asked.
+    Cancelling = 4,
+    /// Cancelled (the guest runs on where it was).
+    Cancelled = 5,
+}
+
+impl MigrationStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Setup,
+            1 => Self::Active,
+            2 => Self::Completed,
+            3 => Self::Failed,
+            4 => Self::Cancelling,
+            _ => Self::Cancelled,
+        }
+    }
+
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One migration, as `query-migrate` reports it; shared with its worker.
+pub struct MigrationJob {
+    /// Counters.
+    pub progress: Progress,
+    cancel: Cancel,
+    started: Instant,
+    status: AtomicU8,
+    total_us: AtomicU64,
+    error: Mutex<Option<String>>,
+    helpers: usize,
+}
+
+impl MigrationJob {
+    fn new(helpers: usize) -> Self {
+        Self {
+            progress: Progress::default(),
+            cancel: Cancel::default(),
+            started: Instant::now(),
+            status: AtomicU8::new(MigrationStatus::Setup as u8),
+            total_us: AtomicU64::new(0),
+            error: Mutex::new(None),
+            helpers,
+        }
+    }
+
+    /// Where it stands.
+    pub fn status(&self) -> MigrationStatus {
+        MigrationStatus::from_u8(self.status.load(Ordering::SeqCst))
+    }
+
+    fn set_status(&self, s: MigrationStatus) {
+        self.status.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// Whether it is still under way.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.status(),
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Cancelling
+        )
+    }
+
+    /// `migrate_cancel`.
+    pub fn cancel(&self) {
+        self.set_status(MigrationStatus::Cancelling);
+        self.cancel.cancel();
+    }
+
+    fn finish(&self, result: &Result<(), MigrationError>) -> MigrationStatus {
+        self.total_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::SeqCst);
+        let status = match result {
+            Ok(()) => MigrationStatus::Completed,
+            Err(MigrationError::Cancelled) => MigrationStatus::Cancelled,
+            Err(e) => {
+                *self.error.lock().expect("error lock poisoned") = Some(e.to_string());
+                MigrationStatus::Failed
+            }
+        };
+        self.set_status(status);
+        status
+    }
+
+    /// Milliseconds from the start to the end (or to now).
+    pub fn total_ms(&self) -> u64 {
+        let done = self.total_us.load(Ordering::SeqCst);
+        let us = if done > 0 {
+            done
+        } else {
+            self.started.elapsed().as_micros() as u64
+        };
+        us / 1000
+    }
+
+    /// `query-migrate`'s answer, in QEMU's names plus cgsvmm's
+    /// `confidential` object.
+    pub fn to_qmp(&self) -> Value {
+        let p = &self.progress;
+        let status = self.status();
+        let total_ms = self.total_ms();
+        let transferred = Progress::get(&p.transferred);
+        let private = Progress::get(&p.private_pages);
+        let shared = Progress::get(&p.shared_pages);
+        let secs = (total_ms.max(1)) as f64 / 1000.0;
+        let mut v = json!({
+            "status": status.name(),
+            "total-time": total_ms,
+            "setup-time": Progress::get(&p.setup_us) / 1000,
+            "ram": {
+                "transferred": transferred,
+                "remaining": Progress::get(&p.remaining),
+                "total": Progress::get(&p.total),
+                "mbps": transferred as f64 * 8.0 / 1e6 / secs,
+                "pages-per-second": ((private + shared) as f64 / secs) as u64,
+                "normal": private + shared,
+                "normal-bytes": (private + shared) * 4096,
+            },
+            "confidential": {
+                "private-pages": private,
+                "shared-pages": shared,
+                "helpers": self.helpers,
+            },
+        });
+        if status == MigrationStatus::Completed {
+            v["downtime"] = json!(Progress::get(&p.downtime_us) / 1000);
+        }
+        if let Some(e) = self.error.lock().expect("error lock poisoned").as_ref() {
+            v["error-desc"] = json!(e);
+        }
+        v
+    }
+}
+
+/// Starts sending the VM to `uri` in a worker; the caller holds the
+/// controller (the worker waits for it before it pauses the guest).
+pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<MigrationJob> {
+    let job = Arc::new(MigrationJob::new(helpers));
+    let worker_job = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name("migrate-out".into())
+        .spawn(move || {
+            let job = worker_job;
+            link.raise_migration("setup");
+            job.set_status(MigrationStatus::Active);
+            link.raise_migration("active");
+            log::info!("Migrating to {uri}");
+            let result = source::send(&*link, &uri, &job.progress, &job.cancel);
+            let status = job.finish(&result);
+            match &result {
+                Ok(()) => {
+                    let _ = link.with_controller(|c| {
+                        c.set_state(RunState::PostMigrate);
+                        Ok(())
+                    });
+                    log::info!(
+                        "Migrated to {uri} in {} ms ({} ms paused)",
+                        job.total_ms(),
+                        Progress::get(&job.progress.downtime_us) / 1000
+                    );
+                }
+                Err(e) => log::error!("Migration to {uri} failed: {e}"),
+            }
+            link.raise_migration(status.name());
+        });
+    if let Err(e) = spawned {
+        let result = Err(MigrationError::Vm(format!(
+            "Cannot start the migration thread: {e}"
+        )));
+        job.finish(&result);
+    }
+    job
+}
+
+/// Listens at `uri` now (so a source can connect as soon as this returns)
+/// and receives the VM in a worker. A failed incoming migration ends the
+/// process with the reason; the guest never ran.
+pub fn start_incoming(
+    link: Arc<VmLink>,
+    uri: &Uri,
+    helpers: usize,
+) -> Result<Arc<MigrationJob>, LinkError> {
+    let listener = Listener::bind(uri)?;
+    log::info!("Waiting for an incoming migration on {uri}");
+    let job = Arc::new(MigrationJob::new(helpers));
+    let worker_job = job.clone();
+    let uri = uri.clone();
+    std::thread::Builder::new()
+        .name("migrate-in".into())
+        .spawn(move || {
+            let job = worker_job;
+            let result = listener
+                .accept()
+                .map_err(MigrationError::from)
+                .and_then(|channel| {
+                    job.set_status(MigrationStatus::Active);
+                    link.raise_migration("active");
+                    target::receive(&*link, channel, &job.progress)
+                });
+            let status = job.finish(&result);
+            link.raise_migration(status.name());
+            match result {
+                Ok(()) => log::info!(
+                    "Incoming migration from {uri} done in {} ms",
+                    job.total_ms()
+                ),
+                Err(e) => link
+                    .exit
+                    .request(ExitReason::IncomingFailed(format!("from {uri}: {e}"))),
+            }
+        })
+        .map_err(LinkError::Spawn)?;
+    Ok(job)
+}
+
+/// SHA-256 over guest RAM, region after region, as hex (tests compare a
+/// source's and a target's).
+pub fn ram_digest(memory: &Memory) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    for region in memory.ram.iter() {
+        let start = region.start_addr().0;
+        let len = region.len();
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            if memory
+                .ram
+                .read_slice(&mut buf[..n], GuestAddress(start + at))
+                .is_err()
+            {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            at += n as u64;
+        }
+    }
+    hex::encode(ctx.finish().as_ref())
+}
