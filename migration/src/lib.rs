@@ -119,8 +119,8 @@ pub enum MigrationError {
     /// A helper failed or refused.
     #[error(transparent)]
     Helper(#[from] helper::HelperError),
-    /// The target cannot take this VM.
-    #[error("The target cannot take this VM: {0}")]
+    /// Source and target differ where they must not.
+    #[error("Source and target do not match: {0}")]
     Mismatch(String),
     /// The peer gave up and said why.
     #[error("The {side} reported: {why}")]

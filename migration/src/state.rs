@@ -337,37 +337,45 @@ impl CpuidEntry {
 
 /// Why a target cannot take a source's stream: the first difference.
 pub fn config_mismatch(source: &ConfigRecord, target: &ConfigRecord) -> Option<String> {
-    let mib = |ram: &[(u64, u64)]| ram.iter().map(|r| r.1).sum::<u64>() >> 20;
+    let show = |ram: &[(u64, u64)]| {
+        let ranges: Vec<String> = ram
+            .iter()
+            .map(|&(s, l)| format!("{s:#x}..{:#x}", s + l))
+            .collect();
+        format!(
+            "{} MiB of RAM at {}",
+            ram.iter().map(|r| r.1).sum::<u64>() >> 20,
+            ranges.join(", ")
+        )
+    };
     if source.ram != target.ram {
         return Some(format!(
-            "the source has {} MiB of RAM at {:x?}, this VM {} MiB at {:x?}",
-            mib(&source.ram),
-            source.ram,
-            mib(&target.ram),
-            target.ram
+            "the source has {}, the target {}",
+            show(&source.ram),
+            show(&target.ram)
         ));
     }
     if source.vcpus != target.vcpus {
         return Some(format!(
-            "the source has {} vCPUs, this VM {}",
+            "the source has {} vCPUs, the target {}",
             source.vcpus, target.vcpus
         ));
     }
     if source.helpers != target.helpers {
         return Some(format!(
-            "the source runs {} migration helpers, this VM {}",
+            "the source runs {} migration helpers, the target {}",
             source.helpers, target.helpers
         ));
     }
     if source.backend != target.backend {
         return Some(format!(
-            "the source's confidential backend is {}, this VM's {}",
+            "the source's confidential backend is {}, the target's {}",
             source.backend, target.backend
         ));
     }
     if source.helper_abi != target.helper_abi {
         return Some(format!(
-            "the source's migration helper speaks ABI {}, this VM's {}",
+            "the source's migration helper speaks ABI {}, the target's {}",
             source.helper_abi, target.helper_abi
         ));
     }
@@ -384,7 +392,7 @@ pub fn config_mismatch(source: &ConfigRecord, target: &ConfigRecord) -> Option<S
             .find(|t| t.function == leaf.function && t.index == leaf.index);
         if theirs.map(CpuidEntry::comparable) != Some(leaf.comparable()) {
             return Some(format!(
-                "CPUID leaf {:#x}.{} differs: source {:x?}, this host {:x?}",
+                "CPUID leaf {:#x}.{} differs: source {:x?}, target {:x?}",
                 leaf.function,
                 leaf.index,
                 leaf.regs,
@@ -393,7 +401,7 @@ pub fn config_mismatch(source: &ConfigRecord, target: &ConfigRecord) -> Option<S
         }
     }
     if let Some(msr) = source.msrs.iter().find(|m| !target.msrs.contains(m)) {
-        return Some(format!("this host's KVM cannot restore MSR {msr:#x}"));
+        return Some(format!("the target's KVM cannot restore MSR {msr:#x}"));
     }
     None
 }

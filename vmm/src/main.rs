@@ -363,8 +363,12 @@ fn main() -> ExitCode {
                 .and_then(Vmm::run);
             match result {
                 Ok(reason) => {
-                    if reason.exit_code() != 0 {
-                        eprintln!("cgsvmm: stopped: {reason:?}");
+                    match &reason {
+                        cgsvmm::exit::ExitReason::IncomingFailed(why) => {
+                            eprintln!("cgsvmm: error: incoming migration {why}")
+                        }
+                        r if r.exit_code() != 0 => eprintln!("cgsvmm: stopped: {r:?}"),
+                        _ => {}
                     }
                     ExitCode::from(reason.exit_code() as u8)
                 }

@@ -1,0 +1,601 @@
+//! Migration end to end: real cgsvmm processes, real sockets and files on
+//! loopback. A running dirtier (2 vCPUs, 256 MiB, part of it declared
+//! shared) is stopped and migrated over TCP, over a Unix socket and through
+//! a snapshot file; it must keep verifying its memory on the other side.
+//! Then the stream is damaged, cut short, sent to a target with another key
+//! or another memory size, and cancelled: the target must never run the
+//! guest and the source must run on.
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{last_pass, one_vm, tmp_path, Qmp, Vm};
+
+const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+const OTHER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+const RAM_PAGES: u64 = 256 * 256;
+
+fn key_file(name: &str, key: &str) -> PathBuf {
+    let path = tmp_path(name);
+    std::fs::write(&path, key).unwrap();
+    path
+}
+
+/// A free loopback port (taken back at once; the target binds it next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `cgsvmm run` with a helper and a QMP socket, plus `extra`.
+fn start(name: &str, key: &Path, memory: &str, extra: &[&str]) -> (Vm, Qmp, PathBuf) {
+    let sock = tmp_path(&format!("{name}.sock"));
+    let qmp = format!("unix:{}", sock.display());
+    let key = key.display().to_string();
+    let mut args = vec![
+        "--memory",
+        memory,
+        "--cpus",
+        "2",
+        "--mirror-cpus",
+        "2",
+        "--transport-key-file",
+        &key,
+        "--qmp",
+        &qmp,
+    ];
+    args.extend_from_slice(extra);
+    let vm = Vm::start(&args);
+    let q = Qmp::negotiate(&sock);
+    (vm, q, sock)
+}
+
+/// A source dirtier that has made a few passes on both vCPUs.
+fn source(name: &str, key: &Path) -> (Vm, Qmp) {
+    let (vm, q, _) = start(name, key, "256M", &[]);
+    for vcpu in 0..2 {
+        assert!(
+            passes_beyond(&vm, vcpu, 2),
+            "source made no progress: {}",
+            vm.stderr.lock().unwrap()
+        );
+    }
+    (vm, q)
+}
+
+/// Waits (up to 10 s) for vCPU `vcpu` to print a pass above `pass`.
+fn passes_beyond(vm: &Vm, vcpu: usize, pass: u64) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if last_pass(&vm.lines(), vcpu).is_some_and(|p| p > pass) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A target waiting at `incoming`, paused after the migration.
+fn target(name: &str, key: &Path, memory: &str, incoming: &str) -> (Vm, Qmp) {
+    let (vm, mut q, _) = start(name, key, memory, &["--incoming", incoming, "--paused"]);
+    assert_eq!(status(&mut q), "inmigrate");
+    (vm, q)
+}
+
+fn status(q: &mut Qmp) -> String {
+    q.cmd("query-status")["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn call(q: &mut Qmp, execute: &str, arguments: Value) -> Value {
+    q.send_raw(&format!(
+        "{}\n",
+        json!({"execute": execute, "arguments": arguments})
+    ))
+}
+
+fn migrate(q: &mut Qmp, uri: &str) {
+    let r = call(q, "migrate", json!({ "uri": uri }));
+    assert!(r.get("return").is_some(), "migrate: {r}");
+}
+
+/// Polls `query-migrate` until the migration is over; its last answer.
+fn wait_migration(q: &mut Qmp, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let info = q.cmd("query-migrate");
+        let s = info["status"].as_str().unwrap_or("none");
+        if matches!(s, "completed" | "failed" | "cancelled") {
+            return info;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "migration still {s} after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn digest(q: &mut Qmp) -> String {
+    q.cmd("x-query-ram-digest")["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The target ran the migrated guest: after `cont`, both vCPUs verify
+/// their memory for 3 s, passes going on from where the source stopped.
+fn verifies_on(vm: &Vm, q: &mut Qmp, source_lines: &[String]) {
+    let before: Vec<u64> = (0..2)
+        .map(|v| last_pass(source_lines, v).unwrap())
+        .collect();
+    q.cmd("cont");
+    assert_eq!(status(q), "running");
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = vm.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("MEMORY-ERROR")),
+        "{lines:?}"
+    );
+    for v in 0..2 {
+        let after = last_pass(&lines, v).unwrap_or(0);
+        assert!(
+            after > before[v] + 2,
+            "vCPU {v} did not go on on the target: pass {} there, {after} here",
+            before[v]
+        );
+    }
+    assert_eq!(status(q), "running", "{}", vm.stderr.lock().unwrap());
+}
+
+/// Checks a completed migration's report: both kinds of page, adding up
+/// to guest RAM.
+fn check_report(info: &Value) {
+    assert_eq!(info["status"], "completed", "{info}");
+    let private = info["confidential"]["private-pages"].as_u64().unwrap();
+    let shared = info["confidential"]["shared-pages"].as_u64().unwrap();
+    assert!(private > 0 && shared > 0, "{info}");
+    assert_eq!(private + shared, RAM_PAGES, "{info}");
+    assert_eq!(info["ram"]["remaining"], 0, "{info}");
+    println!(
+        "migrated 256 MiB in {} ms ({} ms paused), {:.0} Mbit/s, {private} private and {shared} shared pages",
+        info["total-time"], info["downtime"], info["ram"]["mbps"].as_f64().unwrap()
+    );
+}
+
+/// Migrates a running dirtier to a target at `uri`, checks digests before
+/// the target resumes, then the guest on the target.
+fn migrate_live_and_verify(name: &str, uri: &str) {
+    let _one = one_vm();
+    let key = key_file(&format!("{name}.key"), KEY);
+    let (src_vm, mut src) = source(&format!("{name}-src"), &key);
+    let (dst_vm, mut dst) = target(&format!("{name}-dst"), &key, "256M", uri);
+    migrate(&mut src, uri);
+    let info = wait_migration(&mut src, Duration::from_secs(30));
+    check_report(&info);
+    assert_eq!(status(&mut src), "postmigrate");
+    assert_eq!(
+        wait_migration(&mut dst, Duration::from_secs(10))["status"],
+        "completed"
+    );
+    assert_eq!(status(&mut dst), "paused");
+    assert_eq!(digest(&mut src), digest(&mut dst), "RAM differs");
+    let refused = call(&mut src, "cont", json!({}));
+    assert!(
+        refused["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("runs on the target"),
+        "{refused}"
+    );
+    let events: Vec<&Value> = src
+        .events
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .collect();
+    assert!(
+        events.iter().any(|e| e["data"]["status"] == "completed") || {
+            // The event may still be on its way: one more command brings it.
+            status(&mut src);
+            src.events
+                .iter()
+                .any(|e| e["event"] == "MIGRATION" && e["data"]["status"] == "completed")
+        },
+        "{:?}",
+        src.events
+    );
+    verifies_on(&dst_vm, &mut dst, &src_vm.lines());
+    drop(src_vm);
+    let _ = std::fs::remove_file(key);
+}
+
+fn a_stopped_dirtier_migrates_over_tcp_and_verifies_there() {
+    let port = free_port();
+    migrate_live_and_verify("tcp", &format!("tcp:127.0.0.1:{port}"));
+}
+
+fn a_stopped_dirtier_migrates_over_a_unix_socket_and_verifies_there() {
+    let sock = tmp_path("migration-unix.sock");
+    migrate_live_and_verify("unix", &format!("unix:{}", sock.display()));
+}
+
+/// Save, quit, restore in a new process (twice: a snapshot can be restored
+/// more than once), verify.
+fn a_snapshot_file_restores_in_new_processes() {
+    let _one = one_vm();
+    let key = key_file("snap.key", KEY);
+    let file = tmp_path("snapshot.cgsv");
+    let uri = format!("file:{}", file.display());
+    let (mut src_vm, mut src) = source("snap-src", &key);
+    migrate(&mut src, &uri);
+    check_report(&wait_migration(&mut src, Duration::from_secs(30)));
+    let saved = digest(&mut src);
+    let source_lines = src_vm.lines();
+    src.cmd("quit");
+    assert_eq!(src_vm.wait_exit(Duration::from_secs(10)), Some(0));
+    for round in 0..2 {
+        let (dst_vm, mut dst) = target(&format!("snap-dst{round}"), &key, "256M", &uri);
+        assert_eq!(
+            wait_migration(&mut dst, Duration::from_secs(30))["status"],
+            "completed"
+        );
+        assert_eq!(status(&mut dst), "paused");
+        assert_eq!(digest(&mut dst), saved, "restore {round}: RAM differs");
+        verifies_on(&dst_vm, &mut dst, &source_lines);
+    }
+    // An existing file is never overwritten.
+    let (_vm, mut again) = source("snap-again", &key);
+    migrate(&mut again, &uri);
+    let info = wait_migration(&mut again, Duration::from_secs(10));
+    assert_eq!(info["status"], "failed");
+    assert!(
+        info["error-desc"].as_str().unwrap().contains("exists"),
+        "{info}"
+    );
+    assert_eq!(status(&mut again), "running");
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(key);
+}
+
+/// What a proxy does to the source's bytes on their way to the target.
+#[derive(Clone, Copy)]
+enum Damage {
+    /// XOR this byte at this offset.
+    Flip(u64, u8),
+    /// Close both ways after this many bytes.
+    Cut(u64),
+    /// Forward at most this many bytes per second.
+    Throttle(u64),
+}
+
+/// Listens on a free port and forwards one connection to `to`, doing
+/// `damage` to the source's direction; returns the port.
+fn proxy(to: u16, damage: Damage) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut back_from_dst, mut back_to_src) =
+            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from_dst, &mut back_to_src);
+            let _ = back_to_src.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut at = 0u64;
+        let start = Instant::now();
+        loop {
+            let want = match damage {
+                Damage::Throttle(rate) => (rate / 100).min(buf.len() as u64) as usize,
+                _ => buf.len(),
+            };
+            let n = match from_src.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match damage {
+                Damage::Flip(offset, mask) if (at..at + n as u64).contains(&offset) => {
+                    buf[(offset - at) as usize] ^= mask;
+                }
+                Damage::Cut(limit) if at + n as u64 >= limit => {
+                    let keep = (limit - at) as usize;
+                    let _ = to_dst.write_all(&buf[..keep]);
+                    break;
+                }
+                Damage::Throttle(rate) => {
+                    let due = Duration::from_secs_f64((at + n as u64) as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                _ => {}
+            }
+            if to_dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            at += n as u64;
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Both);
+        let _ = from_src.shutdown(std::net::Shutdown::Both);
+    });
+    port
+}
+
+/// The migration to `uri` fails: the target exits non-zero without ever
+/// running the guest, saying why; the source runs again within 1 s of the
+/// failure and keeps verifying. Returns the target's error output.
+fn fails_closed(src_vm: &Vm, src: &mut Qmp, dst_vm: &mut Vm, uri: &str) -> String {
+    migrate(src, uri);
+    let code = dst_vm.wait_exit(Duration::from_secs(30));
+    let failed_at = Instant::now();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the target exited with {code:?}"
+    );
+    loop {
+        if status(src) == "running" {
+            break;
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(1),
+            "the source did not run again within 1 s: {}",
+            src.cmd("query-migrate")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let info = wait_migration(src, Duration::from_secs(5));
+    assert_eq!(info["status"], "failed", "{info}");
+    let stderr = dst_vm.stderr.lock().unwrap().clone();
+    assert!(
+        !dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")),
+        "the target ran the guest: {:?}",
+        dst_vm.lines()
+    );
+    assert!(
+        stderr.contains("error") || stderr.contains("failed"),
+        "{stderr}"
+    );
+    let before = last_pass(&src_vm.lines(), 0).unwrap();
+    assert!(
+        passes_beyond(src_vm, 0, before),
+        "the source's guest does not go on"
+    );
+    assert!(!src_vm.lines().iter().any(|l| l.contains("MEMORY-ERROR")));
+    println!("target: {}", stderr.trim());
+    stderr
+}
+
+fn damaged_cut_short_or_mismatched_streams_fail_closed() {
+    let _one = one_vm();
+    let key = key_file("bad.key", KEY);
+    let other = key_file("bad-other.key", OTHER_KEY);
+    let (src_vm, mut src) = source("bad-src", &key);
+    let seed = std::process::id() as u64;
+    // A flipped byte somewhere in the first 200 MiB of the stream (~272 MiB
+    // long), and one in its first KiB (the configuration and session).
+    for (i, offset) in [(seed * 7919) % (200 << 20), (seed * 31) % 1024]
+        .into_iter()
+        .enumerate()
+    {
+        let port = free_port();
+        let (mut dst_vm, _dst) = target(
+            &format!("bad-flip{i}"),
+            &key,
+            "256M",
+            &format!("tcp:127.0.0.1:{port}"),
+        );
+        let via = proxy(port, Damage::Flip(offset, 0x10));
+        let why = fails_closed(
+            &src_vm,
+            &mut src,
+            &mut dst_vm,
+            &format!("tcp:127.0.0.1:{via}"),
+        );
+        println!("flipped byte at {offset}");
+        assert!(
+            why.contains("damaged") || why.contains("Hello") || why.contains("stream"),
+            "{why}"
+        );
+    }
+    // Cut short.
+    let port = free_port();
+    let (mut dst_vm, _dst) = target("bad-cut", &key, "256M", &format!("tcp:127.0.0.1:{port}"));
+    let via = proxy(port, Damage::Cut(100 << 20));
+    let why = fails_closed(
+        &src_vm,
+        &mut src,
+        &mut dst_vm,
+        &format!("tcp:127.0.0.1:{via}"),
+    );
+    assert!(
+        why.contains("ends inside") || why.contains("closed"),
+        "{why}"
+    );
+    // Another transport key: refused at the session, before any page.
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let (mut dst_vm, _dst) = target("bad-key", &other, "256M", &uri);
+    fails_closed(&src_vm, &mut src, &mut dst_vm, &uri);
+    let info = src.cmd("query-migrate");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("transport key"),
+        "{info}"
+    );
+    // Another memory size.
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let (mut dst_vm, _dst) = target("bad-size", &key, "128M", &uri);
+    let why = fails_closed(&src_vm, &mut src, &mut dst_vm, &uri);
+    assert!(why.contains("256 MiB"), "{why}");
+    let _ = std::fs::remove_file(key);
+    let _ = std::fs::remove_file(other);
+}
+
+/// A snapshot with a flipped byte, or cut short, restores nothing.
+fn a_damaged_or_truncated_snapshot_is_refused() {
+    let _one = one_vm();
+    let key = key_file("badsnap.key", KEY);
+    let file = tmp_path("badsnap.cgsv");
+    let (_src_vm, mut src) = source("badsnap-src", &key);
+    migrate(&mut src, &format!("file:{}", file.display()));
+    check_report(&wait_migration(&mut src, Duration::from_secs(30)));
+    let good = std::fs::read(&file).unwrap();
+    let at = (std::process::id() as usize * 104_729) % good.len();
+    let mut flipped = good.clone();
+    flipped[at] ^= 0x01;
+    for (what, bytes) in [
+        ("flipped", flipped),
+        ("truncated", good[..good.len() / 2].to_vec()),
+    ] {
+        let path = tmp_path(&format!("badsnap-{what}.cgsv"));
+        std::fs::write(&path, bytes).unwrap();
+        let (mut vm, _q) = target(
+            &format!("badsnap-{what}"),
+            &key,
+            "256M",
+            &format!("file:{}", path.display()),
+        );
+        let code = vm.wait_exit(Duration::from_secs(30));
+        assert!(matches!(code, Some(c) if c != 0), "{what}: exit {code:?}");
+        let err = vm.stderr.lock().unwrap().clone();
+        println!("{what} at {at}: {}", err.trim());
+        assert!(err.contains("error"), "{err}");
+        assert!(!vm.lines().iter().any(|l| l.starts_with("dirtier:")));
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_file(key);
+}
+
+fn migrate_cancel_during_the_transfer_then_a_second_migration_succeeds() {
+    let _one = one_vm();
+    let key = key_file("cancel.key", KEY);
+    let (src_vm, mut src) = source("cancel-src", &key);
+    let port = free_port();
+    let (mut dst_vm, _dst) = target("cancel-dst", &key, "256M", &format!("tcp:127.0.0.1:{port}"));
+    // 64 MiB/s: the transfer takes 4 s, the cancel comes after 0.5 s.
+    let via = proxy(port, Damage::Throttle(64 << 20));
+    migrate(&mut src, &format!("tcp:127.0.0.1:{via}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let during = src.cmd("query-migrate");
+    assert_eq!(during["status"], "active", "{during}");
+    assert_eq!(status(&mut src), "finish-migrate");
+    let cancelled_at = Instant::now();
+    src.cmd("migrate_cancel");
+    loop {
+        if status(&mut src) == "running" {
+            break;
+        }
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(1),
+            "the source did not run again within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let info = wait_migration(&mut src, Duration::from_secs(5));
+    assert_eq!(info["status"], "cancelled", "{info}");
+    // The target gives up (its stream broke) without running the guest.
+    let code = dst_vm.wait_exit(Duration::from_secs(10));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(!dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")));
+    // The guest runs on, then a second migration goes through.
+    let before = last_pass(&src_vm.lines(), 1).unwrap();
+    assert!(passes_beyond(&src_vm, 1, before));
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let (dst_vm, mut dst) = target("cancel-dst2", &key, "256M", &uri);
+    migrate(&mut src, &uri);
+    check_report(&wait_migration(&mut src, Duration::from_secs(30)));
+    assert_eq!(digest(&mut src), digest(&mut dst));
+    verifies_on(&dst_vm, &mut dst, &src_vm.lines());
+    let _ = std::fs::remove_file(key);
+}
+
+/// `--incoming defer` waits for QMP `migrate-incoming`; bad arguments and
+/// commands in the wrong state get clear errors.
+fn incoming_defer_and_bad_requests() {
+    let _one = one_vm();
+    let key = key_file("defer.key", KEY);
+    let (src_vm, mut src) = source("defer-src", &key);
+    let (dst_vm, mut dst, _) = start("defer-dst", &key, "256M", &["--incoming", "defer"]);
+    assert_eq!(status(&mut dst), "inmigrate");
+    for (cmd, args, want) in [
+        ("migrate", json!({}), "'uri' is missing"),
+        ("migrate", json!({"uri": 5}), "expected: string"),
+        ("migrate", json!({"uri": "ftp:x"}), "scheme"),
+        (
+            "migrate",
+            json!({"uri": "tcp:x:1", "x": 1}),
+            "'x' is unexpected",
+        ),
+        (
+            "migrate-incoming",
+            json!({"uri": "tcp:127.0.0.1:1"}),
+            "-incoming",
+        ),
+    ] {
+        let r = call(&mut src, cmd, args.clone());
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(desc.contains(want), "{cmd} {args}: {r}");
+    }
+    let r = call(&mut dst, "migrate", json!({"uri": "tcp:127.0.0.1:1"}));
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("inmigrate"),
+        "{r}"
+    );
+    let r = call(&mut dst, "cont", json!({}));
+    assert!(r.get("return").is_some(), "{r}");
+    // `stop` before the guest arrives keeps it paused after (QEMU's
+    // autostart); then migrate-incoming starts listening.
+    dst.cmd("stop");
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let r = call(&mut dst, "migrate-incoming", json!({ "uri": uri }));
+    assert!(r.get("return").is_some(), "{r}");
+    let r = call(&mut dst, "migrate-incoming", json!({ "uri": uri }));
+    assert!(
+        r["error"]["desc"].as_str().unwrap().contains("already"),
+        "{r}"
+    );
+    migrate(&mut src, &uri);
+    check_report(&wait_migration(&mut src, Duration::from_secs(30)));
+    assert_eq!(
+        wait_migration(&mut dst, Duration::from_secs(10))["status"],
+        "completed"
+    );
+    assert_eq!(status(&mut dst), "paused");
+    verifies_on(&dst_vm, &mut dst, &src_vm.lines());
+    let _ = std::fs::remove_file(key);
+}
+
+fn main() {
+    common::run_tests(&[(
+        common::kvm_missing(),
+        &named!(
+            a_stopped_dirtier_migrates_over_tcp_and_verifies_there,
+            a_stopped_dirtier_migrates_over_a_unix_socket_and_verifies_there,
+            a_snapshot_file_restores_in_new_processes,
+            damaged_cut_short_or_mismatched_streams_fail_closed,
+            a_damaged_or_truncated_snapshot_is_refused,
+            migrate_cancel_during_the_transfer_then_a_second_migration_succeeds,
+            incoming_defer_and_bad_requests,
+        ),
+    )]);
+}
