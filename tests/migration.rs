@@ -150,12 +150,11 @@ fn verifies_on(vm: &Vm, q: &mut Qmp, source_lines: &[String]) {
         !lines.iter().any(|l| l.contains("MEMORY-ERROR")),
         "{lines:?}"
     );
-    for v in 0..2 {
+    for (v, before) in before.iter().enumerate() {
         let after = last_pass(&lines, v).unwrap_or(0);
         assert!(
-            after > before[v] + 2,
-            "vCPU {v} did not go on on the target: pass {} there, {after} here",
-            before[v]
+            after > before + 2,
+            "vCPU {v} did not go on on the target: pass {before} there, {after} here"
         );
     }
     assert_eq!(status(q), "running", "{}", vm.stderr.lock().unwrap());

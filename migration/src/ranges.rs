@@ -51,7 +51,7 @@ impl SharedMap {
         end: u64,
         shared: bool,
     ) -> Result<(), MapError> {
-        if start >= end || start % PAGE != 0 || end % PAGE != 0 {
+        if start >= end || !start.is_multiple_of(PAGE) || !end.is_multiple_of(PAGE) {
             return Err(MapError::Malformed(start, end));
         }
         if !inside(ram, start, end) {

@@ -254,7 +254,7 @@ impl Receiver<'_> {
                 match self.next()? {
                     FrameKind::SharedPages => self.shared_pages(&shared, &mut seen)?,
                     FrameKind::HelperRecords => {
-                        if self.buf.is_empty() || self.buf.len() % RECORD_STRIDE != 0 {
+                        if self.buf.is_empty() || !self.buf.len().is_multiple_of(RECORD_STRIDE) {
                             return Err(MigrationError::Sequence(format!(
                                 "helper records of {} bytes",
                                 self.buf.len()
@@ -297,7 +297,7 @@ impl Receiver<'_> {
         shared: &[GpaRange],
         seen: &mut [bool],
     ) -> Result<(), MigrationError> {
-        if self.buf.is_empty() || self.buf.len() % SHARED_PAGE_STRIDE != 0 {
+        if self.buf.is_empty() || !self.buf.len().is_multiple_of(SHARED_PAGE_STRIDE) {
             return Err(MigrationError::Sequence(format!(
                 "shared pages of {} bytes",
                 self.buf.len()
@@ -332,7 +332,7 @@ impl Receiver<'_> {
 /// The shared map a SharedMap frame declares, checked.
 fn shared_map(ram: &[(u64, u64)], payload: &[u8]) -> Result<SharedMap, MigrationError> {
     let size = std::mem::size_of::<GpaRange>();
-    if payload.len() % size != 0 {
+    if !payload.len().is_multiple_of(size) {
         return Err(MigrationError::Sequence(format!(
             "a shared map of {} bytes",
             payload.len()
@@ -349,7 +349,7 @@ fn shared_map(ram: &[(u64, u64)], payload: &[u8]) -> Result<SharedMap, Migration
 /// Index of the page at `gpa` among all shared pages (None if not a
 /// shared page).
 fn page_index(shared: &[GpaRange], gpa: u64) -> Option<u64> {
-    if gpa % PAGE != 0 {
+    if !gpa.is_multiple_of(PAGE) {
         return None;
     }
     let mut before = 0;

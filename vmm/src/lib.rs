@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod boot;
+mod builder;
 pub mod confidential;
 pub mod config;
 pub mod control;

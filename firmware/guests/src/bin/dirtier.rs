@@ -73,7 +73,7 @@ fn share_some_blocks(params: &abi::LabParams) {
         let mut start = range.start.div_ceil(block) * block;
         let mut n = 0u64;
         while start + block <= range.end {
-            if n % 4 == 0 {
+            if n.is_multiple_of(4) {
                 lab_command(abi::LAB_CMD_SHARE_2M | ((start / block) as u32) << 16);
             }
             start += block;

@@ -1,0 +1,378 @@
+//! Building a VM, in named steps shared by the two ways to build one.
+//!
+//! ```text
+//! Machine::new        backend, guest memory, main and mirror VMs over the
+//!                     same memslots, devices                       (both)
+//! load_boot_payload   lab guest / Linux / firmware in RAM,        (boot)
+//!                     each main vCPU's first state
+//! incoming_vcpus      nothing in RAM: vCPUs at reset, their    (incoming)
+//!                     state arrives with the migration
+//! finish              mirror payload, vCPUs, helper config, SEV launch,
+//!                     threads (paused), controller, migration link (both)
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use cgsvmm_devices::Bus;
+use cgsvmm_fw_abi as abi;
+use cgsvmm_fw_abi::helper::HelperHeader;
+use cgsvmm_migration::ranges::SharedMap;
+use cgsvmm_migration::state::CpuidEntry;
+
+use crate::boot::cpl3::{self, LAB_LAYOUT};
+use crate::boot::firmware::{self, Firmware};
+use crate::boot::{images, linux, BootError, VcpuBoot};
+use crate::confidential::sev::{self, SevConfig, SevLaunch};
+use crate::confidential::Confidential;
+use crate::config::{BootConfig, VmmConfig};
+use crate::control::Controller;
+use crate::device_manager::{self, MainDevices};
+use crate::exit::ExitHandle;
+use crate::helper_link::HelperLinks;
+use crate::memory::{slots_of, MemSlot, Memory};
+use crate::migration_link::{MigratableDevices, VmLink};
+use crate::vcpu::{msr_index_list, FaultSink, MapGpa, Vcpu, VcpuGroup, VcpuRole};
+use crate::vm::{self, VcpuSetup};
+use crate::vmm::{Vmm, VmmError};
+use crate::x86::paging::PTE_USER;
+use crate::{lab, mirror};
+
+/// TSC rate the lab guests assume when KVM cannot tell (only their print
+/// cadence depends on it).
+const FALLBACK_TSC_KHZ: u64 = 2_000_000;
+
+/// The parts every VM has, before its vCPUs exist.
+pub(crate) struct Machine {
+    pub(crate) config: VmmConfig,
+    sev: Option<SevLaunch>,
+    c_bit: u32,
+    kvm: Kvm,
+    memory: Arc<Memory>,
+    firmware: Option<Firmware>,
+    slots: Vec<MemSlot>,
+    exit: ExitHandle,
+    main_vm: Arc<VmFd>,
+    mirror_vm: VmFd,
+    shared: Arc<Mutex<SharedMap>>,
+    devices: MainDevices,
+    links: Arc<HelperLinks>,
+    mirror_bus: Arc<Bus>,
+}
+
+impl Machine {
+    /// The backend (a backend the host lacks fails before anything is
+    /// allocated), guest memory, the main VM (irqchip, PIT, devices) and the
+    /// mirror VM over the same memslots.
+    pub(crate) fn new(config: VmmConfig) -> Result<Self, VmmError> {
+        let (sev, c_bit) = match &config.confidential {
+            Confidential::Sev(_) => (Some(SevLaunch::open()?), sev::c_bit_position()?),
+            Confidential::None => (None, 0),
+        };
+        let kvm = vm::open_kvm()?;
+        let memory = Arc::new(Memory::new(config.memory)?);
+        let firmware = match &config.boot {
+            // An incoming VM maps the same firmware: the guest may call it.
+            BootConfig::Firmware { path, .. } => Some(firmware::load(path)?),
+            _ => None,
+        };
+        let mut slots = memory.slots();
+        if let Some(fw) = &firmware {
+            let next = slots.len() as u32;
+            slots.extend(slots_of(&fw.memory, next, true));
+        }
+        let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
+        let main_vm = Arc::new(vm::create_main_vm(&kvm, &slots)?);
+        if let Some(launch) = &sev {
+            launch.init(&main_vm)?;
+            for slot in &slots {
+                launch.register(&main_vm, slot.host_addr, slot.size)?;
+            }
+        }
+        let mirror_vm = vm::create_mirror_vm(&kvm, &slots)?;
+        if sev.is_some() {
+            SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
+        }
+        log::debug!(
+            "VM: {} MiB of RAM at {}; {} vCPUs, {} mirror vCPUs; mirror region {:#x}..{:#x}; confidential backend: {}{}",
+            config.memory >> 20,
+            memory
+                .layout
+                .ram_ranges()
+                .iter()
+                .map(|(start, len)| format!("{start:#x}..{:#x}", start + len))
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.cpus,
+            config.mirror_cpus,
+            abi::MIRROR_REGION_GPA,
+            abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE,
+            backend_name(&config.confidential),
+            if config.incoming.is_some() { "; built for an incoming migration" } else { "" }
+        );
+        let shared = Arc::new(Mutex::new(SharedMap::default()));
+        let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit, &shared)?;
+        log::debug!(
+            "Devices: COM1 ({:?}), i8042, CMOS/RTC, debug port, fw_cfg, lab port",
+            config.serial
+        );
+        let links = Arc::new(HelperLinks::new(config.mirror_cpus));
+        let mirror_bus = device_manager::mirror_devices(&links)?;
+        Ok(Self {
+            config,
+            sev,
+            c_bit,
+            kvm,
+            memory,
+            firmware,
+            slots,
+            exit,
+            main_vm,
+            mirror_vm,
+            shared,
+            devices,
+            links,
+            mirror_bus,
+        })
+    }
+
+    /// Boot: the payload in guest RAM, and each main vCPU's first state.
+    pub(crate) fn load_boot_payload(&self) -> Result<Vec<VcpuBoot>, VmmError> {
+        let (memory, cpus) = (&self.memory, self.config.cpus);
+        Ok(match &self.config.boot {
+            BootConfig::Lab(guest) => {
+                let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
+                let entry = image.load(&memory.ram)?;
+                let ram = memory.layout.ram_mappings(PTE_USER);
+                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &ram, 0, cpus, entry)?
+            }
+            BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, cpus)?,
+            BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; cpus],
+        })
+    }
+
+    /// Incoming: nothing to load, since RAM, registers and devices arrive
+    /// with the migration; the vCPUs wait at reset and never run before.
+    pub(crate) fn incoming_vcpus(&self) -> Vec<VcpuBoot> {
+        vec![VcpuBoot::Reset; self.config.cpus]
+    }
+
+    /// The mirror payload, every vCPU (threads started, paused), the
+    /// helper's launch configuration, the SEV launch, the controller and
+    /// what migration reaches the VM through. `lab_params`: write the lab
+    /// guests' parameter blocks (a booting lab guest reads them).
+    pub(crate) fn finish(
+        self,
+        main_boots: Vec<VcpuBoot>,
+        lab_params: bool,
+    ) -> Result<Vmm, VmmError> {
+        let Machine {
+            config,
+            sev,
+            c_bit,
+            kvm,
+            memory,
+            firmware,
+            slots,
+            exit,
+            main_vm,
+            mirror_vm,
+            shared,
+            devices,
+            links,
+            mirror_bus,
+        } = self;
+        let mirror_image = mirror::payload(config.helper.as_ref());
+        let mirror_boots = mirror::prepare(&memory, config.mirror_cpus, mirror_image, c_bit)?;
+
+        let mut cpuid = vm::supported_cpuid(&kvm)?;
+        let map_gpa: Option<MapGpa> = vm::enable_map_gpa_exits(&main_vm, &mut cpuid).then(|| {
+            let (shared, ram) = (shared.clone(), memory.layout.ram_ranges());
+            Arc::new(move |gpa, pages, to_shared| {
+                device_manager::map_gpa_range(&shared, &ram, gpa, pages, to_shared)
+            }) as MapGpa
+        });
+        let msrs = Arc::new(msr_index_list(&kvm));
+        let create = |vm_fd: &VmFd, boots: &[VcpuBoot], role, bus: &Arc<Bus>| {
+            let setup = VcpuSetup {
+                cpuid: &cpuid,
+                count: boots.len(),
+                irqchip: role == VcpuRole::Main,
+            };
+            boots
+                .iter()
+                .enumerate()
+                .map(|(i, boot)| {
+                    let fd = vm::create_vcpu(vm_fd, i, &setup, boot)?;
+                    Ok(Vcpu::new(
+                        fd,
+                        i,
+                        role,
+                        bus.clone(),
+                        exit.clone(),
+                        msrs.clone(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, VmmError>>()
+        };
+        let main_vcpus = create(&main_vm, &main_boots, VcpuRole::Main, &devices.bus)?
+            .into_iter()
+            .map(|v| match &map_gpa {
+                Some(map) => v.with_map_gpa(map.clone()),
+                None => v,
+            })
+            .collect::<Vec<_>>();
+        let sink: FaultSink = {
+            let links = links.clone();
+            Arc::new(move |index, why| {
+                log::error!("mirror {index} stopped: {why}");
+                links.record_fault(index, why);
+            })
+        };
+        let mirror_vcpus = create(&mirror_vm, &mirror_boots, VcpuRole::Mirror, &mirror_bus)?
+            .into_iter()
+            .map(|v| v.with_fault_sink(sink.clone()))
+            .collect::<Vec<_>>();
+
+        let tsc_khz = main_vcpus[0]
+            .fd()
+            .get_tsc_khz()
+            .map(u64::from)
+            .unwrap_or(FALLBACK_TSC_KHZ);
+        if lab_params && matches!(config.boot, BootConfig::Lab(_)) {
+            lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
+        }
+        let helper_header = match &config.helper {
+            Some(launch) => {
+                let header = mirror_image.helper_header()?;
+                mirror::write_helper_config(
+                    &memory,
+                    &header,
+                    config.mirror_cpus,
+                    launch,
+                    tsc_khz,
+                    c_bit,
+                )?;
+                Some(header)
+            }
+            None => None,
+        };
+
+        let sev_measurement = match (&sev, &config.confidential) {
+            (Some(launch), Confidential::Sev(sev_config)) => {
+                let m = sev_launch(launch, &main_vm, sev_config, &slots, helper_header.as_ref())?;
+                let hex: String = m.iter().map(|b| format!("{b:02x}")).collect();
+                log::info!("SEV launch measurement: {hex}");
+                Some(m)
+            }
+            _ => None,
+        };
+
+        let start = |vcpus: Vec<Vcpu>| {
+            vcpus
+                .into_iter()
+                .map(Vcpu::start)
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let main = VcpuGroup::new(start(main_vcpus)?);
+        let mirror = VcpuGroup::new(start(mirror_vcpus)?);
+        let mut controller = Controller::new(
+            main,
+            mirror,
+            memory.clone(),
+            exit.clone(),
+            helper_header,
+            links.clone(),
+        );
+        if let Some(m) = sev_measurement {
+            controller.set_sev_measurement(m);
+        }
+        let controller = Arc::new(Mutex::new(controller));
+        let link = helper_header.map(|helper| {
+            Arc::new(VmLink {
+                controller: Arc::downgrade(&controller),
+                main_vm: main_vm.clone(),
+                memory: memory.clone(),
+                helper,
+                links: links.clone(),
+                helpers: config.mirror_cpus,
+                vcpus: config.cpus,
+                backend: backend_name(&config.confidential),
+                cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
+                msrs: msrs.to_vec(),
+                devices: MigratableDevices {
+                    serial: devices.serial.clone(),
+                    cmos: devices.cmos.clone(),
+                    fw_cfg: devices.fw_cfg.clone(),
+                },
+                shared: shared.clone(),
+                exit: exit.clone(),
+            })
+        });
+        let event_wake =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("event eventfd", e))?;
+        let wake = event_wake
+            .try_clone()
+            .map_err(|e| VmmError::Setup("event eventfd", e))?;
+        controller
+            .lock()
+            .expect("controller lock poisoned")
+            .configure(
+                link.as_ref(),
+                config.incoming.clone(),
+                !config.paused,
+                Some(wake),
+            );
+        Ok(Vmm {
+            config,
+            controller,
+            link,
+            event_wake,
+            memory,
+            exit,
+            serial: devices.serial,
+            links,
+            helper_header,
+            tsc_khz,
+            _main_vm: main_vm,
+            _mirror_vm: mirror_vm,
+            _firmware: firmware,
+            _kvm: kvm,
+        })
+    }
+}
+
+fn backend_name(c: &Confidential) -> &'static str {
+    match c {
+        Confidential::None => "none",
+        Confidential::Sev(_) => "sev",
+    }
+}
+
+/// The SEV launch of a built VM: firmware and the mirror region's private
+/// part (everything below the helper's mailboxes) are encrypted and
+/// measured; the owner's secret goes to the helper's secret page.
+fn sev_launch(
+    launch: &SevLaunch,
+    vm: &VmFd,
+    config: &SevConfig,
+    slots: &[MemSlot],
+    helper: Option<&HelperHeader>,
+) -> Result<Vec<u8>, VmmError> {
+    let region = abi::MIRROR_REGION_GPA;
+    let mirror = slots
+        .iter()
+        .find(|s| s.gpa == region)
+        .ok_or_else(|| BootError::DoesNotFit("no mirror region memslot".into()))?;
+    let private_end = helper.map_or(region + abi::MIRROR_REGION_SIZE, |h| h.mailbox_gpa);
+    let mut measured: Vec<(u64, u64)> = slots
+        .iter()
+        .filter(|s| s.read_only)
+        .map(|s| (s.host_addr, s.size))
+        .collect();
+    measured.push((mirror.host_addr, private_end - region));
+    let secret_page = helper.map(|h| mirror.host_addr + (h.secret_gpa - region));
+    Ok(sev::launch(launch, vm, config, &measured, secret_page)?)
+}
