@@ -2,25 +2,118 @@
 //! names: running, paused, inmigrate, finish-migrate, postmigrate), pausing
 //! and resuming the main vCPUs while the mirror vCPUs keep running,
 //! quitting, migrating (the work runs in a worker, `migration_link.rs`; the
-//! controller only starts, cancels and reports it), and the queries. QMP
-//! (`qmp.rs`) and tests drive it.
+//! controller only starts, cancels and reports it), and the queries. It
+//! executes typed [`Command`]s and answers typed [`Reply`]s and [`Event`]s;
+//! QMP (`qmp::commands`) translates JSON to and from them, and tests drive
+//! it directly.
 
 use std::sync::{Arc, Weak};
+use std::time::SystemTime;
 
-use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 
 use cgsvmm_fw_abi::helper::HelperHeader;
 use cgsvmm_migration::helper::HelperLink;
+use cgsvmm_migration::transport::Uri;
 
 use crate::config::Incoming;
 use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
 use crate::memory::Memory;
-use crate::migration_link::{self, MigrationJob, VmLink};
+use crate::migration_link::{self, MigrationInfo, MigrationJob, MigrationStatus, VmLink};
 use crate::mirror;
-use crate::qmp::{no_args, QmpBackend, QmpError};
 use crate::vcpu::{VcpuError, VcpuGroup};
+
+/// What the control API can be asked (QMP's commands, typed; `qmp` turns
+/// JSON into these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// The run state.
+    QueryStatus,
+    /// Pause the main vCPUs.
+    Stop,
+    /// Resume them.
+    Cont,
+    /// End the VMM.
+    Quit,
+    /// Power the VM off (no ACPI: at once).
+    SystemPowerdown,
+    /// The main vCPUs and their threads.
+    QueryCpus,
+    /// What each mirror vCPU last published.
+    QueryMirror,
+    /// The SEV launch measurement.
+    QuerySevLaunchMeasure,
+    /// Send the VM to `uri`.
+    Migrate {
+        /// Where.
+        uri: Uri,
+    },
+    /// Receive the VM from `uri` (`--incoming defer` only).
+    MigrateIncoming {
+        /// Where from.
+        uri: Uri,
+    },
+    /// Cancel the outgoing migration.
+    MigrateCancel,
+    /// The current or last migration.
+    QueryMigrate,
+    /// SHA-256 over guest RAM (tests).
+    QueryRamDigest,
+}
+
+/// What a command answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Done, nothing to tell.
+    Done,
+    /// The run state.
+    Status(RunState),
+    /// The main vCPUs.
+    Cpus(Vec<CpuInfo>),
+    /// The mirror vCPUs.
+    Mirror(Vec<MirrorInfo>),
+    /// The SEV launch measurement.
+    SevMeasurement(Vec<u8>),
+    /// The current or last migration, if there was one.
+    Migration(Option<MigrationInfo>),
+    /// Hex SHA-256 of guest RAM.
+    RamDigest(String),
+}
+
+/// A command that could not be done, and why (for the operator).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ControlError(pub String);
+
+impl From<VcpuError> for ControlError {
+    fn from(e: VcpuError) -> Self {
+        ControlError(e.to_string())
+    }
+}
+
+/// A main vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// Its index.
+    pub index: usize,
+    /// Its thread.
+    pub thread_id: i32,
+}
+
+/// Something that happened, for the QMP clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The main vCPUs paused.
+    Stop,
+    /// They run again.
+    Resume,
+    /// A migration changed status.
+    Migration(MigrationStatus),
+}
+
+/// An event and when it was raised.
+pub type TimedEvent = (Event, SystemTime);
 
 /// The VM's run state, as `query-status` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +170,8 @@ pub struct Controller {
     exit: ExitHandle,
     state: RunState,
     mirror_started: bool,
-    /// Events raised, timestamped as they were (QMP event messages).
-    events: Vec<Value>,
+    /// Events raised, with the time they were.
+    events: Vec<TimedEvent>,
     helper: Option<HelperHeader>,
     links: Arc<HelperLinks>,
     sev_measurement: Option<Vec<u8>>,
@@ -95,29 +188,6 @@ pub struct Controller {
     /// The state before an outgoing migration paused the guest.
     before_migration: RunState,
 }
-
-/// The commands the backend knows (for `query-commands`).
-const COMMANDS: [&str; 16] = [
-    "qmp_capabilities",
-    "query-status",
-    "stop",
-    "cont",
-    "quit",
-    "query-cpus-fast",
-    "query-version",
-    "query-commands",
-    "x-query-mirror",
-    "system_powerdown",
-    "query-sev-launch-measure",
-    "migrate",
-    "migrate_cancel",
-    "query-migrate",
-    "migrate-incoming",
-    "x-query-ram-digest",
-];
-
-/// Commands that take arguments (checked by each).
-const WITH_ARGS: [&str; 3] = ["migrate", "migrate-incoming", "migrate_cancel"];
 
 impl Controller {
     /// A controller for started (paused) vCPU groups.
@@ -171,8 +241,8 @@ impl Controller {
     }
 
     /// Queues an event for the QMP clients and wakes the server.
-    pub fn raise(&mut self, name: &str, data: Value) {
-        self.events.push(crate::qmp::event_message(name, data));
+    pub fn raise(&mut self, event: Event) {
+        self.events.push((event, SystemTime::now()));
         if let Some(wake) = &self.event_wake {
             let _ = wake.write(1);
         }
@@ -188,7 +258,7 @@ impl Controller {
         let was = self.state;
         if was == RunState::Running {
             self.main.pause()?;
-            self.raise("STOP", json!({}));
+            self.raise(Event::Stop);
         }
         self.before_migration = was;
         self.state = RunState::FinishMigrate;
@@ -199,7 +269,7 @@ impl Controller {
     pub fn resume_after_migration(&mut self) -> Result<(), VcpuError> {
         if self.before_migration == RunState::Running {
             self.main.resume()?;
-            self.raise("RESUME", json!({}));
+            self.raise(Event::Resume);
         }
         self.state = self.before_migration;
         Ok(())
@@ -211,7 +281,7 @@ impl Controller {
         if self.autostart {
             self.main.resume()?;
             self.state = RunState::Running;
-            self.raise("RESUME", json!({}));
+            self.raise(Event::Resume);
         } else {
             self.state = RunState::Paused;
         }
@@ -279,7 +349,7 @@ impl Controller {
                 began.elapsed()
             );
             self.state = RunState::Paused;
-            self.raise("STOP", json!({}));
+            self.raise(Event::Stop);
         }
         Ok(())
     }
@@ -291,7 +361,7 @@ impl Controller {
             self.main.resume()?;
             log::debug!("Resumed the main vCPUs in {:?}", began.elapsed());
             self.state = RunState::Running;
-            self.raise("RESUME", json!({}));
+            self.raise(Event::Resume);
         }
         Ok(())
     }
@@ -339,85 +409,116 @@ impl Controller {
         std::mem::take(&mut self.mirror).finish();
     }
 
-    fn cpus_fast(&self) -> Value {
-        let cpus: Vec<Value> = self
-            .main
+    /// The main vCPUs, as `query-cpus-fast` lists them.
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.main
             .handles()
             .iter()
-            .map(|h| {
-                json!({
-                    "cpu-index": h.index(),
-                    "qom-path": format!("/machine/unattached/device[{}]", h.index()),
-                    "thread-id": h.thread_id(),
-                    "target": "x86_64",
-                    "props": {"socket-id": h.index(), "core-id": 0, "thread-id": 0},
-                })
+            .map(|h| CpuInfo {
+                index: h.index(),
+                thread_id: h.thread_id(),
             })
-            .collect();
-        Value::Array(cpus)
+            .collect()
     }
-}
 
-fn vcpu_error(e: VcpuError) -> QmpError {
-    QmpError::generic(e.to_string())
-}
+    /// Runs one command of the control API.
+    pub fn execute(&mut self, command: Command) -> Result<Reply, ControlError> {
+        match command {
+            Command::QueryStatus => Ok(Reply::Status(self.state)),
+            Command::Stop => self.stop_command(),
+            Command::Cont => self.cont_command(),
+            Command::Quit => {
+                self.exit.request(ExitReason::Quit);
+                Ok(Reply::Done)
+            }
+            // No ACPI here: powering down is powering off.
+            Command::SystemPowerdown => {
+                self.exit.request(ExitReason::HostPowerdown);
+                Ok(Reply::Done)
+            }
+            Command::QueryCpus => Ok(Reply::Cpus(self.cpus())),
+            Command::QueryMirror => Ok(Reply::Mirror(self.mirror_info())),
+            Command::QuerySevLaunchMeasure => match &self.sev_measurement {
+                Some(m) => Ok(Reply::SevMeasurement(m.clone())),
+                None => Err(ControlError("SEV is not enabled for this VM".into())),
+            },
+            Command::Migrate { uri } => self.migrate(uri),
+            Command::MigrateIncoming { uri } => self.migrate_incoming(&uri),
+            Command::MigrateCancel => {
+                self.cancel_migration();
+                Ok(Reply::Done)
+            }
+            Command::QueryMigrate => {
+                Ok(Reply::Migration(self.migration.as_ref().map(|m| m.info())))
+            }
+            Command::QueryRamDigest => self.ram_digest(),
+        }
+    }
 
-impl Controller {
+    /// Events raised since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<TimedEvent> {
+        std::mem::take(&mut self.events)
+    }
+
     /// `stop`: pauses a running guest; a guest still arriving will wait for
     /// `cont` once it is here.
-    fn qmp_stop(&mut self) -> Result<Value, QmpError> {
+    fn stop_command(&mut self) -> Result<Reply, ControlError> {
         match self.state {
             RunState::InMigrate => self.autostart = false,
             RunState::FinishMigrate => {
-                return Err(QmpError::generic("The guest is being migrated"))
+                return Err(ControlError("The guest is being migrated".into()))
             }
-            _ => self.stop().map_err(vcpu_error)?,
+            _ => self.stop()?,
         }
-        Ok(json!({}))
+        Ok(Reply::Done)
     }
 
     /// `cont`: resumes a paused guest; refused while it is migrated away.
-    fn qmp_cont(&mut self) -> Result<Value, QmpError> {
+    fn cont_command(&mut self) -> Result<Reply, ControlError> {
         match self.state {
-            RunState::InMigrate => {
-                self.autostart = true;
-                Ok(json!({}))
+            RunState::InMigrate => self.autostart = true,
+            RunState::FinishMigrate => {
+                return Err(ControlError(
+                    "The guest is being migrated; it resumes here if the migration fails".into(),
+                ))
             }
-            RunState::FinishMigrate => Err(QmpError::generic(
-                "The guest is being migrated; it resumes here if the migration fails",
-            )),
-            RunState::PostMigrate => Err(QmpError::generic(
-                "The guest was migrated and runs on the target; it cannot resume here",
-            )),
-            _ => self.cont().map(|_| json!({})).map_err(vcpu_error),
+            RunState::PostMigrate => {
+                return Err(ControlError(
+                    "The guest was migrated and runs on the target; it cannot resume here".into(),
+                ))
+            }
+            _ => self.cont()?,
         }
+        Ok(Reply::Done)
     }
 
-    fn link(&self) -> Result<Arc<VmLink>, QmpError> {
+    fn link(&self) -> Result<Arc<VmLink>, ControlError> {
         self.link
             .upgrade()
-            .ok_or_else(|| QmpError::generic("This VM cannot be migrated"))
+            .ok_or_else(|| ControlError("This VM cannot be migrated".into()))
     }
 
     fn migration_running(&self) -> bool {
         self.migration.as_ref().is_some_and(|m| m.is_active())
     }
 
-    fn qmp_migrate(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let uri = uri_arg(args, &["uri", "detach", "resume", "blk", "inc"])?;
+    fn migrate(&mut self, uri: Uri) -> Result<Reply, ControlError> {
         if self.helper.is_none() {
-            return Err(QmpError::generic(
+            return Err(ControlError(
                 "This VM runs no migration helper, so its private pages cannot leave it: \
-                 start it with --transport-key-file (or --confidential sev)",
+                 start it with --transport-key-file (or --confidential sev)"
+                    .into(),
             ));
         }
         if self.migration_running() {
-            return Err(QmpError::generic("There's a migration process in progress"));
+            return Err(ControlError(
+                "There's a migration process in progress".into(),
+            ));
         }
         match self.state {
             RunState::Running | RunState::Paused => {}
             s => {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError(format!(
                     "The VM cannot be migrated while it is {}",
                     s.name()
                 )))
@@ -425,33 +526,30 @@ impl Controller {
         }
         let job = migration_link::start_outgoing(self.link()?, uri, self.mirror.handles().len());
         self.migration = Some(job);
-        Ok(json!({}))
+        Ok(Reply::Done)
     }
 
-    fn qmp_migrate_incoming(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let uri = uri_arg(args, &["uri", "exit-on-error"])?;
+    fn migrate_incoming(&mut self, uri: &Uri) -> Result<Reply, ControlError> {
         if self.incoming != Some(Incoming::Defer) {
-            return Err(QmpError::generic(
-                "'-incoming' was not specified on the command line",
+            return Err(ControlError(
+                "'-incoming' was not specified on the command line: start cgsvmm with \
+                 --incoming defer to use migrate-incoming"
+                    .into(),
             ));
         }
         if self.migration.is_some() {
-            return Err(QmpError::generic(
-                "The incoming migration has already been started",
+            return Err(ControlError(
+                "The incoming migration has already been started".into(),
             ));
         }
-        let link = self.link()?;
-        let job = migration_link::start_incoming(link, &uri, self.mirror.handles().len())
-            .map_err(|e| QmpError::generic(e.to_string()))?;
-        self.migration = Some(job);
-        Ok(json!({}))
+        self.start_incoming(uri)
+            .map_err(|e| ControlError(e.to_string()))?;
+        Ok(Reply::Done)
     }
 
-    /// Starts listening for the migration `--incoming URI` named.
-    pub fn start_incoming(
-        &mut self,
-        uri: &cgsvmm_migration::transport::Uri,
-    ) -> Result<(), migration_link::LinkError> {
+    /// Starts listening for the migration `--incoming URI` (or
+    /// `migrate-incoming`) named.
+    pub fn start_incoming(&mut self, uri: &Uri) -> Result<(), migration_link::LinkError> {
         let link = self
             .link
             .upgrade()
@@ -464,7 +562,8 @@ impl Controller {
         Ok(())
     }
 
-    /// Cancels an outgoing migration in progress (a no-op otherwise).
+    /// Cancels an outgoing migration in progress (a no-op otherwise, as in
+    /// QEMU).
     pub fn cancel_migration(&self) {
         if let Some(job) = &self.migration {
             if job.is_active() {
@@ -478,96 +577,12 @@ impl Controller {
         self.migration.as_ref()
     }
 
-    fn ram_digest(&self) -> Result<Value, QmpError> {
+    fn ram_digest(&self) -> Result<Reply, ControlError> {
         if self.sev_measurement.is_some() {
-            return Err(QmpError::generic(
-                "x-query-ram-digest reads guest memory, which SEV keeps from the host",
+            return Err(ControlError(
+                "x-query-ram-digest reads guest memory, which SEV keeps from the host".into(),
             ));
         }
-        Ok(json!({"digest": migration_link::ram_digest(&self.memory)}))
-    }
-}
-
-/// The `uri` argument (every other argument must be one of `allowed`).
-fn uri_arg(
-    args: &Map<String, Value>,
-    allowed: &[&str],
-) -> Result<cgsvmm_migration::transport::Uri, QmpError> {
-    if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-    }
-    match args.get("uri") {
-        Some(Value::String(u)) => {
-            u.parse()
-                .map_err(|e: cgsvmm_migration::transport::TransportError| {
-                    QmpError::generic(e.to_string())
-                })
-        }
-        Some(_) => Err(QmpError::generic(
-            "Invalid parameter type for 'uri', expected: string",
-        )),
-        None => Err(QmpError::generic("Parameter 'uri' is missing")),
-    }
-}
-
-impl QmpBackend for Controller {
-    fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let known = COMMANDS.contains(&command);
-        if known && !WITH_ARGS.contains(&command) {
-            no_args(args)?;
-        }
-        match command {
-            "query-status" => Ok(
-                json!({"status": self.state.name(), "running": self.state == RunState::Running, "singlestep": false}),
-            ),
-            "stop" => self.qmp_stop(),
-            "cont" => self.qmp_cont(),
-            "migrate" => self.qmp_migrate(args),
-            "migrate-incoming" => self.qmp_migrate_incoming(args),
-            "migrate_cancel" => {
-                no_args(args)?;
-                self.cancel_migration();
-                Ok(json!({}))
-            }
-            "query-migrate" => Ok(self
-                .migration
-                .as_ref()
-                .map_or_else(|| json!({}), |m| m.to_qmp())),
-            "x-query-ram-digest" => self.ram_digest(),
-            "quit" => {
-                self.exit.request(ExitReason::Quit);
-                Ok(json!({}))
-            }
-            // No ACPI here: powering down is powering off.
-            "system_powerdown" => {
-                self.exit.request(ExitReason::HostPowerdown);
-                Ok(json!({}))
-            }
-            "query-cpus-fast" => Ok(self.cpus_fast()),
-            "query-version" => Ok(crate::qmp::greeting()["QMP"]["version"].clone()),
-            "query-commands" => Ok(Value::Array(
-                COMMANDS.iter().map(|c| json!({"name": c})).collect(),
-            )),
-            "x-query-mirror" => Ok(Value::Array(
-                self.mirror_info()
-                    .iter()
-                    .map(|m| {
-                        json!({"cpu-index": m.index, "payload": m.payload, "counter": m.counter,
-                               "probe": m.probe, "thread-id": m.thread_id, "fault": m.fault})
-                    })
-                    .collect(),
-            )),
-            "query-sev-launch-measure" => match &self.sev_measurement {
-                Some(m) => Ok(json!({"data": crate::confidential::sev::encode_base64(m)})),
-                None => Err(QmpError::generic("SEV is not enabled for this VM")),
-            },
-            _ => Err(QmpError::not_found(format!(
-                "The command {command} has not been found"
-            ))),
-        }
-    }
-
-    fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
+        Ok(Reply::RamDigest(migration_link::ram_digest(&self.memory)))
     }
 }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use cgsvmm_devices::cmos::{Cmos, CmosState};
@@ -29,7 +28,7 @@ use cgsvmm_migration::state::{self, ConfigRecord, CpuidEntry, Record, StreamMode
 use cgsvmm_migration::transport::{Listener, TransportError, Uri};
 use cgsvmm_migration::{target, MigratableVm, MigrationError, Progress, SavedState};
 
-use crate::control::{Controller, RunState};
+use crate::control::{Controller, Event, RunState};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
 use crate::memory::Memory;
@@ -124,9 +123,9 @@ impl VmLink {
         f(&mut c)
     }
 
-    fn raise_migration(&self, status: &str) {
+    fn raise_migration(&self, status: MigrationStatus) {
         let _ = self.with_controller(|c| {
-            c.raise("MIGRATION", json!({"status": status}));
+            c.raise(Event::Migration(status));
             Ok(())
         });
     }
@@ -344,43 +343,52 @@ impl MigrationJob {
         us / 1000
     }
 
-    /// `query-migrate`'s answer, in QEMU's names plus cgsvmm's
-    /// `confidential` object.
-    pub fn to_qmp(&self) -> Value {
+    /// A snapshot of where it stands, for `query-migrate`.
+    pub fn info(&self) -> MigrationInfo {
         let p = &self.progress;
         let status = self.status();
-        let total_ms = self.total_ms();
-        let transferred = Progress::get(&p.transferred);
-        let private = Progress::get(&p.private_pages);
-        let shared = Progress::get(&p.shared_pages);
-        let secs = (total_ms.max(1)) as f64 / 1000.0;
-        let mut v = json!({
-            "status": status.name(),
-            "total-time": total_ms,
-            "setup-time": Progress::get(&p.setup_us) / 1000,
-            "ram": {
-                "transferred": transferred,
-                "remaining": Progress::get(&p.remaining),
-                "total": Progress::get(&p.total),
-                "mbps": transferred as f64 * 8.0 / 1e6 / secs,
-                "pages-per-second": ((private + shared) as f64 / secs) as u64,
-                "normal": private + shared,
-                "normal-bytes": (private + shared) * 4096,
-            },
-            "confidential": {
-                "private-pages": private,
-                "shared-pages": shared,
-                "helpers": self.helpers,
-            },
-        });
-        if status == MigrationStatus::Completed {
-            v["downtime"] = json!(Progress::get(&p.downtime_us) / 1000);
+        MigrationInfo {
+            status,
+            total_ms: self.total_ms(),
+            setup_ms: Progress::get(&p.setup_us) / 1000,
+            downtime_ms: (status == MigrationStatus::Completed)
+                .then(|| Progress::get(&p.downtime_us) / 1000),
+            transferred: Progress::get(&p.transferred),
+            remaining: Progress::get(&p.remaining),
+            total: Progress::get(&p.total),
+            private_pages: Progress::get(&p.private_pages),
+            shared_pages: Progress::get(&p.shared_pages),
+            helpers: self.helpers,
+            error: self.error.lock().expect("error lock poisoned").clone(),
         }
-        if let Some(e) = self.error.lock().expect("error lock poisoned").as_ref() {
-            v["error-desc"] = json!(e);
-        }
-        v
     }
+}
+
+/// A migration as `query-migrate` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationInfo {
+    /// Where it stands.
+    pub status: MigrationStatus,
+    /// Milliseconds from start to end (or now).
+    pub total_ms: u64,
+    /// Milliseconds until the guest was paused.
+    pub setup_ms: u64,
+    /// Milliseconds the guest was paused (once completed).
+    pub downtime_ms: Option<u64>,
+    /// Bytes on the wire.
+    pub transferred: u64,
+    /// Bytes of RAM still to go.
+    pub remaining: u64,
+    /// Bytes of RAM.
+    pub total: u64,
+    /// Pages through the helpers.
+    pub private_pages: u64,
+    /// Pages as plaintext.
+    pub shared_pages: u64,
+    /// Helpers at work.
+    pub helpers: usize,
+    /// Why it failed.
+    pub error: Option<String>,
 }
 
 /// Starts sending the VM to `uri` in a worker; the caller holds the
@@ -392,9 +400,9 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<Migrat
         .name("migrate-out".into())
         .spawn(move || {
             let job = worker_job;
-            link.raise_migration("setup");
+            link.raise_migration(MigrationStatus::Setup);
             job.set_status(MigrationStatus::Active);
-            link.raise_migration("active");
+            link.raise_migration(MigrationStatus::Active);
             log::info!("Migrating to {uri}");
             let result = source::send(&*link, &uri, &job.progress, &job.cancel);
             let status = job.finish(&result);
@@ -412,7 +420,7 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<Migrat
                 }
                 Err(e) => log::error!("Migration to {uri} failed: {e}"),
             }
-            link.raise_migration(status.name());
+            link.raise_migration(status);
         });
     if let Err(e) = spawned {
         let result = Err(MigrationError::Vm(format!(
@@ -445,11 +453,11 @@ pub fn start_incoming(
                 .map_err(MigrationError::from)
                 .and_then(|channel| {
                     job.set_status(MigrationStatus::Active);
-                    link.raise_migration("active");
+                    link.raise_migration(MigrationStatus::Active);
                     target::receive(&*link, channel, &job.progress)
                 });
             let status = job.finish(&result);
-            link.raise_migration(status.name());
+            link.raise_migration(status);
             match result {
                 Ok(()) => log::info!(
                     "Incoming migration from {uri} done in {} ms",

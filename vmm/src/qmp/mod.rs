@@ -3,8 +3,10 @@
 //! Speaks the QEMU Machine Protocol (QEMU docs/interop/qmp-spec.rst) over a
 //! Unix socket so existing QMP clients drive cgsvmm unchanged. This module
 //! owns the wire protocol (greeting, capabilities negotiation, JSON framing,
-//! `id` echo, error classes, events with timestamps) and the sockets; what
-//! each command does is the [`QmpBackend`]'s business (`control.rs`).
+//! `id` echo, error classes, events with timestamps) and the sockets.
+//! [`commands`] turns each message into a typed `control::Command` and the
+//! controller's typed replies and events into JSON, the only place QMP JSON
+//! is built; what a command does is the controller's business.
 //!
 //! ```text
 //! client                                  cgsvmm
@@ -24,6 +26,7 @@
 //! control are [`QmpServer`]'s.
 
 pub mod client;
+pub mod commands;
 pub mod framing;
 mod server;
 
@@ -96,9 +99,12 @@ pub fn greeting() -> Value {
 
 /// An event message with the current time.
 pub fn event_message(name: &str, data: Value) -> Value {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    event_message_at(name, data, SystemTime::now())
+}
+
+/// An event message stamped with the time it was raised.
+pub fn event_message_at(name: &str, data: Value, at: SystemTime) -> Value {
+    let now = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     json!({"event": name, "data": data,
            "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}})
 }

@@ -1,0 +1,263 @@
+//! QMP's commands, replies and events as JSON, in one place: a message's
+//! `execute` and `arguments` become a [`Command`] the controller executes,
+//! its [`Reply`] and [`Event`]s become QEMU-shaped JSON. Nothing else in
+//! cgsvmm builds QMP JSON.
+
+use serde_json::{json, Map, Value};
+
+use cgsvmm_migration::transport::{TransportError, Uri};
+
+use crate::control::{Command, Controller, CpuInfo, Event, Reply};
+use crate::migration_link::MigrationInfo;
+
+use super::{event_message_at, no_args, QmpBackend, QmpError};
+
+/// Every command, for `query-commands` (`qmp_capabilities` is the
+/// session's own).
+pub const COMMANDS: [&str; 16] = [
+    "qmp_capabilities",
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "query-cpus-fast",
+    "query-version",
+    "query-commands",
+    "x-query-mirror",
+    "system_powerdown",
+    "query-sev-launch-measure",
+    "migrate",
+    "migrate_cancel",
+    "query-migrate",
+    "migrate-incoming",
+    "x-query-ram-digest",
+];
+
+/// The command a QMP message names, with its arguments checked; `None`
+/// for the commands QMP answers itself.
+pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>, QmpError> {
+    let plain = |c: Command| no_args(args).map(|()| Some(c));
+    match command {
+        "query-status" => plain(Command::QueryStatus),
+        "stop" => plain(Command::Stop),
+        "cont" => plain(Command::Cont),
+        "quit" => plain(Command::Quit),
+        "system_powerdown" => plain(Command::SystemPowerdown),
+        "query-cpus-fast" => plain(Command::QueryCpus),
+        "x-query-mirror" => plain(Command::QueryMirror),
+        "query-sev-launch-measure" => plain(Command::QuerySevLaunchMeasure),
+        "migrate_cancel" => plain(Command::MigrateCancel),
+        "query-migrate" => plain(Command::QueryMigrate),
+        "x-query-ram-digest" => plain(Command::QueryRamDigest),
+        // QEMU's deprecated flags are accepted and mean nothing here.
+        "migrate" => Ok(Some(Command::Migrate {
+            uri: uri_arg(args, &["uri", "detach", "resume"])?,
+        })),
+        "migrate-incoming" => Ok(Some(Command::MigrateIncoming {
+            uri: uri_arg(args, &["uri", "exit-on-error"])?,
+        })),
+        "query-version" | "query-commands" => no_args(args).map(|()| None),
+        _ => Err(QmpError::not_found(format!(
+            "The command {command} has not been found"
+        ))),
+    }
+}
+
+/// The `uri` argument; every other argument must be one of `allowed`.
+fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError> {
+    if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+    }
+    match args.get("uri") {
+        Some(Value::String(u)) => u
+            .parse()
+            .map_err(|e: TransportError| QmpError::generic(e.to_string())),
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'uri', expected: string",
+        )),
+        None => Err(QmpError::generic("Parameter 'uri' is missing")),
+    }
+}
+
+/// A reply's `return` value.
+pub fn reply_json(reply: Reply) -> Value {
+    match reply {
+        Reply::Done => json!({}),
+        Reply::Status(state) => json!({
+            "status": state.name(),
+            "running": state == crate::control::RunState::Running,
+            "singlestep": false,
+        }),
+        Reply::Cpus(cpus) => Value::Array(cpus.iter().map(cpu_json).collect()),
+        Reply::Mirror(mirrors) => Value::Array(
+            mirrors
+                .iter()
+                .map(|m| {
+                    json!({"cpu-index": m.index, "payload": m.payload, "counter": m.counter,
+                           "probe": m.probe, "thread-id": m.thread_id, "fault": m.fault})
+                })
+                .collect(),
+        ),
+        Reply::SevMeasurement(m) => {
+            json!({"data": crate::confidential::sev::encode_base64(&m)})
+        }
+        Reply::Migration(None) => json!({}),
+        Reply::Migration(Some(info)) => migration_json(&info),
+        Reply::RamDigest(digest) => json!({ "digest": digest }),
+    }
+}
+
+fn cpu_json(c: &CpuInfo) -> Value {
+    json!({
+        "cpu-index": c.index,
+        "qom-path": format!("/machine/unattached/device[{}]", c.index),
+        "thread-id": c.thread_id,
+        "target": "x86_64",
+        "props": {"socket-id": c.index, "core-id": 0, "thread-id": 0},
+    })
+}
+
+/// `query-migrate`'s answer: QEMU's names, plus a `confidential` object.
+pub fn migration_json(info: &MigrationInfo) -> Value {
+    let secs = info.total_ms.max(1) as f64 / 1000.0;
+    let pages = info.private_pages + info.shared_pages;
+    let mut v = json!({
+        "status": info.status.name(),
+        "total-time": info.total_ms,
+        "setup-time": info.setup_ms,
+        "ram": {
+            "transferred": info.transferred,
+            "remaining": info.remaining,
+            "total": info.total,
+            "mbps": info.transferred as f64 * 8.0 / 1e6 / secs,
+            "pages-per-second": (pages as f64 / secs) as u64,
+            "normal": pages,
+            "normal-bytes": pages * 4096,
+        },
+        "confidential": {
+            "private-pages": info.private_pages,
+            "shared-pages": info.shared_pages,
+            "helpers": info.helpers,
+        },
+    });
+    if let Some(d) = info.downtime_ms {
+        v["downtime"] = json!(d);
+    }
+    if let Some(e) = &info.error {
+        v["error-desc"] = json!(e);
+    }
+    v
+}
+
+/// An event as a QMP event message.
+pub fn event_json(event: &Event, at: std::time::SystemTime) -> Value {
+    match event {
+        Event::Stop => event_message_at("STOP", json!({}), at),
+        Event::Resume => event_message_at("RESUME", json!({}), at),
+        Event::Migration(status) => {
+            event_message_at("MIGRATION", json!({"status": status.name()}), at)
+        }
+    }
+}
+
+impl QmpBackend for Controller {
+    fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        match parse(command, args)? {
+            Some(c) => self
+                .execute(c)
+                .map(reply_json)
+                .map_err(|e| QmpError::generic(e.0)),
+            None if command == "query-version" => Ok(super::greeting()["QMP"]["version"].clone()),
+            None => Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
+            )),
+        }
+    }
+
+    fn take_events(&mut self) -> Vec<Value> {
+        Controller::take_events(self)
+            .iter()
+            .map(|(e, at)| event_json(e, *at))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::control::RunState;
+    use crate::migration_link::MigrationStatus;
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn every_listed_command_parses_and_nothing_else_does() {
+        for c in COMMANDS.iter().filter(|c| **c != "qmp_capabilities") {
+            let a = if c.starts_with("migrate") && *c != "migrate_cancel" {
+                args(json!({"uri": "unix:/tmp/x"}))
+            } else {
+                Map::new()
+            };
+            assert!(parse(c, &a).is_ok(), "{c}");
+        }
+        assert_eq!(
+            parse("nope", &Map::new()).unwrap_err().class,
+            "CommandNotFound"
+        );
+        assert!(parse("stop", &args(json!({"x": 1}))).is_err());
+        assert_eq!(
+            parse("migrate", &args(json!({"uri": "tcp:h:1", "detach": true}))).unwrap(),
+            Some(Command::Migrate {
+                uri: Uri::Tcp("h:1".into())
+            })
+        );
+        for (bad, want) in [
+            (json!({}), "missing"),
+            (json!({"uri": 1}), "expected: string"),
+            (json!({"uri": "tcp:h"}), "HOST:PORT"),
+            (
+                json!({"uri": "unix:/x", "blk": true}),
+                "'blk' is unexpected",
+            ),
+        ] {
+            let e = parse("migrate", &args(bad.clone())).unwrap_err();
+            assert!(e.desc.contains(want), "{bad}: {}", e.desc);
+        }
+    }
+
+    #[test]
+    fn replies_and_events_have_qemus_shape() {
+        let v = reply_json(Reply::Status(RunState::PostMigrate));
+        assert_eq!(v["status"], "postmigrate");
+        assert_eq!(v["running"], false);
+        let info = MigrationInfo {
+            status: MigrationStatus::Completed,
+            total_ms: 500,
+            setup_ms: 1,
+            downtime_ms: Some(499),
+            transferred: 125_000_000,
+            remaining: 0,
+            total: 256 << 20,
+            private_pages: 3,
+            shared_pages: 1,
+            helpers: 2,
+            error: None,
+        };
+        let v = migration_json(&info);
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["downtime"], 499);
+        assert_eq!(v["ram"]["mbps"], 2000.0);
+        assert_eq!(v["confidential"]["private-pages"], 3);
+        assert!(v.get("error-desc").is_none());
+        let e = event_json(
+            &Event::Migration(MigrationStatus::Failed),
+            std::time::SystemTime::now(),
+        );
+        assert_eq!(e["event"], "MIGRATION");
+        assert_eq!(e["data"]["status"], "failed");
+        assert_eq!(reply_json(Reply::Migration(None)), json!({}));
+    }
+}
