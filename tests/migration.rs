@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use cgsvmm_migration::protocol::{self, FrameKind};
 use common::{last_pass, one_vm, tmp_path, Qmp, Vm};
 
 const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
@@ -257,14 +258,19 @@ fn a_snapshot_file_restores_in_new_processes() {
     }
     // An existing file is never overwritten.
     let (_vm, mut again) = source("snap-again", &key);
-    migrate(&mut again, &uri);
-    let info = wait_migration(&mut again, Duration::from_secs(10));
-    assert_eq!(info["status"], "failed");
+    let r = call(&mut again, "migrate", json!({ "uri": uri }));
     assert!(
-        info["error-desc"].as_str().unwrap().contains("exists"),
-        "{info}"
+        r["error"]["desc"].as_str().unwrap().contains("exists"),
+        "{r}"
     );
     assert_eq!(status(&mut again), "running");
+    // After a snapshot the guest may go on (no other copy runs).
+    migrate(&mut again, &format!("{uri}.2"));
+    check_report(&wait_migration(&mut again, Duration::from_secs(30)));
+    assert_eq!(status(&mut again), "postmigrate");
+    again.cmd("cont");
+    assert_eq!(status(&mut again), "running");
+    let _ = std::fs::remove_file(format!("{}.2", file.display()));
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_file(key);
 }
@@ -330,6 +336,67 @@ fn proxy(to: u16, damage: Damage) -> u16 {
         }
         let _ = to_dst.shutdown(std::net::Shutdown::Both);
         let _ = from_src.shutdown(std::net::Shutdown::Both);
+    });
+    port
+}
+
+/// What a frame-level relay does to the source's frames.
+#[derive(Clone, Copy)]
+enum Forge {
+    /// Changes one byte of the first frame of this kind, with a good
+    /// checksum (what a man in the middle can do).
+    Alter(FrameKind),
+    /// Keeps the seal and what follows from the target and answers the
+    /// source with an acknowledgement of its own.
+    FakeAck,
+}
+
+/// A relay that parses frames between source and target and does `forge`
+/// to them; returns its port.
+fn frame_proxy(to: u16, forge: Forge) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (from_src, _) = listener.accept().unwrap();
+        let to_dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut back_from_dst, mut back_to_src) =
+            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+        let mut to_src = from_src.try_clone().unwrap();
+        // The target's frames (its Hello first) go back as they are.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from_dst, &mut back_to_src);
+        });
+        let mut from_src = std::io::BufReader::new(from_src);
+        let mut to_dst = std::io::BufWriter::new(to_dst);
+        let mut altered = false;
+        while let Ok(Some(mut frame)) = protocol::read_frame(&mut from_src) {
+            match forge {
+                Forge::Alter(kind) if frame.kind == kind && !altered => {
+                    // Inside the first page's bytes, or mid-record.
+                    let at = if kind == FrameKind::SharedPages {
+                        8 + 100
+                    } else {
+                        frame.payload.len() / 2
+                    };
+                    frame.payload[at] ^= 0x01;
+                    altered = true;
+                }
+                Forge::FakeAck if frame.kind == FrameKind::Seal => {
+                    let _ = to_dst.flush();
+                    let _ = protocol::write_frame(&mut to_src, FrameKind::Ack, &[0u8; 16]);
+                    std::thread::sleep(Duration::from_secs(3));
+                    return;
+                }
+                _ => {}
+            }
+            if protocol::write_frame(&mut to_dst, frame.kind, &frame.payload).is_err() {
+                break;
+            }
+            if matches!(frame.kind, FrameKind::End | FrameKind::SessionOffer) {
+                let _ = to_dst.flush();
+            }
+        }
+        let _ = to_dst.flush();
     });
     port
 }
@@ -445,6 +512,118 @@ fn damaged_cut_short_or_mismatched_streams_fail_closed() {
     assert!(why.contains("256 MiB"), "{why}");
     let _ = std::fs::remove_file(key);
     let _ = std::fs::remove_file(other);
+}
+
+/// A man in the middle who rewrites a frame the helpers do not see (with
+/// a good checksum) is caught by the seal; the target proves its refusal
+/// and the source runs on.
+fn state_and_shared_pages_altered_on_the_way_are_refused() {
+    let _one = one_vm();
+    let key = key_file("forge.key", KEY);
+    let (src_vm, mut src) = source("forge-src", &key);
+    for (i, kind) in [
+        FrameKind::VcpuState,
+        FrameKind::SharedPages,
+        FrameKind::DeviceState,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let port = free_port();
+        let (mut dst_vm, _dst) = target(
+            &format!("forge{i}"),
+            &key,
+            "256M",
+            &format!("tcp:127.0.0.1:{port}"),
+        );
+        let via = frame_proxy(port, Forge::Alter(kind));
+        let why = fails_closed(
+            &src_vm,
+            &mut src,
+            &mut dst_vm,
+            &format!("tcp:127.0.0.1:{via}"),
+        );
+        assert!(why.contains("SealMismatch"), "{kind:?}: {why}");
+    }
+    let _ = std::fs::remove_file(key);
+}
+
+/// An acknowledgement the target's helpers did not make is not believed:
+/// the guest stays paused (it may run on the target), the operator
+/// decides.
+fn a_forged_acknowledgement_is_not_believed() {
+    let _one = one_vm();
+    let key = key_file("fakeack.key", KEY);
+    let (_src_vm, mut src) = source("fakeack-src", &key);
+    let port = free_port();
+    let (_dst_vm, _dst) = target(
+        "fakeack-dst",
+        &key,
+        "256M",
+        &format!("tcp:127.0.0.1:{port}"),
+    );
+    let via = frame_proxy(port, Forge::FakeAck);
+    migrate(&mut src, &format!("tcp:127.0.0.1:{via}"));
+    let info = wait_migration(&mut src, Duration::from_secs(30));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert!(
+        info["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("No authenticated answer"),
+        "{info}"
+    );
+    assert_eq!(status(&mut src), "paused");
+    src.cmd("cont");
+    assert_eq!(status(&mut src), "running");
+    let _ = std::fs::remove_file(key);
+}
+
+/// A guest that arrived leaves again: A to B to C, verified at the end;
+/// the source reports QEMU's events in order.
+fn a_migrated_guest_migrates_on() {
+    let _one = one_vm();
+    let key = key_file("chain.key", KEY);
+    let (a_vm, mut a) = source("chain-a", &key);
+    let uri_b = format!("tcp:127.0.0.1:{}", free_port());
+    let (b_vm, mut b, _) = start("chain-b", &key, "256M", &["--incoming", &uri_b]);
+    migrate(&mut a, &uri_b);
+    check_report(&wait_migration(&mut a, Duration::from_secs(30)));
+    assert_eq!(
+        wait_migration(&mut b, Duration::from_secs(10))["status"],
+        "completed"
+    );
+    assert_eq!(status(&mut b), "running");
+    status(&mut a);
+    let names: Vec<String> = a
+        .events
+        .iter()
+        .map(|e| match e["event"].as_str().unwrap() {
+            "MIGRATION" => format!("MIGRATION {}", e["data"]["status"].as_str().unwrap()),
+            other => other.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "MIGRATION setup",
+            "MIGRATION active",
+            "STOP",
+            "MIGRATION completed"
+        ],
+        "{:?}",
+        a.events
+    );
+    drop(a_vm);
+    assert!(passes_beyond(&b_vm, 0, 0));
+    let uri_c = format!("unix:{}", tmp_path("chain-c.mig").display());
+    let (c_vm, mut c) = target("chain-c", &key, "256M", &uri_c);
+    migrate(&mut b, &uri_c);
+    check_report(&wait_migration(&mut b, Duration::from_secs(30)));
+    assert_eq!(status(&mut b), "postmigrate");
+    assert_eq!(digest(&mut b), digest(&mut c));
+    verifies_on(&c_vm, &mut c, &b_vm.lines());
+    let _ = std::fs::remove_file(key);
 }
 
 /// A snapshot with a flipped byte, or cut short, restores nothing.
@@ -595,6 +774,9 @@ fn main() {
             a_damaged_or_truncated_snapshot_is_refused,
             migrate_cancel_during_the_transfer_then_a_second_migration_succeeds,
             incoming_defer_and_bad_requests,
+            state_and_shared_pages_altered_on_the_way_are_refused,
+            a_forged_acknowledgement_is_not_believed,
+            a_migrated_guest_migrates_on,
         ),
     )]);
 }

@@ -161,6 +161,32 @@ impl HelperError {
     }
 }
 
+/// What SEAL hands the source's host.
+#[derive(Debug, Clone, Copy)]
+pub struct Sealed {
+    /// The sealed end record, for the stream.
+    pub record: SealRecord,
+    /// First 16 bytes of SHA-256 over the ack token inside the seal.
+    pub ack_commitment: [u8; 16],
+    /// The same over the nack token.
+    pub nack_commitment: [u8; 16],
+}
+
+/// What the target's VERIFY_SEAL revealed, for the source to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The seal verified: the target took the VM.
+    Ack([u8; 16]),
+    /// The seal opened but did not match: the target can never take it.
+    Nack([u8; 16]),
+}
+
+/// Whether `token` is the one `commitment` commits to.
+pub fn token_matches(token: &[u8; 16], commitment: &[u8; 16]) -> bool {
+    use sha2::Digest;
+    sha2::Sha256::digest(token)[..16] == commitment[..]
+}
+
 /// Talks to one helper through its mailbox.
 pub struct HelperClient {
     mem: GuestMemoryMmap,
@@ -522,13 +548,15 @@ impl HelperClient {
     }
 
     /// Snapshot source: starts a session that needs no answer (keys from
-    /// this helper's nonce alone); returns the nonce the file carries.
-    pub fn begin_snapshot_source(&mut self) -> Result<[u8; 32], HelperError> {
+    /// this helper's nonce alone); returns the nonce the file carries and
+    /// the session id.
+    pub fn begin_snapshot_source(&mut self) -> Result<([u8; 32], [u8; 16]), HelperError> {
         let args = h::SessionArgs {
             role: role::SNAPSHOT_SOURCE,
             ..Default::default()
         };
-        Ok(self.session(cmd::SESSION_BEGIN, args)?.own_nonce)
+        let out = self.session(cmd::SESSION_BEGIN, args)?;
+        Ok((out.own_nonce, out.session_id))
     }
 
     /// Snapshot target: starts a session from the nonce in the file;
@@ -703,6 +731,7 @@ impl HelperClient {
         &self,
         shared: &[GpaRange],
         record: SealRecord,
+        stream_hash: [u8; 32],
     ) -> Result<h::SealArgs, HelperError> {
         if shared.len() > h::MAX_SHARED_RANGES as usize {
             return Err(HelperError::TooManyRanges(shared.len()));
@@ -712,21 +741,37 @@ impl HelperClient {
             .flat_map(|r| r.as_bytes().iter().copied())
             .collect();
         self.copy_in(record_offset(0), &bytes)?;
-        Ok(h::SealArgs {
-            record,
-            shared_count: shared.len() as u32,
-            reserved: 0,
-        })
+        let mut args = h::SealArgs::new_zeroed();
+        args.record = record;
+        args.shared_count = shared.len() as u32;
+        args.stream_hash = stream_hash;
+        Ok(args)
     }
 
     /// Source: the sealed end-of-stream record, once every RAM page outside
     /// `shared` (ascending, disjoint, page-aligned ranges the guest
     /// declared shared) was encrypted in this session. Ends the session's
-    /// encryption.
+    /// encryption. (No stream hash: for tests of the page path.)
     pub fn seal(&mut self, shared: &[GpaRange]) -> Result<SealRecord, HelperError> {
-        let args = self.seal_args(shared, SealRecord::new_zeroed())?;
+        Ok(self.seal_stream(shared, [0; 32])?.record)
+    }
+
+    /// Source: [`HelperClient::seal`] that also seals `stream_hash` (what
+    /// the helpers do not see), and the commitments to the target's
+    /// possible answers.
+    pub fn seal_stream(
+        &mut self,
+        shared: &[GpaRange],
+        stream_hash: [u8; 32],
+    ) -> Result<Sealed, HelperError> {
+        let args = self.seal_args(shared, SealRecord::new_zeroed(), stream_hash)?;
         self.call(cmd::SEAL, 0, args.as_bytes())?;
-        Ok(self.arg::<h::SealArgs>()?.record)
+        let out = self.arg::<h::SealArgs>()?;
+        Ok(Sealed {
+            record: out.record,
+            ack_commitment: out.ack_commitment,
+            nack_commitment: out.nack_commitment,
+        })
     }
 
     /// Target: verifies the source's sealed record against what arrived,
@@ -737,8 +782,32 @@ impl HelperClient {
         record: &SealRecord,
         shared: &[GpaRange],
     ) -> Result<(), HelperError> {
-        let args = self.seal_args(shared, *record)?;
-        self.call(cmd::VERIFY_SEAL, 0, args.as_bytes()).map(drop)
+        self.verify_stream(record, shared, [0; 32]).0
+    }
+
+    /// Target: [`HelperClient::verify_seal`] that also compares the stream
+    /// hash; returns the outcome and the token the helper revealed (the
+    /// ack token if it verified, the nack token if the seal opened but did
+    /// not match, none if it did not open).
+    pub fn verify_stream(
+        &mut self,
+        record: &SealRecord,
+        shared: &[GpaRange],
+        stream_hash: [u8; 32],
+    ) -> (Result<(), HelperError>, Option<Answer>) {
+        let args = match self.seal_args(shared, *record, stream_hash) {
+            Ok(a) => a,
+            Err(e) => return (Err(e), None),
+        };
+        let result = self.call(cmd::VERIFY_SEAL, 0, args.as_bytes()).map(drop);
+        let answer = match self.arg::<h::SealArgs>() {
+            Ok(out) if out.token_kind == h::token::ACK && result.is_ok() => {
+                Some(Answer::Ack(out.token))
+            }
+            Ok(out) if out.token_kind == h::token::NACK => Some(Answer::Nack(out.token)),
+            _ => None,
+        };
+        (result, answer)
     }
 
     /// Sends a raw command (for tests of the helper's debug commands).

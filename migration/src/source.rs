@@ -17,15 +17,19 @@ use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use crate::helper::{HelperClient, HelperError, RECORD_STRIDE};
-use crate::protocol::{self, FrameKind, ProtocolError};
+use crate::helper::{token_matches, HelperClient, HelperError, Sealed, RECORD_STRIDE};
+use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::state::{self, StreamMode};
 use crate::transport::{self, Channel, Uri};
 use crate::{MigratableVm, MigrationError, Progress, SavedState};
+
+/// Why two sides' session ids differ.
+pub const KEY_MISMATCH: &str = "the two sides' migration helpers derived different session keys: \
+     they do not share one transport key and one VM identity (--transport-key-file, --uuid)";
 
 /// Pages per page frame (the frame kinds' bound).
 pub const PAGES_PER_FRAME: usize = 256;
@@ -77,7 +81,10 @@ impl Cancel {
     }
 }
 
-/// Migrates `vm` to `uri`; on success the guest stays paused here.
+/// Migrates `vm` to `uri`; on success the guest stays paused here. The
+/// guest is paused only once the target has answered the handshake (it
+/// speaks this protocol, takes this configuration and shares the transport
+/// key), so a wrong target never stops it.
 pub fn send(
     vm: &dyn MigratableVm,
     uri: &Uri,
@@ -87,31 +94,38 @@ pub fn send(
     let began = Instant::now();
     let channel = transport::connect(uri)?;
     cancel.attach(&channel);
-    let was_running = vm.pause().map_err(MigrationError::Vm)?;
-    let paused = Instant::now();
-    Progress::add(&progress.setup_us, began.elapsed().as_micros() as u64);
     let mut helpers = Vec::new();
-    let result = Sender {
+    let mut sender = Sender {
         vm,
         progress,
         cancel,
         live: channel.is_live(),
         reader: channel.try_clone().ok(),
         out: BufWriter::with_capacity(WRITE_BUFFER, channel),
-    }
-    .run(&mut helpers);
+        began,
+        paused: None,
+        hash: StreamHash::default(),
+        nacked: false,
+    };
+    let result = sender.run(&mut helpers);
     for h in &mut helpers {
         let _ = h.end();
     }
+    let paused = sender.paused;
     match result {
         Ok(()) => {
-            progress
-                .downtime_us
-                .store(paused.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if let Some((at, _)) = paused {
+                progress
+                    .downtime_us
+                    .store(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
             Ok(())
         }
         Err(e) => {
-            let e = if cancel.is_cancelled() {
+            // After the seal went out, only the target's authenticated
+            // refusal lets the guest run here again: it may run there.
+            let resume = !matches!(e, MigrationError::OutcomeUnknown(_));
+            let e = if cancel.is_cancelled() && resume {
                 MigrationError::Cancelled
             } else {
                 e
@@ -119,7 +133,7 @@ pub fn send(
             if let Uri::File(path) = uri {
                 let _ = std::fs::remove_file(path);
             }
-            if was_running {
+            if let (Some((_, true)), true) = (paused, resume) {
                 if let Err(r) = vm.resume() {
                     log::error!("Cannot resume the guest after a failed migration: {r}");
                 }
@@ -129,6 +143,12 @@ pub fn send(
     }
 }
 
+/// How long the target may take to answer the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target may take, after the last frame, to verify the seal,
+/// restore the state and acknowledge.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct Sender<'a> {
     vm: &'a dyn MigratableVm,
     progress: &'a Progress,
@@ -136,11 +156,19 @@ struct Sender<'a> {
     live: bool,
     reader: Option<Channel>,
     out: BufWriter<Channel>,
+    began: Instant,
+    /// When the main vCPUs were paused, and whether they ran before.
+    paused: Option<(Instant, bool)>,
+    /// Over the frames the helpers do not see.
+    hash: StreamHash,
+    /// The target proved it refused the seal.
+    nacked: bool,
 }
 
 impl Sender<'_> {
     fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         self.cancel.check()?;
+        self.hash.frame(kind, payload);
         protocol::write_frame(&mut self.out, kind, payload)?;
         Progress::add(
             &self.progress.transferred,
@@ -154,13 +182,31 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// The target's next frame: `want`, or its error, or a sequence error.
-    fn answer(&mut self, want: FrameKind) -> Result<Vec<u8>, MigrationError> {
+    /// The target's next frame within `limit`: `want`, or its error, or a
+    /// sequence error.
+    fn answer(&mut self, want: FrameKind, limit: Duration) -> Result<Vec<u8>, MigrationError> {
         let reader = self
             .reader
             .as_mut()
             .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
-        match protocol::read_frame(reader)? {
+        reader
+            .set_read_timeout(Some(limit))
+            .map_err(ProtocolError::Io)?;
+        let frame = protocol::read_frame(reader).map_err(|e| match e {
+            ProtocolError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrationError::Peer {
+                    side: "target",
+                    why: format!("no {want:?} within {limit:?}"),
+                }
+            }
+            e => e.into(),
+        })?;
+        match frame {
             Some(f) if f.kind == want => Ok(f.payload),
             Some(f) if f.kind == FrameKind::Error => Err(MigrationError::Peer {
                 side: "target",
@@ -196,7 +242,7 @@ impl Sender<'_> {
         }
     }
 
-    fn run(mut self, helpers: &mut Vec<HelperClient>) -> Result<(), MigrationError> {
+    fn run(&mut self, helpers: &mut Vec<HelperClient>) -> Result<(), MigrationError> {
         let result = self.stream(helpers);
         match result {
             Ok(()) => Ok(()),
@@ -229,31 +275,51 @@ impl Sender<'_> {
         let lead = helpers
             .first_mut()
             .ok_or_else(|| MigrationError::Vm("this VM runs no migration helper".into()))?;
+        // A live target speaks first: something else at that address (a
+        // QMP socket, another program) is caught before anything is sent.
+        if self.live {
+            let reader = self
+                .reader
+                .as_mut()
+                .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
+            reader
+                .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+                .map_err(ProtocolError::Io)?;
+            protocol::read_hello(reader)?;
+        }
         protocol::write_hello(&mut self.out)?;
         self.frame(FrameKind::Config, &state::encode(&vm.config(mode))?)?;
 
-        // The session: both helpers' nonces, or the source's only.
+        // The session: both helpers' nonces, or the source's only. Either
+        // way the session id travels, so that a target under another key
+        // says so before it decrypts anything.
         match mode {
             StreamMode::Live => {
                 let nonce = lead.begin_source()?;
                 self.frame(FrameKind::SessionOffer, &nonce)?;
                 self.flush()?;
-                let answer = self.answer(FrameKind::SessionAnswer)?;
+                let answer = self.answer(FrameKind::SessionAnswer, HANDSHAKE_TIMEOUT)?;
                 let (target_nonce, target_id) = parse_answer(&answer)?;
                 let id = helpers[0].complete_source(target_nonce)?;
                 if id != target_id {
-                    return Err(MigrationError::Mismatch(
-                        "its migration helpers derived another session key: the two VMs do not \
-                         share one transport key and one VM identity (--transport-key-file, --uuid)"
-                            .into(),
-                    ));
+                    return Err(MigrationError::Mismatch(KEY_MISMATCH.into()));
                 }
             }
             StreamMode::Snapshot => {
-                let nonce = lead.begin_snapshot_source()?;
-                self.frame(FrameKind::SessionOffer, &nonce)?;
+                let (nonce, id) = lead.begin_snapshot_source()?;
+                let mut offer = nonce.to_vec();
+                offer.extend_from_slice(&id);
+                self.frame(FrameKind::SessionOffer, &offer)?;
             }
         }
+
+        // The target takes this VM: now the guest stops.
+        let was_running = vm.pause().map_err(MigrationError::Vm)?;
+        self.paused = Some((Instant::now(), was_running));
+        Progress::add(
+            &self.progress.setup_us,
+            self.began.elapsed().as_micros() as u64,
+        );
 
         let map = vm.shared_map();
         let shared = map.ranges();
@@ -270,14 +336,57 @@ impl Sender<'_> {
 
         let saved = vm.save().map_err(MigrationError::Vm)?;
         self.state(&saved)?;
-        let seal = helpers[0].seal(&shared)?;
-        self.frame(FrameKind::Seal, seal.as_bytes())?;
+        let sealed = helpers[0].seal_stream(&shared, self.hash.value())?;
+        self.frame(FrameKind::Seal, sealed.record.as_bytes())?;
         self.frame(FrameKind::End, &[])?;
-        self.flush()?;
-        if self.live {
-            self.answer(FrameKind::Ack)?;
+        if !self.live {
+            return self.flush();
         }
-        Ok(())
+        // From here the target may have everything: what it answers
+        // decides, and only an answer its helpers vouch for counts.
+        let outcome = self.flush().and_then(|()| self.outcome(&sealed));
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e @ MigrationError::Peer { .. }) if self.nacked => Err(e),
+            Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
+        }
+    }
+
+    /// The target's authenticated answer: Ok on its ack, its reason on its
+    /// nack (then `self.nacked`), anything else an error.
+    fn outcome(&mut self, sealed: &Sealed) -> Result<(), MigrationError> {
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
+        reader
+            .set_read_timeout(Some(ACK_TIMEOUT))
+            .map_err(ProtocolError::Io)?;
+        let frame = protocol::read_frame(reader)?.ok_or_else(|| MigrationError::Peer {
+            side: "target",
+            why: "it closed the connection without an answer".into(),
+        })?;
+        let token: Option<[u8; 16]> = frame
+            .payload
+            .get(..16)
+            .map(|t| t.try_into().expect("16 bytes"));
+        match (frame.kind, token) {
+            (FrameKind::Ack, Some(t)) if token_matches(&t, &sealed.ack_commitment) => Ok(()),
+            (FrameKind::Nack, Some(t)) if token_matches(&t, &sealed.nack_commitment) => {
+                self.nacked = true;
+                Err(MigrationError::Peer {
+                    side: "target",
+                    why: String::from_utf8_lossy(&frame.payload[16..]).into_owned(),
+                })
+            }
+            (FrameKind::Error, _) => Err(MigrationError::Peer {
+                side: "target",
+                why: String::from_utf8_lossy(&frame.payload).into_owned(),
+            }),
+            (kind, _) => Err(MigrationError::Sequence(format!(
+                "{kind:?} from the target whose token its helpers did not make"
+            ))),
+        }
     }
 
     fn state(&mut self, saved: &SavedState) -> Result<(), MigrationError> {

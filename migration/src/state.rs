@@ -237,6 +237,9 @@ pub struct VmRecord {
     pub pit: kvm_pit_state2,
     /// KVM clock.
     pub clock: kvm_clock_data,
+    /// Whether the guest ran when the migration paused it (the target runs
+    /// it on only then, as QEMU does).
+    pub running: bool,
 }
 
 impl std::fmt::Debug for VmRecord {
@@ -464,6 +467,7 @@ mod tests {
                 clock: 987_654_321,
                 ..Default::default()
             },
+            running: true,
         };
         r.pit.channels[0].count = 0x1234;
         r
@@ -508,6 +512,7 @@ mod tests {
         assert_eq!(back.ioapic.chip_id, 2);
         assert_eq!(back.pit.channels[0].count, 0x1234);
         assert_eq!(back.clock.clock, 987_654_321);
+        assert!(back.running);
 
         let c = config();
         assert_eq!(decode::<ConfigRecord>(&encode(&c).unwrap()).unwrap(), c);

@@ -20,12 +20,15 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::FromBytes;
 
-use crate::helper::{GpaRange, HelperClient, SealRecord, RECORD_STRIDE};
-use crate::protocol::{self, FrameKind, ProtocolError};
+use crate::helper::{
+    Answer, GpaRange, HelperClient, HelperError, HelperStatus, SealRecord, RECORD_STRIDE,
+};
+use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::ranges::SharedMap;
 use crate::source::SHARED_PAGE_STRIDE;
 use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
@@ -36,9 +39,17 @@ const PAGE: u64 = 4096;
 /// Bytes read ahead from the channel.
 const READ_BUFFER: usize = 1 << 20;
 
+/// How long a source may take to say who it is (a connection that says
+/// nothing in this time, or something else, is not a migration).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the stream may stall between frames once it has begun.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Receives a VM from `channel` into `vm`; on success the guest runs here
 /// (or stays paused if the VM was told so) and a live source has its
-/// acknowledgement.
+/// acknowledgement. [`MigrationError::NotAMigration`]: the peer never
+/// spoke the protocol (nothing was touched; the caller may wait for
+/// another).
 pub fn receive(
     vm: &dyn MigratableVm,
     channel: Channel,
@@ -52,6 +63,11 @@ pub fn receive(
     } else {
         None
     };
+    if live {
+        channel
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(ProtocolError::Io)?;
+    }
     let mut helpers = Vec::new();
     let mut receiver = Receiver {
         vm,
@@ -61,19 +77,47 @@ pub fn receive(
         } else {
             StreamMode::Snapshot
         },
+        stop: channel.try_clone().ok(),
         input: BufReader::with_capacity(READ_BUFFER, channel),
         output: writer,
         buf: Vec::new(),
+        hash: StreamHash::default(),
+        seal: None,
+        shared: Vec::new(),
+        nack: None,
     };
     let result = receiver.run(&mut helpers);
-    if let Err(e) = &result {
-        for h in &mut helpers {
-            let _ = h.end();
+    if result.is_err() && receiver.nack.is_none() {
+        // The seal arrived but something else failed: have the helpers
+        // refuse it for good, and so earn the token that proves it.
+        if let (Some(seal), Some(lead)) = (receiver.seal, helpers.first_mut()) {
+            if let (_, Some(Answer::Nack(t))) =
+                lead.verify_stream(&seal, &receiver.shared, [0xff; 32])
+            {
+                receiver.nack = Some(t);
+            }
         }
-        if !matches!(e, MigrationError::Peer { .. }) {
+    }
+    // Verified or not, the session is over: a VM that arrived may leave
+    // again (as a source), and one that did not arrive exits.
+    for h in &mut helpers {
+        let _ = h.end();
+    }
+    if let Err(e) = &result {
+        if !matches!(
+            e,
+            MigrationError::Peer { .. } | MigrationError::NotAMigration(_)
+        ) {
             let msg = e.to_string();
             let cut = msg.len().min(FrameKind::Error.max_length() as usize);
-            let _ = receiver.send(FrameKind::Error, &msg.as_bytes()[..cut]);
+            let _ = match receiver.nack {
+                Some(token) => {
+                    let mut payload = token.to_vec();
+                    payload.extend_from_slice(&msg.as_bytes()[..cut]);
+                    receiver.send(FrameKind::Nack, &payload)
+                }
+                None => receiver.send(FrameKind::Error, &msg.as_bytes()[..cut]),
+            };
         }
     }
     result
@@ -83,9 +127,19 @@ struct Receiver<'a> {
     vm: &'a dyn MigratableVm,
     progress: &'a Progress,
     mode: StreamMode,
+    /// Shuts the stream when a helper fails, so the reader stops waiting.
+    stop: Option<Channel>,
     input: BufReader<Channel>,
     output: Option<BufWriter<Channel>>,
     buf: Vec<u8>,
+    /// Over the frames the helpers do not see, as they arrived.
+    hash: StreamHash,
+    /// The source's seal, once it arrived.
+    seal: Option<SealRecord>,
+    /// The shared ranges the stream declared.
+    shared: Vec<GpaRange>,
+    /// The nack token, once the helpers revealed it.
+    nack: Option<[u8; 16]>,
 }
 
 impl Receiver<'_> {
@@ -109,6 +163,7 @@ impl Receiver<'_> {
             &self.progress.transferred,
             (protocol::HEADER_SIZE + self.buf.len()) as u64,
         );
+        self.hash.frame(kind, &self.buf);
         if kind == FrameKind::Error {
             return Err(MigrationError::Peer {
                 side: "source",
@@ -130,7 +185,24 @@ impl Receiver<'_> {
 
     fn run(&mut self, helpers: &mut Vec<HelperClient>) -> Result<(), MigrationError> {
         let vm = self.vm;
-        protocol::read_hello(&mut self.input)?;
+        // Speak first, so that a source that reached something else knows
+        // before it pauses its guest.
+        if let Some(out) = self.output.as_mut() {
+            protocol::write_hello(out)?;
+            out.flush().map_err(ProtocolError::Io)?;
+        }
+        protocol::read_hello(&mut self.input).map_err(|e| match e {
+            ProtocolError::BadHello => MigrationError::NotAMigration(e.to_string()),
+            ProtocolError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrationError::NotAMigration(format!("no Hello within {HANDSHAKE_TIMEOUT:?}"))
+            }
+            e => e.into(),
+        })?;
         self.expect(FrameKind::Config)?;
         let theirs: ConfigRecord = state::decode(&self.buf)?;
         let ours = vm.config(self.mode);
@@ -139,9 +211,17 @@ impl Receiver<'_> {
         }
 
         self.expect(FrameKind::SessionOffer)?;
-        let source_nonce: [u8; 32] = self.buf[..].try_into().map_err(|_| {
-            MigrationError::Sequence(format!("a session offer of {} bytes", self.buf.len()))
-        })?;
+        let offer_len = match self.mode {
+            StreamMode::Live => 32,
+            StreamMode::Snapshot => 48,
+        };
+        if self.buf.len() != offer_len {
+            return Err(MigrationError::Sequence(format!(
+                "a session offer of {} bytes",
+                self.buf.len()
+            )));
+        }
+        let source_nonce: [u8; 32] = self.buf[..32].try_into().expect("32 bytes");
         *helpers = vm.helpers().map_err(MigrationError::Vm)?;
         if helpers.is_empty() {
             return Err(MigrationError::Vm(
@@ -156,13 +236,26 @@ impl Receiver<'_> {
                 self.send(FrameKind::SessionAnswer, &answer)?;
             }
             StreamMode::Snapshot => {
-                helpers[0].begin_snapshot_target(source_nonce)?;
+                let id = helpers[0].begin_snapshot_target(source_nonce)?;
+                if self.buf[32..] != id {
+                    return Err(MigrationError::Mismatch(format!(
+                        "the snapshot was not made by this VM's owner: {}",
+                        crate::source::KEY_MISMATCH
+                    )));
+                }
             }
         }
 
+        if self.output.is_some() {
+            self.input
+                .get_ref()
+                .set_read_timeout(Some(FRAME_TIMEOUT))
+                .map_err(ProtocolError::Io)?;
+        }
         self.expect(FrameKind::SharedMap)?;
         let ram = vm.ram_ranges();
         let map = shared_map(&ram, &self.buf)?;
+        self.shared = map.ranges();
         let total: u64 = ram.iter().map(|r| r.1).sum();
         self.progress
             .total
@@ -189,12 +282,44 @@ impl Receiver<'_> {
             }
             vcpus.push(vcpu);
         }
+        let hash = self.hash.value();
         self.expect(FrameKind::Seal)?;
         let seal = SealRecord::read_from_bytes(&self.buf)
             .map_err(|_| MigrationError::Sequence(format!("a seal of {} bytes", self.buf.len())))?;
+        self.seal = Some(seal);
         self.expect(FrameKind::End)?;
 
-        helpers[0].verify_seal(&seal, &map.ranges())?;
+        let (verified, answer) = helpers[0].verify_stream(&seal, &self.shared, hash);
+        let ack = match answer {
+            Some(Answer::Ack(t)) => Some(t),
+            Some(Answer::Nack(t)) => {
+                self.nack = Some(t);
+                None
+            }
+            None => None,
+        };
+        verified.map_err(|e| match e {
+            HelperError::Refused {
+                status: HelperStatus::SealMismatch,
+                ..
+            } => MigrationError::Sequence(
+                "what arrived does not match what the source's helpers sealed: the stream was \
+                 altered on the way (SealMismatch)"
+                    .into(),
+            ),
+            HelperError::Refused {
+                status: HelperStatus::Incomplete,
+                record,
+                ..
+            } => MigrationError::Sequence(format!(
+                "private page {:#x} never arrived (Incomplete)",
+                u64::from(record) * PAGE
+            )),
+            e => e.into(),
+        })?;
+        let ack = ack.ok_or_else(|| {
+            MigrationError::Vm("the helpers verified the seal but gave no token".into())
+        })?;
         let saved = SavedState {
             vm: vm_state,
             vcpus,
@@ -203,7 +328,7 @@ impl Receiver<'_> {
         vm.set_shared_map(map);
         vm.restore(saved).map_err(MigrationError::Vm)?;
         vm.start().map_err(MigrationError::Vm)?;
-        self.send(FrameKind::Ack, &[])?;
+        self.send(FrameKind::Ack, &ack)?;
         Ok(())
     }
 
@@ -218,11 +343,13 @@ impl Receiver<'_> {
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
         let mut seen = vec![false; usize::try_from(map.pages()).unwrap_or(usize::MAX)];
         let shared = map.ranges();
+        let stop = self.stop.take();
         let result = std::thread::scope(|scope| {
             let mut workers: Vec<SyncSender<Vec<u8>>> = Vec::new();
             for client in helpers.iter_mut() {
                 let (tx, rx) = sync_channel::<Vec<u8>>(2);
                 let (failure, pool, progress) = (&failure, &pool, self.progress);
+                let stop = stop.as_ref();
                 scope.spawn(move || {
                     for records in rx {
                         match client.decrypt(&records) {
@@ -239,6 +366,11 @@ impl Receiver<'_> {
                                     .lock()
                                     .expect("failure lock poisoned")
                                     .get_or_insert(e.into());
+                                // Wake the reader: it may wait on a source
+                                // that has stalled.
+                                if let Some(c) = stop {
+                                    c.shutdown();
+                                }
                                 return;
                             }
                         }
@@ -279,6 +411,7 @@ impl Receiver<'_> {
                 }
             }
         });
+        self.stop = stop;
         if let Some(e) = failure.into_inner().expect("failure lock poisoned") {
             return Err(e);
         }

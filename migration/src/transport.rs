@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,10 +64,13 @@ impl std::str::FromStr for Uri {
                 let (host, port) = rest
                     .rsplit_once(':')
                     .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
-                if host.is_empty() || port.parse::<u16>().is_err() {
+                if port.parse::<u16>().is_err() {
                     return Err(bad("expected tcp:HOST:PORT with a port from 0 to 65535"));
                 }
-                Ok(Uri::Tcp(rest.to_string()))
+                // QEMU's `tcp::PORT`: every interface (listening) or this
+                // host (connecting).
+                let host = if host.is_empty() { "0.0.0.0" } else { host };
+                Ok(Uri::Tcp(format!("{host}:{port}")))
             }
             "unix" => Ok(Uri::Unix(PathBuf::from(rest))),
             "file" => Ok(Uri::File(PathBuf::from(rest))),
@@ -185,9 +189,11 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
         Uri::Unix(path) => UnixStream::connect(path)
             .map(Channel::Unix)
             .map_err(uri.failed("Cannot connect to")),
+        // Owner-only: the snapshot holds the shared pages in plaintext.
         Uri::File(path) => OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
             .map(Channel::File)
             .map_err(uri.failed("Cannot create")),
@@ -291,12 +297,16 @@ mod tests {
             let uri: Uri = s.parse().unwrap();
             assert_eq!(uri.to_string(), s);
         }
+        // QEMU's `tcp::PORT`.
+        assert_eq!(
+            "tcp::4444".parse::<Uri>().unwrap(),
+            Uri::Tcp("0.0.0.0:4444".into())
+        );
         for bad in [
             "",
             "tcp",
             "tcp:",
             "tcp:host",
-            "tcp::80",
             "tcp:host:99999",
             "rdma:x:1",
             "unix:",

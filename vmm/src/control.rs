@@ -129,6 +129,9 @@ pub enum RunState {
     FinishMigrate,
     /// Migrated away: the guest runs on the target now.
     PostMigrate,
+    /// Built, never run: waits for `cont` (`--paused` without
+    /// `--incoming`, QEMU's `-S`).
+    Prelaunch,
 }
 
 impl RunState {
@@ -140,6 +143,7 @@ impl RunState {
             RunState::InMigrate => "inmigrate",
             RunState::FinishMigrate => "finish-migrate",
             RunState::PostMigrate => "postmigrate",
+            RunState::Prelaunch => "prelaunch",
         }
     }
 }
@@ -187,6 +191,11 @@ pub struct Controller {
     autostart: bool,
     /// The state before an outgoing migration paused the guest.
     before_migration: RunState,
+    /// Whether the incoming guest ran on its source (it runs on here only
+    /// then, as in QEMU).
+    source_running: bool,
+    /// The last outgoing migration was a snapshot (the guest may go on).
+    snapshotted: bool,
 }
 
 impl Controller {
@@ -216,6 +225,8 @@ impl Controller {
             incoming: None,
             autostart: true,
             before_migration: RunState::Paused,
+            source_running: true,
+            snapshotted: false,
         }
     }
 
@@ -265,6 +276,23 @@ impl Controller {
         Ok(was == RunState::Running)
     }
 
+    /// Whether the guest ran when the current outgoing migration paused it.
+    pub fn ran_before_migration(&self) -> bool {
+        self.before_migration == RunState::Running
+    }
+
+    /// Records whether the arriving guest ran on its source.
+    pub fn set_source_running(&mut self, running: bool) {
+        self.source_running = running;
+    }
+
+    /// An outgoing migration completed: the guest runs elsewhere now
+    /// (`postmigrate`); after a snapshot it may also go on here.
+    pub fn finish_outgoing(&mut self, snapshot: bool) {
+        self.state = RunState::PostMigrate;
+        self.snapshotted = snapshot;
+    }
+
     /// Undoes [`Controller::pause_for_migration`] after a failure.
     pub fn resume_after_migration(&mut self) -> Result<(), VcpuError> {
         if self.before_migration == RunState::Running {
@@ -278,7 +306,7 @@ impl Controller {
     /// An incoming migration arrived and verified: the guest runs, or
     /// stays paused if it was told to.
     pub fn finish_incoming(&mut self) -> Result<(), VcpuError> {
-        if self.autostart {
+        if self.autostart && self.source_running {
             self.main.resume()?;
             self.state = RunState::Running;
             self.raise(Event::Resume);
@@ -320,7 +348,7 @@ impl Controller {
             return Ok(());
         }
         if !self.autostart {
-            self.state = RunState::Paused;
+            self.state = RunState::Prelaunch;
             return Ok(());
         }
         self.main.resume()?;
@@ -354,9 +382,9 @@ impl Controller {
         Ok(())
     }
 
-    /// Resumes the main vCPUs.
+    /// Resumes the main vCPUs (starts them, from `prelaunch`).
     pub fn cont(&mut self) -> Result<(), VcpuError> {
-        if self.state == RunState::Paused {
+        if matches!(self.state, RunState::Paused | RunState::Prelaunch) {
             let began = std::time::Instant::now();
             self.main.resume()?;
             log::debug!("Resumed the main vCPUs in {:?}", began.elapsed());
@@ -482,6 +510,11 @@ impl Controller {
                     "The guest is being migrated; it resumes here if the migration fails".into(),
                 ))
             }
+            // A snapshot leaves no other copy running: the guest may go on.
+            RunState::PostMigrate if self.snapshotted => {
+                self.state = RunState::Paused;
+                self.cont()?;
+            }
             RunState::PostMigrate => {
                 return Err(ControlError(
                     "The guest was migrated and runs on the target; it cannot resume here".into(),
@@ -516,12 +549,22 @@ impl Controller {
             ));
         }
         match self.state {
-            RunState::Running | RunState::Paused => {}
+            RunState::Running | RunState::Paused | RunState::Prelaunch => {}
+            RunState::PostMigrate if self.snapshotted => {}
             s => {
                 return Err(ControlError(format!(
                     "The VM cannot be migrated while it is {}",
                     s.name()
                 )))
+            }
+        }
+        if let Uri::File(path) = &uri {
+            if path.exists() {
+                return Err(ControlError(format!(
+                    "{} exists: cgsvmm never overwrites a snapshot; remove it or choose \
+                     another name",
+                    path.display()
+                )));
             }
         }
         let job = migration_link::start_outgoing(self.link()?, uri, self.mirror.handles().len());
@@ -530,12 +573,20 @@ impl Controller {
     }
 
     fn migrate_incoming(&mut self, uri: &Uri) -> Result<Reply, ControlError> {
-        if self.incoming != Some(Incoming::Defer) {
-            return Err(ControlError(
-                "'-incoming' was not specified on the command line: start cgsvmm with \
-                 --incoming defer to use migrate-incoming"
-                    .into(),
-            ));
+        match &self.incoming {
+            Some(Incoming::Defer) => {}
+            Some(Incoming::Uri(u)) => {
+                return Err(ControlError(format!(
+                    "migrate-incoming is for use with '--incoming defer'; this VM waits on {u}"
+                )))
+            }
+            None => {
+                return Err(ControlError(
+                    "migrate-incoming is for use with '--incoming defer'; this VM was not \
+                     started to receive a migration"
+                        .into(),
+                ))
+            }
         }
         if self.migration.is_some() {
             return Err(ControlError(

@@ -191,13 +191,17 @@ impl MigratableVm for VmLink {
             cmos: self.devices.cmos.state(),
             fw_cfg: self.devices.fw_cfg.state(),
         };
-        let vcpus = self.with_controller(|c| {
-            c.main_vcpus()
+        let (vcpus, running) = self.with_controller(|c| {
+            let vcpus = c
+                .main_vcpus()
                 .save_state()
-                .map_err(|e| format!("Cannot save the vCPUs' state: {e}"))
+                .map_err(|e| format!("Cannot save the vCPUs' state: {e}"))?;
+            Ok((vcpus, c.ran_before_migration()))
         })?;
+        let mut vm_state = vm::save_state(&self.main_vm).map_err(|e| e.to_string())?;
+        vm_state.running = running;
         Ok(SavedState {
-            vm: vm::save_state(&self.main_vm).map_err(|e| e.to_string())?,
+            vm: vm_state,
             vcpus,
             devices: state::encode(&devices).map_err(|e| e.to_string())?,
         })
@@ -214,7 +218,9 @@ impl MigratableVm for VmLink {
             .restore(&devices.fw_cfg)
             .map_err(|e| e.to_string())?;
         vm::restore_state(&self.main_vm, &saved.vm).map_err(|e| e.to_string())?;
+        let running = saved.vm.running;
         self.with_controller(|c| {
+            c.set_source_running(running);
             c.main_vcpus()
                 .restore_state(saved.vcpus)
                 .map_err(|e| format!("Cannot restore the vCPUs' state: {e}"))
@@ -222,6 +228,8 @@ impl MigratableVm for VmLink {
     }
 
     fn start(&self) -> Result<(), String> {
+        // As QEMU orders them: the migration completed, then the guest runs.
+        self.raise_migration(MigrationStatus::Completed);
         self.with_controller(|c| c.finish_incoming().map_err(|e| e.to_string()))
     }
 }
@@ -274,24 +282,36 @@ pub struct MigrationJob {
     /// Counters.
     pub progress: Progress,
     cancel: Cancel,
-    started: Instant,
+    started: Mutex<Instant>,
     status: AtomicU8,
     total_us: AtomicU64,
     error: Mutex<Option<String>>,
     helpers: usize,
+    /// Sending (cancellable) rather than receiving.
+    outgoing: bool,
 }
 
 impl MigrationJob {
-    fn new(helpers: usize) -> Self {
+    fn new(helpers: usize, outgoing: bool) -> Self {
         Self {
             progress: Progress::default(),
             cancel: Cancel::default(),
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             status: AtomicU8::new(MigrationStatus::Setup as u8),
             total_us: AtomicU64::new(0),
             error: Mutex::new(None),
             helpers,
+            outgoing,
         }
+    }
+
+    /// Counts time from now (an incoming migration, from its connection).
+    fn restart_clock(&self) {
+        *self.started.lock().expect("clock lock poisoned") = Instant::now();
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.started.lock().expect("clock lock poisoned").elapsed()
     }
 
     /// Where it stands.
@@ -311,15 +331,18 @@ impl MigrationJob {
         )
     }
 
-    /// `migrate_cancel`.
+    /// `migrate_cancel`: an outgoing migration stops; an incoming one is
+    /// not the target's to cancel (as in QEMU).
     pub fn cancel(&self) {
-        self.set_status(MigrationStatus::Cancelling);
-        self.cancel.cancel();
+        if self.outgoing {
+            self.set_status(MigrationStatus::Cancelling);
+            self.cancel.cancel();
+        }
     }
 
     fn finish(&self, result: &Result<(), MigrationError>) -> MigrationStatus {
         self.total_us
-            .store(self.started.elapsed().as_micros() as u64, Ordering::SeqCst);
+            .store(self.elapsed().as_micros() as u64, Ordering::SeqCst);
         let status = match result {
             Ok(()) => MigrationStatus::Completed,
             Err(MigrationError::Cancelled) => MigrationStatus::Cancelled,
@@ -338,7 +361,7 @@ impl MigrationJob {
         let us = if done > 0 {
             done
         } else {
-            self.started.elapsed().as_micros() as u64
+            self.elapsed().as_micros() as u64
         };
         us / 1000
     }
@@ -394,7 +417,7 @@ pub struct MigrationInfo {
 /// Starts sending the VM to `uri` in a worker; the caller holds the
 /// controller (the worker waits for it before it pauses the guest).
 pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<MigrationJob> {
-    let job = Arc::new(MigrationJob::new(helpers));
+    let job = Arc::new(MigrationJob::new(helpers, true));
     let worker_job = job.clone();
     let spawned = std::thread::Builder::new()
         .name("migrate-out".into())
@@ -408,8 +431,9 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<Migrat
             let status = job.finish(&result);
             match &result {
                 Ok(()) => {
+                    let snapshot = matches!(uri, Uri::File(_));
                     let _ = link.with_controller(|c| {
-                        c.set_state(RunState::PostMigrate);
+                        c.finish_outgoing(snapshot);
                         Ok(())
                     });
                     log::info!(
@@ -417,6 +441,14 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<Migrat
                         job.total_ms(),
                         Progress::get(&job.progress.downtime_us) / 1000
                     );
+                }
+                Err(MigrationError::Cancelled) => log::info!("Migration to {uri} cancelled"),
+                Err(e @ MigrationError::OutcomeUnknown(_)) => {
+                    let _ = link.with_controller(|c| {
+                        c.set_state(RunState::Paused);
+                        Ok(())
+                    });
+                    log::error!("Migration to {uri}: {e}");
                 }
                 Err(e) => log::error!("Migration to {uri} failed: {e}"),
             }
@@ -440,32 +472,51 @@ pub fn start_incoming(
     helpers: usize,
 ) -> Result<Arc<MigrationJob>, LinkError> {
     let listener = Listener::bind(uri)?;
-    log::info!("Waiting for an incoming migration on {uri}");
-    let job = Arc::new(MigrationJob::new(helpers));
+    let shown = match (uri, listener.port()) {
+        (Uri::Tcp(addr), Some(port)) => {
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+            Uri::Tcp(format!("{host}:{port}"))
+        }
+        _ => uri.clone(),
+    };
+    log::info!("Waiting for an incoming migration on {shown}");
+    let job = Arc::new(MigrationJob::new(helpers, false));
     let worker_job = job.clone();
-    let uri = uri.clone();
     std::thread::Builder::new()
         .name("migrate-in".into())
         .spawn(move || {
             let job = worker_job;
-            let result = listener
-                .accept()
-                .map_err(MigrationError::from)
-                .and_then(|channel| {
-                    job.set_status(MigrationStatus::Active);
-                    link.raise_migration(MigrationStatus::Active);
-                    target::receive(&*link, channel, &job.progress)
-                });
+            let result = loop {
+                let channel = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) => break Err(MigrationError::from(e)),
+                };
+                job.restart_clock();
+                job.set_status(MigrationStatus::Active);
+                match target::receive(&*link, channel, &job.progress) {
+                    // On a socket, someone who does not speak the protocol
+                    // (a port scanner, a squatter that says nothing): wait
+                    // for the real source.
+                    Err(MigrationError::NotAMigration(why)) if !matches!(shown, Uri::File(_)) => {
+                        log::warn!("Ignored a connection on {shown}: {why}");
+                        job.set_status(MigrationStatus::Setup);
+                    }
+                    other => break other,
+                }
+            };
             let status = job.finish(&result);
-            link.raise_migration(status);
+            // Completed was raised before the guest started.
+            if status != MigrationStatus::Completed {
+                link.raise_migration(status);
+            }
             match result {
                 Ok(()) => log::info!(
-                    "Incoming migration from {uri} done in {} ms",
+                    "Incoming migration from {shown} done in {} ms",
                     job.total_ms()
                 ),
                 Err(e) => link
                     .exit
-                    .request(ExitReason::IncomingFailed(format!("from {uri}: {e}"))),
+                    .request(ExitReason::IncomingFailed(format!("from {shown}: {e}"))),
             }
         })
         .map_err(LinkError::Spawn)?;

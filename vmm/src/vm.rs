@@ -154,6 +154,7 @@ pub fn save_state(vm: &VmFd) -> Result<VmRecord, VmError> {
         ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(kvm_err("KVM_GET_IRQCHIP (IOAPIC)"))?,
         pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
         clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        running: false,
     })
 }
 

@@ -74,6 +74,10 @@
 //!  |   refused (INCOMPLETE, the page) until every other RAM page was sealed
 //!  |   in this session; then -> sealed {count, digest, hash of the ranges}
 //!  |   and the session is closed (no ENCRYPT, no second SEAL)
+//!  | both also take the host's stream hash (what the helpers do not see),
+//!  |   sealed and compared; SEAL draws ack and nack tokens into the seal and
+//!  |   hands out their commitments; VERIFY_SEAL reveals the ack token if it
+//!  |   verifies, the nack token if the seal opens but does not match
 //!  | VERIFY_SEAL (target) <- the seal and the same ranges: authentic, every
 //!  |   other page written, count, digest and hash equal; closes the session
 //!  |   whatever it finds (no DECRYPT after it)
@@ -379,7 +383,7 @@ pub mod caps {
 }
 
 /// Size of the command argument area.
-pub const ARG_SIZE: usize = 128;
+pub const ARG_SIZE: usize = 256;
 
 /// One queued request and, once answered, its result.
 #[repr(C)]
@@ -493,7 +497,8 @@ pub struct RecordHeader {
     pub pad: [u8; 16],
 }
 
-/// The sealed end record: `count || digest || shared hash` encrypted.
+/// The sealed end record: `count || digest || shared hash || stream hash
+/// || ack token || nack token` encrypted.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct SealRecord {
@@ -502,15 +507,33 @@ pub struct SealRecord {
     /// Reserved.
     pub reserved: u32,
     /// Encrypted: page count (u64), digest (2 x u64), the first 16 bytes
-    /// of SHA-256 over the declared shared ranges.
+    /// of SHA-256 over the declared shared ranges, the host's stream hash
+    /// (32), and the two answer tokens (16 each) the source helper drew.
     pub ciphertext: [u8; SEAL_PLAINTEXT],
     /// AEAD tag.
     pub tag: [u8; 16],
 }
 
-/// Bytes sealed in a [`SealRecord`]: page count (u64), digest (2 x u64) and
-/// the shared ranges' hash (16).
-pub const SEAL_PLAINTEXT: usize = 40;
+/// Bytes sealed in a [`SealRecord`]: page count (u64), digest (2 x u64),
+/// the shared ranges' hash (16), the stream hash (32), the ack and nack
+/// tokens (16 each).
+pub const SEAL_PLAINTEXT: usize = SEAL_CHECKED + 2 * TOKEN_SIZE;
+/// The part of the seal's plaintext both sides must agree on (everything
+/// but the tokens).
+pub const SEAL_CHECKED: usize = 72;
+/// Bytes of an answer token and of its commitment.
+pub const TOKEN_SIZE: usize = 16;
+
+/// What VERIFY_SEAL reveals (`SealArgs::token_kind`).
+pub mod token {
+    /// Nothing (the seal did not authenticate, or no VERIFY_SEAL).
+    pub const NONE: u32 = 0;
+    /// The ack token: the seal verified, this VM took the migration.
+    pub const ACK: u32 = 1;
+    /// The nack token: the seal is the source's, but what arrived does not
+    /// match it; this session can never verify.
+    pub const NACK: u32 = 2;
+}
 
 /// SEAL and VERIFY_SEAL arguments (in `arg`). The host declares which RAM
 /// pages are shared (plaintext, not the helpers' business) as
@@ -519,6 +542,15 @@ pub const SEAL_PLAINTEXT: usize = 40;
 /// RAM page must have been sealed (source) or written (target) in this
 /// session, and both sides must declare the same ranges (the seal carries
 /// their hash).
+///
+/// The host also hashes what the helpers do not see (configuration, shared
+/// pages, device and vCPU state: `stream_hash`); SEAL seals it and
+/// VERIFY_SEAL compares, so none of it can be altered on the way. SEAL
+/// draws two random tokens into the seal and gives the source host only
+/// their commitments (first 16 bytes of SHA-256); VERIFY_SEAL reveals the
+/// ack token when the seal verifies and the nack token when it opens but
+/// does not match: the target host can prove either outcome to the source,
+/// and nobody on the way can forge one.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 pub struct SealArgs {
@@ -526,8 +558,16 @@ pub struct SealArgs {
     pub record: SealRecord,
     /// Shared ranges in the batch area.
     pub shared_count: u32,
-    /// Reserved.
-    pub reserved: u32,
+    /// VERIFY_SEAL out: `token::*`.
+    pub token_kind: u32,
+    /// In (both): SHA-256 over the stream's frames the helpers do not see.
+    pub stream_hash: [u8; 32],
+    /// SEAL out: commitment to the ack token.
+    pub ack_commitment: [u8; TOKEN_SIZE],
+    /// SEAL out: commitment to the nack token.
+    pub nack_commitment: [u8; TOKEN_SIZE],
+    /// VERIFY_SEAL out: the token `token_kind` names.
+    pub token: [u8; TOKEN_SIZE],
 }
 
 /// Most shared ranges SEAL and VERIFY_SEAL take (as many as fit in the
@@ -590,12 +630,16 @@ mod tests {
         assert_eq!(offset_of!(MailboxControl, heartbeat), 24);
         assert_eq!(offset_of!(MailboxControl, slots), 32);
         assert_eq!(offset_of!(MailboxControl, arg), 160);
+        assert!(size_of::<MailboxControl>() <= 0x400);
         assert_eq!(offset_of!(RecordHeader, nonce), 16);
         assert_eq!(offset_of!(RecordHeader, tag), 32);
         assert_eq!(size_of::<SessionArgs>(), 88);
-        assert_eq!(size_of::<SealRecord>(), 72);
-        assert_eq!(size_of::<SealArgs>(), 80);
-        assert_eq!(offset_of!(SealArgs, shared_count), 72);
+        assert_eq!(size_of::<SealRecord>(), 136);
+        assert_eq!(size_of::<SealArgs>(), 224);
+        assert_eq!(offset_of!(SealArgs, shared_count), 136);
+        assert_eq!(offset_of!(SealArgs, stream_hash), 144);
+        assert_eq!(offset_of!(SealArgs, ack_commitment), 176);
+        assert_eq!(offset_of!(SealArgs, token), 208);
         assert_eq!(MAX_SHARED_RANGES, 16640);
         assert_eq!(size_of::<SeedEnvelope>(), 40);
         assert_eq!(MAILBOX_SIZE, 0x2000 + 64 * 4160);

@@ -153,14 +153,20 @@ impl State {
         self.digest_count.fetch_add(tally.count, Ordering::Relaxed);
     }
 
-    /// Count, digest and the shared ranges' hash, as the seal carries them.
-    fn seal_plaintext(&self, shared_hash: &[u8; 16]) -> [u8; h::SEAL_PLAINTEXT] {
-        let mut out = [0u8; h::SEAL_PLAINTEXT];
+    /// Count, digest, the shared ranges' hash and the host's stream hash:
+    /// the part of the seal both sides must agree on.
+    fn seal_checked(
+        &self,
+        shared_hash: &[u8; 16],
+        stream_hash: &[u8; 32],
+    ) -> [u8; h::SEAL_CHECKED] {
+        let mut out = [0u8; h::SEAL_CHECKED];
         out[..8].copy_from_slice(&self.digest_count.load(Ordering::Relaxed).to_le_bytes());
         for (i, lane) in self.digest.iter().enumerate() {
             out[8 + i * 8..16 + i * 8].copy_from_slice(&lane.load(Ordering::Relaxed).to_le_bytes());
         }
-        out[24..].copy_from_slice(shared_hash);
+        out[24..40].copy_from_slice(shared_hash);
+        out[40..].copy_from_slice(stream_hash);
         out
     }
 
@@ -722,6 +728,16 @@ fn check_shared(
 /// refused SEAL (a page missing) leaves the session open to send it.
 pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
     let mut args: h::SealArgs = mbox.read_arg();
+    // The answer tokens: fresh, drawn outside the lock like every nonce.
+    let mut tokens = fresh_nonce(env)?;
+    let commit = |t: &[u8]| -> [u8; h::TOKEN_SIZE] {
+        Sha256::digest(t)[..h::TOKEN_SIZE]
+            .try_into()
+            .expect("16 bytes")
+    };
+    args.ack_commitment = commit(&tokens[..h::TOKEN_SIZE]);
+    args.nack_commitment = commit(&tokens[h::TOKEN_SIZE..]);
+    let stream_hash = args.stream_hash;
     let record = SESSION.write(|s| {
         let keys = match (s.phase, s.keys.as_ref()) {
             (Phase::SourceOpen, Some(keys)) => keys,
@@ -734,7 +750,8 @@ pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
         let nonce = page_nonce(SEAL_HELPER, s.reserve(SEAL_HELPER, 1));
         let mut record = <h::SealRecord as zerocopy::FromZeros>::new_zeroed();
         record.nonce = nonce;
-        record.ciphertext = s.seal_plaintext(&hash);
+        record.ciphertext[..h::SEAL_CHECKED].copy_from_slice(&s.seal_checked(&hash, &stream_hash));
+        record.ciphertext[h::SEAL_CHECKED..].copy_from_slice(&tokens);
         let tag = keys
             .aead
             .seal_in_place_separate_tag(
@@ -747,8 +764,9 @@ pub fn seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
         s.keys = None;
         s.phase = Phase::SourceSealed;
         Ok(record)
-    })?;
-    args.record = record;
+    });
+    tokens.zeroize();
+    args.record = record?;
     mbox.write_arg(&args);
     Ok(())
 }
@@ -773,12 +791,20 @@ pub fn verify_seal(mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
         if outcome.is_ok() {
             RECEIVED.store(true, Ordering::Release);
         }
+        // The token (or none) goes out whatever the outcome; the opened
+        // seal's plaintext does not.
+        args.record.ciphertext.zeroize();
+        mbox.write_arg(&args);
         outcome
     })
 }
 
-/// VERIFY_SEAL's checks, under the session's write lock.
+/// VERIFY_SEAL's checks, under the session's write lock. Once the seal
+/// opens, its ack token goes to `args` if everything matches and its nack
+/// token if anything does not.
 fn verify(s: &State, args: &mut h::SealArgs, mbox: &Mailbox, env: &Env) -> Result<(), Failure> {
+    args.token_kind = h::token::NONE;
+    args.token = [0; h::TOKEN_SIZE];
     let keys = s.keys.as_ref().ok_or((status::NO_SESSION, 0))?;
     let record = &mut args.record;
     keys.aead
@@ -790,14 +816,32 @@ fn verify(s: &State, args: &mut h::SealArgs, mbox: &Mailbox, env: &Env) -> Resul
             0..,
         )
         .map_err(|_| (status::AUTH_FAILED, 0))?;
-    let hash = check_shared(mbox, env, args.shared_count, |i| {
+    let plaintext = record.ciphertext;
+    let token_at = |kind: usize| h::SEAL_CHECKED + kind * h::TOKEN_SIZE;
+    let mut reveal = |kind: u32| {
+        let at = token_at(kind as usize - 1);
+        args.token_kind = kind;
+        args.token
+            .copy_from_slice(&plaintext[at..at + h::TOKEN_SIZE]);
+    };
+    let checked = check_shared(mbox, env, args.shared_count, |i| {
         !matches!(env.generation(i).load(Ordering::Relaxed), 0 | CLAIMED)
-    })?;
-    // Constant time, like every other comparison of secret-derived bytes.
-    if !bool::from(record.ciphertext.ct_eq(&s.seal_plaintext(&hash))) {
-        return Err((status::SEAL_MISMATCH, 0));
-    }
-    Ok(())
+    })
+    .and_then(|hash| {
+        // Constant time, like every other comparison of secret-derived bytes.
+        let want = s.seal_checked(&hash, &args.stream_hash);
+        if bool::from(plaintext[..h::SEAL_CHECKED].ct_eq(&want)) {
+            Ok(())
+        } else {
+            Err((status::SEAL_MISMATCH, 0))
+        }
+    });
+    reveal(if checked.is_ok() {
+        h::token::ACK
+    } else {
+        h::token::NACK
+    });
+    checked
 }
 
 /// Seed ENCRYPT: the page at `gpa` into the seed page, the envelope into
