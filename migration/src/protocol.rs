@@ -413,3 +413,223 @@ pub fn read_hello(r: &mut impl Read) -> Result<(), ProtocolError> {
     }
     Ok(())
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ALL: [FrameKind; 15] = [
+        FrameKind::Hello,
+        FrameKind::Config,
+        FrameKind::SessionOffer,
+        FrameKind::SessionAnswer,
+        FrameKind::SharedPages,
+        FrameKind::HelperRecords,
+        FrameKind::SharedMap,
+        FrameKind::DeviceState,
+        FrameKind::VmState,
+        FrameKind::VcpuState,
+        FrameKind::Seal,
+        FrameKind::End,
+        FrameKind::Ack,
+        FrameKind::Error,
+        FrameKind::Nack,
+    ];
+
+    #[test]
+    fn header_layout() {
+        assert_eq!(size_of::<FrameHeader>(), HEADER_SIZE);
+        assert_eq!(std::mem::offset_of!(FrameHeader, length), 4);
+        assert_eq!(std::mem::offset_of!(FrameHeader, checksum), 8);
+        for kind in ALL {
+            assert_eq!(FrameKind::from_u16(kind as u16), Some(kind));
+        }
+        assert_eq!(FrameKind::from_u16(0), None, "0 is Invalid");
+        assert_eq!(FrameKind::from_u16(16), None);
+    }
+
+    /// A stream of one frame of every kind (payloads at their bound or
+    /// patterned), ended cleanly.
+    fn sample() -> (Vec<u8>, Vec<(FrameKind, Vec<u8>)>) {
+        let mut stream = Vec::new();
+        write_hello(&mut stream).unwrap();
+        let mut frames = vec![(
+            FrameKind::Hello,
+            [&MAGIC[..], &VERSION.to_le_bytes()].concat(),
+        )];
+        for kind in &ALL[1..] {
+            let len = (kind.max_length() as usize).min(3000);
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + *kind as usize) as u8).collect();
+            write_frame(&mut stream, *kind, &payload).unwrap();
+            frames.push((*kind, payload));
+        }
+        (stream, frames)
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_the_stream_ends_cleanly() {
+        let (stream, frames) = sample();
+        let mut r = &stream[..];
+        read_hello(&mut &stream[..]).unwrap();
+        for (kind, payload) in frames {
+            let f = read_frame(&mut r).unwrap().unwrap();
+            assert_eq!((f.kind, f.payload), (kind, payload));
+        }
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn lengths_past_their_bound_are_refused_before_any_allocation() {
+        assert!(matches!(
+            header(FrameKind::End, &[1]),
+            Err(ProtocolError::TooLong { .. })
+        ));
+        // A header claiming 4 GiB: refused from the header alone (the
+        // reader has nothing more to give).
+        let mut h = FrameHeader {
+            kind: FrameKind::SharedPages as u16,
+            length: u32::MAX,
+            ..Default::default()
+        };
+        h.checksum = checksum(&h, &[]);
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::TooLong {
+                length: u32::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_reserved_bits_and_foreign_hellos_are_refused() {
+        let mut h = FrameHeader {
+            kind: 99,
+            ..Default::default()
+        };
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::UnknownKind(99))
+        ));
+        h.kind = 0;
+        assert!(matches!(
+            read_frame(&mut h.as_bytes()),
+            Err(ProtocolError::UnknownKind(0))
+        ));
+        let mut s = Vec::new();
+        let h = header(FrameKind::End, &[]).unwrap();
+        let mut raw = h.as_bytes().to_vec();
+        raw[2] = 1;
+        assert!(matches!(
+            read_frame(&mut &raw[..]),
+            Err(ProtocolError::Reserved)
+        ));
+        write_frame(&mut s, FrameKind::Hello, b"CGSVMIG\0\x02\0\0\0").unwrap();
+        assert!(matches!(
+            read_hello(&mut &s[..]),
+            Err(ProtocolError::BadHello)
+        ));
+        let mut s = Vec::new();
+        write_frame(&mut s, FrameKind::Config, b"{}").unwrap();
+        assert!(matches!(
+            read_hello(&mut &s[..]),
+            Err(ProtocolError::BadHello)
+        ));
+        assert!(matches!(
+            read_hello(&mut &[][..]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    /// Reads a whole stream; the first error, if any.
+    fn read_all(mut r: &[u8]) -> Result<usize, ProtocolError> {
+        let mut n = 0;
+        while read_frame(&mut r)?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn a_stream_cut_anywhere_inside_a_frame_is_truncated() {
+        let (stream, frames) = sample();
+        let mut boundaries = vec![0];
+        let mut at = 0;
+        for (_, p) in &frames {
+            at += HEADER_SIZE + p.len();
+            boundaries.push(at);
+        }
+        for cut in 0..stream.len() {
+            let result = read_all(&stream[..cut]);
+            if boundaries.contains(&cut) {
+                assert!(result.is_ok(), "cut at a boundary {cut}: {result:?}");
+            } else {
+                assert!(
+                    matches!(result, Err(ProtocolError::Truncated { .. })),
+                    "cut at {cut}: {result:?}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_flipped_bit_anywhere_is_caught(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let (mut stream, frames) = sample();
+            let i = at.index(stream.len());
+            stream[i] ^= 1 << bit;
+            // Never the frames that were sent: an error (a checksum, a kind,
+            // a bound, a cut) somewhere.
+            let mut r = &stream[..];
+            let mut same = true;
+            let mut failed = false;
+            for (kind, payload) in &frames {
+                match read_frame(&mut r) {
+                    Ok(Some(f)) => same &= f.kind == *kind && &f.payload == payload,
+                    Ok(None) => { same = false; break; }
+                    Err(_) => { failed = true; break; }
+                }
+            }
+            prop_assert!(failed, "flipped bit {} of byte {} went unnoticed (frames alike: {})", bit, i, same);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_allocate_past_a_bound(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut r = &bytes[..];
+            while let Ok(Some(f)) = read_frame(&mut r) {
+                prop_assert!(f.payload.len() <= f.kind.max_length() as usize);
+            }
+        }
+    }
+
+    #[test]
+    fn the_stream_hash_covers_what_the_helpers_do_not_see_and_only_that() {
+        let mut a = StreamHash::default();
+        a.frame(FrameKind::Config, b"config");
+        a.frame(FrameKind::SharedPages, b"pages");
+        let base = a.value();
+        // Helper records, the seal and the answers are not hashed.
+        for kind in [
+            FrameKind::HelperRecords,
+            FrameKind::Seal,
+            FrameKind::End,
+            FrameKind::Ack,
+            FrameKind::Hello,
+        ] {
+            let mut b = a.clone();
+            b.frame(kind, b"x");
+            assert_eq!(b.value(), base, "{kind:?}");
+        }
+        // Every hashed byte counts, and where a payload ends does too.
+        let mut b = StreamHash::default();
+        b.frame(FrameKind::Config, b"confi");
+        b.frame(FrameKind::SharedPages, b"gpages");
+        assert_ne!(b.value(), base);
+        let mut c = StreamHash::default();
+        c.frame(FrameKind::Config, b"config");
+        c.frame(FrameKind::SharedPages, b"pageS");
+        assert_ne!(c.value(), base);
+    }
+}
