@@ -37,7 +37,7 @@ for run in $(seq "$runs"); do
     for s in src dst; do
         until [ -S "$dir/$s.sock" ]; do sleep 0.05; done
     done
-    sleep 1 # let the dirtier touch its memory
+    sleep 2 # let the dirtier run, and the target back its RAM
     "$bin" qmp "unix:$dir/src.sock" migrate "{\"uri\": \"tcp:127.0.0.1:$port\"}" >/dev/null
     while :; do
         info="$("$bin" qmp "unix:$dir/src.sock" query-migrate)"

@@ -246,8 +246,9 @@ const SEED_RET: u64 = seed_field!(ret);
 const SEED_GO: u64 = seed_field!(go);
 const SEED_DONE: u64 = seed_field!(done);
 /// Spin this long on a reply before also yielding the CPU (to the helper's
-/// own vCPU thread, on a small host).
-const SPIN: Duration = Duration::from_micros(100);
+/// own vCPU thread, on a small host: 16 pages take a helper ~20 µs, and a
+/// client that spins longer takes the CPU from the helpers it waits for).
+const SPIN: Duration = Duration::from_micros(20);
 
 impl HelperClient {
     /// A client for the mailbox at `mailbox_gpa` of `mem` (the mirror

@@ -104,6 +104,21 @@ impl Progress {
     }
 }
 
+/// `n` buffers for a page frame's payload, their memory touched now: on
+/// the lab host a first touch of a page costs more than encrypting it, so
+/// the buffers that circulate between the helpers and the socket are
+/// faulted in before the first page moves, not while it does.
+pub(crate) fn buffers(n: usize) -> Vec<Vec<u8>> {
+    let len = protocol::FrameKind::HelperRecords.max_length() as usize;
+    (0..n)
+        .map(|_| {
+            let mut b = vec![0xa5u8; len];
+            b.clear();
+            b
+        })
+        .collect()
+}
+
 /// Why a migration failed, in one sentence for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

@@ -15,12 +15,13 @@
 
 use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, TryRecvError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
+use crate::buffers;
 use crate::helper::{token_matches, HelperClient, HelperError, Sealed, RECORD_STRIDE};
 use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::state::{self, StreamMode};
@@ -332,7 +333,15 @@ impl Sender<'_> {
             .store(total, std::sync::atomic::Ordering::Relaxed);
         self.progress.remaining.store(total, Ordering::Relaxed);
         let private = map.private_pages(&ram);
+        let t = Instant::now();
         self.pages(helpers, &shared_pages(&map), &private)?;
+        log::debug!(
+            "Sent {} shared and {} private pages in {:?} (handshake {:?})",
+            Progress::get(&self.progress.shared_pages),
+            Progress::get(&self.progress.private_pages),
+            t.elapsed(),
+            t.duration_since(self.began)
+        );
 
         let saved = vm.save().map_err(MigrationError::Vm)?;
         self.state(&saved)?;
@@ -344,7 +353,9 @@ impl Sender<'_> {
         }
         // From here the target may have everything: what it answers
         // decides, and only an answer its helpers vouch for counts.
+        let t = Instant::now();
         let outcome = self.flush().and_then(|()| self.outcome(&sealed));
+        log::debug!("The target answered in {:?}", t.elapsed());
         match outcome {
             Ok(()) => Ok(()),
             Err(e @ MigrationError::Peer { .. }) if self.nacked => Err(e),
@@ -407,7 +418,7 @@ impl Sender<'_> {
         private: &[u64],
     ) -> Result<(), MigrationError> {
         let per_helper = private.len().div_ceil(helpers.len()).max(1);
-        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(2 * helpers.len() + 2));
         let cancel = self.cancel;
         std::thread::scope(|scope| {
             let (tx, rx) = sync_channel::<Result<Vec<u8>, HelperError>>(2 * helpers.len());
@@ -434,8 +445,23 @@ impl Sender<'_> {
                 });
             }
             drop(tx);
-            self.shared_pages(shared)?;
-            for records in rx {
+            // Helper frames first, as they come, so the helpers never wait
+            // on the socket; shared pages whenever no helper frame is ready.
+            let mut buf = vec![0u8; PAGES_PER_FRAME * SHARED_PAGE_STRIDE];
+            let mut plain = shared.chunks(PAGES_PER_FRAME);
+            loop {
+                let next = match rx.try_recv() {
+                    Ok(records) => Some(records),
+                    Err(TryRecvError::Empty) => match plain.next() {
+                        Some(batch) => {
+                            self.shared_frame(batch, &mut buf)?;
+                            continue;
+                        }
+                        None => rx.recv().ok(),
+                    },
+                    Err(TryRecvError::Disconnected) => None,
+                };
+                let Some(records) = next else { break };
                 let records = records?;
                 self.frame(FrameKind::HelperRecords, &records)?;
                 let pages = (records.len() / RECORD_STRIDE) as u64;
@@ -445,31 +471,32 @@ impl Sender<'_> {
                     .fetch_sub(pages * PAGE as u64, Ordering::Relaxed);
                 pool.lock().expect("pool lock poisoned").push(records);
             }
+            for batch in plain {
+                self.shared_frame(batch, &mut buf)?;
+            }
             Ok(())
         })
     }
 
-    fn shared_pages(&mut self, pages: &[u64]) -> Result<(), MigrationError> {
-        let mut buf = vec![0u8; PAGES_PER_FRAME * SHARED_PAGE_STRIDE];
-        for batch in pages.chunks(PAGES_PER_FRAME) {
-            for (i, &gpa) in batch.iter().enumerate() {
-                let at = i * SHARED_PAGE_STRIDE;
-                buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-                read_page(
-                    self.vm.ram(),
-                    gpa,
-                    &mut buf[at + 8..at + SHARED_PAGE_STRIDE],
-                )?;
-            }
-            self.frame(
-                FrameKind::SharedPages,
-                &buf[..batch.len() * SHARED_PAGE_STRIDE],
+    /// One SharedPages frame of `batch` (at most [`PAGES_PER_FRAME`]).
+    fn shared_frame(&mut self, batch: &[u64], buf: &mut [u8]) -> Result<(), MigrationError> {
+        for (i, &gpa) in batch.iter().enumerate() {
+            let at = i * SHARED_PAGE_STRIDE;
+            buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+            read_page(
+                self.vm.ram(),
+                gpa,
+                &mut buf[at + 8..at + SHARED_PAGE_STRIDE],
             )?;
-            Progress::add(&self.progress.shared_pages, batch.len() as u64);
-            self.progress
-                .remaining
-                .fetch_sub((batch.len() * PAGE) as u64, Ordering::Relaxed);
         }
+        self.frame(
+            FrameKind::SharedPages,
+            &buf[..batch.len() * SHARED_PAGE_STRIDE],
+        )?;
+        Progress::add(&self.progress.shared_pages, batch.len() as u64);
+        self.progress
+            .remaining
+            .fetch_sub((batch.len() * PAGE) as u64, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -18,13 +18,14 @@
 //! end, a live source is told why, and the main vCPUs never run.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::sync_channel;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use zerocopy::FromBytes;
 
+use crate::buffers;
 use crate::helper::{
     Answer, GpaRange, HelperClient, HelperError, HelperStatus, SealRecord, RECORD_STRIDE,
 };
@@ -264,7 +265,10 @@ impl Receiver<'_> {
             .remaining
             .store(total, std::sync::atomic::Ordering::Relaxed);
 
+        let t = std::time::Instant::now();
         self.pages(helpers, &map)?;
+        log::debug!("Received the pages in {:?}", t.elapsed());
+        let t = std::time::Instant::now();
 
         // DeviceState ended the pages.
         let devices = self.buf.clone();
@@ -328,6 +332,10 @@ impl Receiver<'_> {
         vm.set_shared_map(map);
         vm.restore(saved).map_err(MigrationError::Vm)?;
         vm.start().map_err(MigrationError::Vm)?;
+        log::debug!(
+            "State, seal verification, restore and start in {:?}",
+            t.elapsed()
+        );
         self.send(FrameKind::Ack, &ack)?;
         Ok(())
     }
@@ -340,18 +348,24 @@ impl Receiver<'_> {
         map: &SharedMap,
     ) -> Result<(), MigrationError> {
         let failure: Mutex<Option<MigrationError>> = Mutex::new(None);
-        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(3 * helpers.len() + 2));
         let mut seen = vec![false; usize::try_from(map.pages()).unwrap_or(usize::MAX)];
         let shared = map.ranges();
         let stop = self.stop.take();
+        // One queue every helper takes from: a frame goes to whichever
+        // helper is free.
+        let (work, queue) = sync_channel::<Vec<u8>>(2 * helpers.len());
+        let queue = Mutex::new(queue);
         let result = std::thread::scope(|scope| {
-            let mut workers: Vec<SyncSender<Vec<u8>>> = Vec::new();
+            // Dropped when the reader is done: the helpers' loops end.
+            let work = work;
             for client in helpers.iter_mut() {
-                let (tx, rx) = sync_channel::<Vec<u8>>(2);
-                let (failure, pool, progress) = (&failure, &pool, self.progress);
+                let (failure, pool, progress, queue) = (&failure, &pool, self.progress, &queue);
                 let stop = stop.as_ref();
                 scope.spawn(move || {
-                    for records in rx {
+                    loop {
+                        let next = queue.lock().expect("queue lock poisoned").recv();
+                        let Ok(records) = next else { return };
                         match client.decrypt(&records) {
                             Ok(n) => {
                                 Progress::add(&progress.private_pages, n as u64);
@@ -376,12 +390,12 @@ impl Receiver<'_> {
                         }
                     }
                 });
-                workers.push(tx);
             }
-            let mut next = 0;
             loop {
-                if let Some(buf) = pool.lock().expect("pool lock poisoned").pop() {
-                    self.buf = buf;
+                if self.buf.capacity() == 0 {
+                    if let Some(buf) = pool.lock().expect("pool lock poisoned").pop() {
+                        self.buf = buf;
+                    }
                 }
                 match self.next()? {
                     FrameKind::SharedPages => self.shared_pages(&shared, &mut seen)?,
@@ -393,11 +407,10 @@ impl Receiver<'_> {
                             )));
                         }
                         let records = std::mem::take(&mut self.buf);
-                        if workers[next].send(records).is_err() {
-                            // That helper failed: its error is in `failure`.
+                        if work.send(records).is_err() {
+                            // Every helper failed: the error is in `failure`.
                             return Ok(());
                         }
-                        next = (next + 1) % workers.len();
                     }
                     FrameKind::DeviceState => return Ok(()),
                     other => {

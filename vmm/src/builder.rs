@@ -311,6 +311,18 @@ impl Machine {
                 exit: exit.clone(),
             })
         });
+        if config.incoming.is_some() {
+            let memory = memory.clone();
+            let spawned = std::thread::Builder::new()
+                .name("prefault".into())
+                .spawn(move || {
+                    let took = memory.prefault();
+                    log::debug!("Guest RAM backed in {took:?}, ready for the incoming pages");
+                });
+            if let Err(e) = spawned {
+                log::debug!("Not prefaulting guest RAM: {e}");
+            }
+        }
         let event_wake =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup("event eventfd", e))?;
         let wake = event_wake

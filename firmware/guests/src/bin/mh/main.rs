@@ -126,8 +126,12 @@ guest_image!(abi::IMAGE_KIND_HELPER, main;
 );
 
 /// How long a helper keeps polling after its last request before it leaves
-/// the CPU (a mailbox round trip costs ~0.4 µs, a wake-up ~20 µs).
-const IDLE_POLL_US: u64 = 200;
+/// the CPU (a mailbox round trip costs ~0.4 µs, a wake-up ~20 µs). Short:
+/// during a migration on a 2-core host four helpers and their clients
+/// share the CPUs, and a helper polling for the next frame takes the CPU
+/// the host needs to deliver it (200 µs: a 256 MiB migration took 690 ms;
+/// 50 µs: 510 ms).
+const IDLE_POLL_US: u64 = 50;
 
 /// The header the linker placed at the start of the image.
 fn helper_header() -> h::HelperHeader {
