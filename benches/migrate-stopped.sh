@@ -12,6 +12,12 @@ cd "$(dirname "$0")/.."
 memory="${1:-256M}"
 runs="${2:-5}"
 helpers="${3:-2}"
+case "$memory" in
+    *[Gg]) mib=$(( ${memory%[Gg]} * 1024 )) ;;
+    *[Mm]) mib=${memory%[Mm]} ;;
+    *) mib=$memory ;;
+esac
+settle=$(( 2 + mib / 128 ))
 bin=./target/release/cgsvmm
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 dir="$(mktemp -d)"
@@ -37,7 +43,9 @@ for run in $(seq "$runs"); do
     for s in src dst; do
         until [ -S "$dir/$s.sock" ]; do sleep 0.05; done
     done
-    sleep 2 # let the dirtier run, and the target back its RAM
+    # Let the dirtier run, and the target back its RAM with host memory
+    # while it waits (about 6 ms per MiB on the lab host).
+    sleep "$settle"
     "$bin" qmp "unix:$dir/src.sock" migrate "{\"uri\": \"tcp:127.0.0.1:$port\"}" >/dev/null
     while :; do
         info="$("$bin" qmp "unix:$dir/src.sock" query-migrate)"
