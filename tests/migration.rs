@@ -763,6 +763,49 @@ fn incoming_defer_and_bad_requests() {
     let _ = std::fs::remove_file(key);
 }
 
+/// The README's first migration, pasted into bash as a user would (with
+/// this build's binary, a free port and private paths).
+fn the_readme_migration_example_runs_as_pasted() {
+    let _one = one_vm();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("## Migrating guests")
+        .expect("the migration section");
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let prefix = tmp_path("readme-mig").display().to_string();
+    let port = free_port();
+    let script = block
+        .lines()
+        .filter(|l| !l.starts_with("cargo build"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("./target/release/cgsvmm", env!("CARGO_BIN_EXE_cgsvmm"))
+        .replace("/tmp/cgsvmm-", &format!("{prefix}-"))
+        .replace("127.0.0.1:4444", &format!("127.0.0.1:{port}"));
+    assert!(
+        script.contains(" migrate ") && script.contains("&\n"),
+        "{script}"
+    );
+    let out = std::process::Command::new("timeout")
+        .args(["120", "bash", "-e", "-c", &format!("{script}\nwait")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\"status\": \"completed\""), "{stdout}");
+    assert!(stdout.contains("\"status\": \"running\""), "{stdout}");
+    assert!(stdout.contains("dirtier: vcpu"), "{stdout}");
+    assert!(!stdout.contains("MEMORY-ERROR"), "{stdout}");
+    for f in ["mig.key", "src.log", "dst.log"] {
+        let _ = std::fs::remove_file(format!("{prefix}-{f}"));
+    }
+}
+
 fn main() {
     common::run_tests(&[(
         common::kvm_missing(),
@@ -777,6 +820,7 @@ fn main() {
             state_and_shared_pages_altered_on_the_way_are_refused,
             a_forged_acknowledgement_is_not_believed,
             a_migrated_guest_migrates_on,
+            the_readme_migration_example_runs_as_pasted,
         ),
     )]);
 }
