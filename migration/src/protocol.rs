@@ -28,24 +28,34 @@
 //! # Sequence (stopped migration; live precopy will repeat the page frames)
 //!
 //! ```text
-//! source (main vCPUs paused, helpers running)              target (inmigrate)
+//! source (guest running)                                   target (inmigrate)
+//!  |<--------------------------------- Hello {magic, version}  | (live: the target speaks first)
 //!  | Hello {magic, version} ---------------------------------->|
 //!  | Config {RAM layout, vCPUs, helpers, backend, helper ABI,  |
 //!  |         CPUID, MSR list, live|snapshot} ----------------->| checked before anything is written
 //!  | SessionOffer {source helper nonce} ---------------------->| target helpers: BEGIN(TARGET)
 //!  |<---------------------- SessionAnswer {target nonce, id}   | (live only)
 //!  |   source helpers: PEER; ids differ -> another transport key: Error
+//!  | -- the source pauses its main vCPUs (the mirror runs on) --
 //!  | SharedMap {ranges} -------------------------------------->| validated: aligned, ordered, in RAM
 //!  | SharedPages {gpa, page} x <=256 ... --------------------->| each shared page exactly once
 //!  | HelperRecords {record} x <=256 ... ---------------------->| to the target helpers (authenticated)
 //!  | DeviceState, VmState, VcpuState x vCPUs ---------------->| decoded, bounded, versioned
-//!  | Seal {the source helpers' sealed record} ---------------->|
+//!  | Seal {the source helpers' seal, over the stream hash} --->|
 //!  | End ----------------------------------------------------->| VERIFY_SEAL (every private page
-//!  |                                                           |   written), state restored, guest
-//!  |<------------------------------------------------------ Ack|   may run (or stays paused)
-//!  | postmigrate                                               |
-//!  either side may send Error {reason} instead of its next frame and hang up
+//!  |                                                           |   written, stream hash equal),
+//!  |<------------------------------------ Ack {ack token}      |   state restored, guest may run
+//!  |   or <------------------------- Nack {nack token, reason} |   (or stays paused)
+//!  | postmigrate (ack) / running again (nack)                  |
+//!  either side may send Error {reason} instead of its next frame and hang up; after the
+//!  Seal only a token the target's helpers revealed counts (checked against the commitments
+//!  SEAL gave the source): without one the source leaves its guest paused
 //! ```
+//!
+//! The stream hash ([`StreamHash`]) covers every frame the helpers do not
+//! see (configuration, session offer, shared map and pages, device, VM and
+//! vCPU state), so a man in the middle who recomputes checksums still
+//! cannot change any of it.
 //!
 //! A snapshot file holds the same frames without the answers: the session
 //! is the source helpers' nonce alone (`SESSION_BEGIN(SNAPSHOT_*)`), and a
@@ -57,13 +67,15 @@
 //! |---|---|
 //! | Hello | `MAGIC` (8) + `VERSION` (u32 LE) |
 //! | Config, DeviceState, VmState, VcpuState | a state record (`state.rs`: u16 version, u16 0, postcard) |
-//! | SessionOffer | nonce (32) |
+//! | SessionOffer | nonce (32); a snapshot's also the session id (16) |
 //! | SessionAnswer | nonce (32) + session id (16) |
 //! | SharedMap | `GpaRange` {start, end: u64 LE} per range, ascending |
 //! | SharedPages | per page: gpa (u64 LE) + 4096 bytes |
 //! | HelperRecords | helper records, `RECORD_STRIDE` (4160) bytes each, as the helpers made them |
 //! | Seal | `SealRecord` (72) |
-//! | End, Ack | empty |
+//! | End | empty |
+//! | Ack | the ack token (16) |
+//! | Nack | the nack token (16) + UTF-8 text |
 //! | Error | UTF-8 text |
 
 use std::io::{ErrorKind, Read, Write};
