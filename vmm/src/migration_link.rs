@@ -547,3 +547,57 @@ pub fn ram_digest(memory: &Memory) -> String {
     }
     hex::encode(ctx.finish().as_ref())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cgsvmm_devices::{BusDevice, EventFdTrigger};
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn devices() -> MigratableDevices {
+        let irq = EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        MigratableDevices {
+            serial: Arc::new(SerialDevice::new(irq, Box::new(std::io::sink()))),
+            cmos: Arc::new(Cmos::new(256 << 20, 0)),
+            fw_cfg: Arc::new(FwCfg::new(None)),
+        }
+    }
+
+    #[test]
+    fn the_devices_record_round_trips_and_refuses_what_it_must() {
+        let a = devices();
+        // A guest that set the serial port up and typed into its scratch
+        // register, picked a CMOS register and an fw_cfg item.
+        a.serial.write(3, &[0x83]);
+        a.serial.write(0, &[0x0c]);
+        a.serial.write(3, &[0x03]);
+        a.serial.write(7, &[0x5a]);
+        a.cmos.write(0, &[0x34]);
+        a.fw_cfg.write(0, &1u16.to_le_bytes());
+        let record = DevicesRecord {
+            serial: a.serial.state(),
+            cmos: a.cmos.state(),
+            fw_cfg: a.fw_cfg.state(),
+        };
+        let bytes = state::encode(&record).unwrap();
+        let back: DevicesRecord = state::decode(&bytes).unwrap();
+        let b = devices();
+        b.serial.restore(&back.serial).unwrap();
+        b.cmos.restore(&back.cmos).unwrap();
+        b.fw_cfg.restore(&back.fw_cfg).unwrap();
+        assert_eq!(b.serial.state(), a.serial.state());
+        assert_eq!(b.cmos.state(), a.cmos.state());
+        assert_eq!(b.fw_cfg.state(), a.fw_cfg.state());
+        let mut scratch = [0u8];
+        b.serial.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        // Another version, or past its bound: refused.
+        let mut newer = bytes.clone();
+        newer[0] = 2;
+        assert!(state::decode::<DevicesRecord>(&newer).is_err());
+        let mut long = bytes;
+        long.resize(DevicesRecord::MAX_LEN + 1, 0);
+        assert!(state::decode::<DevicesRecord>(&long).is_err());
+    }
+}
