@@ -331,6 +331,11 @@ pub fn write_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
     write_frame(w, FrameKind::Hello, &payload)
 }
 
+/// Whether a read failed because its timeout passed.
+pub fn timed_out(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
 /// Reads exactly `buf.len()` bytes; `Ok(0)` if the stream ended before the
 /// first, the count read if it ended after.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<usize, std::io::Error> {

@@ -183,9 +183,8 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// The target's next frame within `limit`: `want`, or its error, or a
-    /// sequence error.
-    fn answer(&mut self, want: FrameKind, limit: Duration) -> Result<Vec<u8>, MigrationError> {
+    /// The way back from the target, waiting at most `limit` per read.
+    fn reader(&mut self, limit: Duration) -> Result<&mut Channel, MigrationError> {
         let reader = self
             .reader
             .as_mut()
@@ -193,18 +192,18 @@ impl Sender<'_> {
         reader
             .set_read_timeout(Some(limit))
             .map_err(ProtocolError::Io)?;
+        Ok(reader)
+    }
+
+    /// The target's next frame within `limit`: `want`, or its error, or a
+    /// sequence error.
+    fn answer(&mut self, want: FrameKind, limit: Duration) -> Result<Vec<u8>, MigrationError> {
+        let reader = self.reader(limit)?;
         let frame = protocol::read_frame(reader).map_err(|e| match e {
-            ProtocolError::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                MigrationError::Peer {
-                    side: "target",
-                    why: format!("no {want:?} within {limit:?}"),
-                }
-            }
+            ProtocolError::Io(io) if protocol::timed_out(&io) => MigrationError::Peer {
+                side: "target",
+                why: format!("no {want:?} within {limit:?}"),
+            },
             e => e.into(),
         })?;
         match frame {
@@ -279,14 +278,7 @@ impl Sender<'_> {
         // A live target speaks first: something else at that address (a
         // QMP socket, another program) is caught before anything is sent.
         if self.live {
-            let reader = self
-                .reader
-                .as_mut()
-                .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
-            reader
-                .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-                .map_err(ProtocolError::Io)?;
-            protocol::read_hello(reader)?;
+            protocol::read_hello(self.reader(HANDSHAKE_TIMEOUT)?)?;
         }
         protocol::write_hello(&mut self.out)?;
         self.frame(FrameKind::Config, &state::encode(&vm.config(mode))?)?;
@@ -366,16 +358,11 @@ impl Sender<'_> {
     /// The target's authenticated answer: Ok on its ack, its reason on its
     /// nack (then `self.nacked`), anything else an error.
     fn outcome(&mut self, sealed: &Sealed) -> Result<(), MigrationError> {
-        let reader = self
-            .reader
-            .as_mut()
-            .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
-        reader
-            .set_read_timeout(Some(ACK_TIMEOUT))
-            .map_err(ProtocolError::Io)?;
-        let frame = protocol::read_frame(reader)?.ok_or_else(|| MigrationError::Peer {
-            side: "target",
-            why: "it closed the connection without an answer".into(),
+        let frame = protocol::read_frame(self.reader(ACK_TIMEOUT)?)?.ok_or_else(|| {
+            MigrationError::Peer {
+                side: "target",
+                why: "it closed the connection without an answer".into(),
+            }
         })?;
         let token: Option<[u8; 16]> = frame
             .payload

@@ -194,12 +194,7 @@ impl Receiver<'_> {
         }
         protocol::read_hello(&mut self.input).map_err(|e| match e {
             ProtocolError::BadHello => MigrationError::NotAMigration(e.to_string()),
-            ProtocolError::Io(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            ProtocolError::Io(io) if protocol::timed_out(&io) => {
                 MigrationError::NotAMigration(format!("no Hello within {HANDSHAKE_TIMEOUT:?}"))
             }
             e => e.into(),
