@@ -94,6 +94,11 @@ pub fn send(
 ) -> Result<(), MigrationError> {
     let began = Instant::now();
     let channel = transport::connect(uri)?;
+    // A target that stops reading fails the migration, rather than hold
+    // the guest paused until someone cancels.
+    channel
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
     cancel.attach(&channel);
     let mut helpers = Vec::new();
     let mut sender = Sender {
@@ -144,6 +149,8 @@ pub fn send(
     }
 }
 
+/// How long a write may wait for the target to read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target may take to answer the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target may take, after the last frame, to verify the seal,

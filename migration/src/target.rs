@@ -345,7 +345,7 @@ impl Receiver<'_> {
         let failure: Mutex<Option<MigrationError>> = Mutex::new(None);
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(3 * helpers.len() + 2));
         let mut seen = vec![false; usize::try_from(map.pages()).unwrap_or(usize::MAX)];
-        let shared = map.ranges();
+        let index = SharedIndex::new(&map.ranges());
         let stop = self.stop.take();
         // One queue every helper takes from: a frame goes to whichever
         // helper is free.
@@ -393,7 +393,7 @@ impl Receiver<'_> {
                     }
                 }
                 match self.next()? {
-                    FrameKind::SharedPages => self.shared_pages(&shared, &mut seen)?,
+                    FrameKind::SharedPages => self.shared_pages(&index, &mut seen)?,
                     FrameKind::HelperRecords => {
                         if self.buf.is_empty() || !self.buf.len().is_multiple_of(RECORD_STRIDE) {
                             return Err(MigrationError::Sequence(format!(
@@ -427,7 +427,7 @@ impl Receiver<'_> {
         if let Some(missing) = seen.iter().position(|s| !s) {
             return Err(MigrationError::Sequence(format!(
                 "shared page {:#x} never arrived",
-                nth_page(&shared, missing as u64)
+                index.nth(missing as u64)
             )));
         }
         Ok(())
@@ -435,7 +435,7 @@ impl Receiver<'_> {
 
     fn shared_pages(
         &mut self,
-        shared: &[GpaRange],
+        shared: &SharedIndex,
         seen: &mut [bool],
     ) -> Result<(), MigrationError> {
         if self.buf.is_empty() || !self.buf.len().is_multiple_of(SHARED_PAGE_STRIDE) {
@@ -446,7 +446,7 @@ impl Receiver<'_> {
         }
         for page in self.buf.chunks(SHARED_PAGE_STRIDE) {
             let gpa = u64::from_le_bytes(page[..8].try_into().expect("8 bytes"));
-            let slot = page_index(shared, gpa).ok_or_else(|| {
+            let slot = shared.page(gpa).ok_or_else(|| {
                 MigrationError::Sequence(format!(
                     "plaintext for page {gpa:#x}, which is not shared"
                 ))
@@ -487,32 +487,45 @@ fn shared_map(ram: &[(u64, u64)], payload: &[u8]) -> Result<SharedMap, Migration
     SharedMap::from_ranges(ram, &ranges, limit).map_err(|e| MigrationError::Sequence(e.to_string()))
 }
 
-/// Index of the page at `gpa` among all shared pages (None if not a
-/// shared page).
-fn page_index(shared: &[GpaRange], gpa: u64) -> Option<u64> {
-    if !gpa.is_multiple_of(PAGE) {
-        return None;
-    }
-    let mut before = 0;
-    for r in shared {
-        if gpa >= r.start && gpa < r.end {
-            return Some(before + (gpa - r.start) / PAGE);
-        }
-        before += (r.end - r.start) / PAGE;
-    }
-    None
+/// The shared ranges with the count of shared pages before each: a
+/// shared page's number in O(log ranges) (the stream is not trusted to
+/// keep the map small).
+struct SharedIndex {
+    ranges: Vec<GpaRange>,
+    before: Vec<u64>,
 }
 
-/// The GPA of the `n`th shared page.
-fn nth_page(shared: &[GpaRange], mut n: u64) -> u64 {
-    for r in shared {
-        let pages = (r.end - r.start) / PAGE;
-        if n < pages {
-            return r.start + n * PAGE;
+impl SharedIndex {
+    fn new(ranges: &[GpaRange]) -> Self {
+        let mut before = Vec::with_capacity(ranges.len());
+        let mut n = 0;
+        for r in ranges {
+            before.push(n);
+            n += (r.end - r.start) / PAGE;
         }
-        n -= pages;
+        Self {
+            ranges: ranges.to_vec(),
+            before,
+        }
     }
-    0
+
+    /// The number of the shared page at `gpa` (None: not a shared page).
+    fn page(&self, gpa: u64) -> Option<u64> {
+        if !gpa.is_multiple_of(PAGE) {
+            return None;
+        }
+        let i = self.ranges.partition_point(|r| r.end <= gpa);
+        let r = self.ranges.get(i)?;
+        (r.start <= gpa).then(|| self.before[i] + (gpa - r.start) / PAGE)
+    }
+
+    /// The GPA of shared page number `n`.
+    fn nth(&self, n: u64) -> u64 {
+        let i = self.before.partition_point(|&b| b <= n).saturating_sub(1);
+        self.ranges
+            .get(i)
+            .map_or(0, |r| r.start + (n - self.before[i]) * PAGE)
+    }
 }
 
 #[cfg(test)]
@@ -525,12 +538,18 @@ mod tests {
     fn shared_pages_are_numbered_across_ranges() {
         let r = |start, end| GpaRange { start, end };
         let shared = [r(0x1000, 0x3000), r(0x8000, 0x9000)];
-        assert_eq!(page_index(&shared, 0x1000), Some(0));
-        assert_eq!(page_index(&shared, 0x2000), Some(1));
-        assert_eq!(page_index(&shared, 0x8000), Some(2));
-        assert_eq!(page_index(&shared, 0x3000), None);
-        assert_eq!(page_index(&shared, 0x1008), None);
-        assert_eq!(nth_page(&shared, 2), 0x8000);
+        let index = SharedIndex::new(&shared);
+        assert_eq!(index.page(0x1000), Some(0));
+        assert_eq!(index.page(0x2000), Some(1));
+        assert_eq!(index.page(0x8000), Some(2));
+        assert_eq!(index.page(0x0), None);
+        assert_eq!(index.page(0x3000), None);
+        assert_eq!(index.page(0x9000), None);
+        assert_eq!(index.page(0x1008), None);
+        assert_eq!(index.nth(0), 0x1000);
+        assert_eq!(index.nth(1), 0x2000);
+        assert_eq!(index.nth(2), 0x8000);
+        assert_eq!(SharedIndex::new(&[]).page(0), None);
         let bytes: Vec<u8> = shared.iter().flat_map(|r| r.as_bytes().to_vec()).collect();
         let ram = [(0u64, 0x10_0000u64)];
         assert_eq!(shared_map(&ram, &bytes).unwrap().pages(), 3);

@@ -133,6 +133,16 @@ impl Channel {
             Channel::File(_) => Ok(()),
         }
     }
+
+    /// Fails a write that cannot go on for `timeout` (a peer that stopped
+    /// reading); a file never blocks.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.set_write_timeout(timeout),
+            Channel::Unix(s) => s.set_write_timeout(timeout),
+            Channel::File(_) => Ok(()),
+        }
+    }
 }
 
 impl Read for Channel {

@@ -328,6 +328,9 @@ fn transport_key() -> Option<[u8; 32]> {
 
 /// A snapshot's keys: the source helper's nonce alone as the salt, and
 /// the snapshot label before the info, so they are never a live session's.
+/// The label is what separates them: HMAC pads a short salt with zeros, so
+/// a 32-byte nonce salts exactly as that nonce followed by 32 zero bytes
+/// would in a live session.
 fn derive_snapshot(
     transport_key: &[u8; 32],
     source_nonce: &[u8; 32],
