@@ -19,6 +19,7 @@
 
 pub mod dirty;
 pub mod helper;
+pub mod policy;
 pub mod protocol;
 pub mod ranges;
 pub mod source;
@@ -69,7 +70,18 @@ pub trait MigratableVm: Send + Sync {
     fn restore(&self, state: SavedState) -> Result<(), String>;
     /// Lets the guest run here (or leaves it paused, as asked).
     fn start(&self) -> Result<(), String>;
+    /// Starts logging the guest's writes to RAM (precopy).
+    fn start_dirty_log(&self) -> Result<(), String>;
+    /// The pages written, or converted between shared and private, since
+    /// the log started or this was last called: page GPAs, ascending, each
+    /// once.
+    fn dirty_pages(&self) -> Result<Vec<u64>, String>;
+    /// Stops logging.
+    fn stop_dirty_log(&self);
 }
+
+/// Most helpers a VM runs.
+pub const MAX_HELPERS: usize = cgsvmm_fw_abi::helper::MAX_HELPERS as usize;
 
 /// Counters of a migration in progress, shared without locks with whoever
 /// reports them (`query-migrate`).
@@ -87,15 +99,31 @@ pub struct Progress {
     pub shared_pages: AtomicU64,
     /// Microseconds from the start to the main vCPUs' pause.
     pub setup_us: AtomicU64,
-    /// Microseconds the guest was paused (stopped migration: from the
-    /// pause to the target's acknowledgement).
+    /// Microseconds the guest was paused (from the main vCPUs' pause to
+    /// the target's acknowledgement).
     pub downtime_us: AtomicU64,
+    /// Precopy rounds done (QEMU's `dirty-sync-count`).
+    pub rounds: AtomicU64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_rate: AtomicU64,
+    /// What the last round expects the pause to take, in microseconds.
+    pub expected_downtime_us: AtomicU64,
+    /// Private pages the helpers sealed while the main vCPUs were paused
+    /// (the mirror runs on through the switchover).
+    pub downtime_private_pages: AtomicU64,
 }
 
 impl Progress {
     /// Adds `n` to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes `n` from a counter, stopping at 0 (pages sent again).
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(n))
+        });
     }
 
     /// A counter's value.

@@ -30,11 +30,27 @@ pub enum MapError {
     TooMany(usize, usize),
 }
 
-/// Shared ranges of guest RAM: start -> end.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Shared ranges of guest RAM: start -> end; and the ranges converted
+/// since the last [`SharedMap::take_converted`] (a converted page must be
+/// sent again, the other way, even if the guest did not write it).
+#[derive(Debug, Clone, Default)]
 pub struct SharedMap {
     ranges: BTreeMap<u64, u64>,
+    converted: Vec<GpaRange>,
+    /// More conversions than are kept: take them all as converted.
+    overflowed: bool,
 }
+
+/// Conversions kept before they count as "everything".
+const MAX_CONVERTED: usize = 4096;
+
+impl PartialEq for SharedMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.ranges == other.ranges
+    }
+}
+
+impl Eq for SharedMap {}
 
 fn inside(ram: &[(u64, u64)], start: u64, end: u64) -> bool {
     ram.iter()
@@ -83,7 +99,23 @@ impl SharedMap {
         if shared {
             self.ranges.insert(lo, hi);
         }
+        if self.converted.len() < MAX_CONVERTED {
+            self.converted.push(GpaRange { start, end });
+        } else {
+            self.overflowed = true;
+        }
         Ok(())
+    }
+
+    /// The ranges converted (either way) since the last call, or `None`
+    /// if there were too many to keep (then take all of RAM as converted).
+    pub fn take_converted(&mut self) -> Option<Vec<GpaRange>> {
+        let converted = std::mem::take(&mut self.converted);
+        if std::mem::take(&mut self.overflowed) {
+            None
+        } else {
+            Some(converted)
+        }
     }
 
     /// The shared ranges, ascending.
@@ -179,6 +211,14 @@ mod tests {
         assert_eq!(private.len() as u64, 2 * 256 - 4);
         assert!(!private.contains(&0x1000) && private.contains(&0x2000));
         assert!(private.contains(&0x1_0000_0000));
+        // Every conversion is remembered once, then forgotten.
+        assert_eq!(m.take_converted().unwrap().len(), 4);
+        assert_eq!(m.take_converted(), Some(vec![]));
+        for _ in 0..=MAX_CONVERTED {
+            m.set(&RAM, 0x1000, 0x2000, true).unwrap();
+        }
+        assert_eq!(m.take_converted(), None, "too many: everything");
+        assert_eq!(m.take_converted(), Some(vec![]));
     }
 
     #[test]

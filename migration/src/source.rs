@@ -23,7 +23,9 @@ use zerocopy::IntoBytes;
 
 use crate::buffers;
 use crate::helper::{token_matches, HelperClient, HelperError, Sealed, RECORD_STRIDE};
+use crate::policy::{self, Decision, Limits, LowWater, RoundStats};
 use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
+use crate::ranges::SharedMap;
 use crate::state::{self, StreamMode};
 use crate::transport::{self, Channel, Uri};
 use crate::{MigratableVm, MigrationError, Progress, SavedState};
@@ -36,8 +38,6 @@ pub const KEY_MISMATCH: &str = "the two sides' migration helpers derived differe
 pub const PAGES_PER_FRAME: usize = 256;
 /// Bytes of a shared page in a SharedPages frame: gpa (u64 LE) + page.
 pub const SHARED_PAGE_STRIDE: usize = 8 + PAGE;
-/// The generation every page of a stopped migration carries.
-pub const STOPPED_GENERATION: u64 = 1;
 /// Bytes buffered before the socket is written.
 const WRITE_BUFFER: usize = 1 << 20;
 const PAGE: usize = 4096;
@@ -89,6 +89,7 @@ impl Cancel {
 pub fn send(
     vm: &dyn MigratableVm,
     uri: &Uri,
+    params: &Params,
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
@@ -112,10 +113,16 @@ pub fn send(
         paused: None,
         hash: StreamHash::default(),
         nacked: false,
+        params: *params,
+        logging: false,
+        sent_since: (Instant::now(), 0),
     };
     let result = sender.run(&mut helpers);
     for h in &mut helpers {
         let _ = h.end();
+    }
+    if sender.logging {
+        vm.stop_dirty_log();
     }
     let paused = sender.paused;
     match result {
@@ -150,7 +157,7 @@ pub fn send(
 }
 
 /// How long a write may wait for the target to read.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the target may take to answer the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target may take, after the last frame, to verify the seal,
@@ -171,18 +178,70 @@ struct Sender<'a> {
     hash: StreamHash,
     /// The target proved it refused the seal.
     nacked: bool,
+    params: Params,
+    /// Dirty logging is on.
+    logging: bool,
+    /// For `max-bandwidth`: since when, and bytes written since.
+    sent_since: (Instant, u64),
+}
+
+/// How a migration goes (QMP `migrate-set-parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// The longest pause the guest should see (QEMU's `downtime-limit`).
+    pub downtime_limit: Duration,
+    /// Bytes per second at most on the wire, 0 for no limit (QEMU's
+    /// `max-bandwidth`).
+    pub max_bandwidth: u64,
+    /// Helpers that work on the migration (at most the VM's).
+    pub helpers: usize,
+    /// Pages per frame and per helper request (at most 256).
+    pub batch: usize,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_bandwidth: 0,
+            helpers: crate::MAX_HELPERS,
+            batch: PAGES_PER_FRAME,
+        }
+    }
 }
 
 impl Sender<'_> {
     fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         self.cancel.check()?;
         self.hash.frame(kind, payload);
-        protocol::write_frame(&mut self.out, kind, payload)?;
+        self.throttle(payload.len());
+        protocol::write_frame(&mut self.out, kind, payload).map_err(|e| match e {
+            ProtocolError::Io(io) if protocol::timed_out(&io) => MigrationError::Peer {
+                side: "target",
+                why: format!("it stopped reading: nothing went out for {WRITE_TIMEOUT:?}"),
+            },
+            e => e.into(),
+        })?;
         Progress::add(
             &self.progress.transferred,
             (protocol::HEADER_SIZE + payload.len()) as u64,
         );
         Ok(())
+    }
+
+    /// Keeps the wire at `max-bandwidth` (sleeping before a frame that
+    /// would go past it).
+    fn throttle(&mut self, len: usize) {
+        let limit = self.params.max_bandwidth;
+        if limit == 0 {
+            return;
+        }
+        let (since, bytes) = &mut self.sent_since;
+        *bytes += len as u64;
+        let due = Duration::from_secs_f64(*bytes as f64 / limit as f64);
+        if let Some(wait) = due.checked_sub(since.elapsed()) {
+            std::thread::sleep(wait);
+        }
     }
 
     fn flush(&mut self) -> Result<(), MigrationError> {
@@ -255,8 +314,19 @@ impl Sender<'_> {
             Ok(()) => Ok(()),
             Err(e) => {
                 let e = self.explain(e);
-                // Tell a live target why, if the connection still works.
-                if self.live && !matches!(e, MigrationError::Peer { .. }) {
+                // Tell a live target why, if the connection still works,
+                // briefly: the guest waits to resume until this is done.
+                let connection_broke = matches!(
+                    e,
+                    MigrationError::Protocol(ProtocolError::Io(_))
+                        | MigrationError::Peer { .. }
+                        | MigrationError::Cancelled
+                );
+                if self.live && !connection_broke {
+                    let _ = self
+                        .out
+                        .get_ref()
+                        .set_write_timeout(Some(Duration::from_millis(200)));
                     let msg = e.to_string();
                     let cut = msg.len().min(FrameKind::Error.max_length() as usize);
                     let _ = protocol::write_frame(
@@ -313,38 +383,60 @@ impl Sender<'_> {
             }
         }
 
-        // The target takes this VM: now the guest stops.
-        let was_running = vm.pause().map_err(MigrationError::Vm)?;
-        self.paused = Some((Instant::now(), was_running));
-        Progress::add(
-            &self.progress.setup_us,
-            self.began.elapsed().as_micros() as u64,
-        );
-
-        let map = vm.shared_map();
-        let shared = map.ranges();
-        let bytes: Vec<u8> = shared.iter().flat_map(|r| r.as_bytes().to_vec()).collect();
-        self.frame(FrameKind::SharedMap, &bytes)?;
+        // The target takes this VM. A live migration sends rounds while the
+        // guest runs (precopy); a snapshot stops it first.
+        let working = self.params.helpers.clamp(1, helpers.len());
+        let helpers = &mut helpers[..working];
         let ram = vm.ram_ranges();
         let total: u64 = ram.iter().map(|r| r.1).sum();
-        self.progress
-            .total
-            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.progress.total.store(total, Ordering::Relaxed);
         self.progress.remaining.store(total, Ordering::Relaxed);
-        let private = map.private_pages(&ram);
+        let precopy = self.live;
+        if precopy {
+            vm.start_dirty_log().map_err(MigrationError::Vm)?;
+            self.logging = true;
+        } else {
+            self.pause()?;
+        }
+        let mut map = vm.shared_map();
+        let mut generation = 1;
+        self.send_map(&map)?;
         let t = Instant::now();
-        self.pages(helpers, &shared_pages(&map), &private)?;
+        self.round(
+            helpers,
+            &shared_pages(&map),
+            &map.private_pages(&ram),
+            generation,
+        )?;
         log::debug!(
-            "Sent {} shared and {} private pages in {:?} (handshake {:?})",
+            "Round 0: {} shared and {} private pages in {:?} (handshake {:?})",
             Progress::get(&self.progress.shared_pages),
             Progress::get(&self.progress.private_pages),
             t.elapsed(),
             t.duration_since(self.began)
         );
+        if precopy {
+            let mut dirty = self.precopy(helpers, &mut map, &mut generation, t.elapsed())?;
+            // Switchover: the main vCPUs stop, the mirror runs on, and the
+            // helpers seal what is still dirty.
+            self.pause()?;
+            dirty.extend(vm.dirty_pages().map_err(MigrationError::Vm)?);
+            dirty.sort_unstable();
+            dirty.dedup();
+            generation += 1;
+            let before = Progress::get(&self.progress.private_pages);
+            self.dirty_round(helpers, &mut map, &dirty, generation)?;
+            self.progress.downtime_private_pages.store(
+                Progress::get(&self.progress.private_pages) - before,
+                Ordering::Relaxed,
+            );
+            vm.stop_dirty_log();
+            self.logging = false;
+        }
 
         let saved = vm.save().map_err(MigrationError::Vm)?;
         self.state(&saved)?;
-        let sealed = helpers[0].seal_stream(&shared, self.hash.value())?;
+        let sealed = helpers[0].seal_stream(&map.ranges(), self.hash.value())?;
         self.frame(FrameKind::Seal, sealed.record.as_bytes())?;
         self.frame(FrameKind::End, &[])?;
         if !self.live {
@@ -360,6 +452,105 @@ impl Sender<'_> {
             Err(e @ MigrationError::Peer { .. }) if self.nacked => Err(e),
             Err(e) => Err(MigrationError::OutcomeUnknown(e.to_string())),
         }
+    }
+
+    /// Pauses the main vCPUs (the mirror runs on) and notes when.
+    fn pause(&mut self) -> Result<(), MigrationError> {
+        let was_running = self.vm.pause().map_err(MigrationError::Vm)?;
+        self.paused = Some((Instant::now(), was_running));
+        Progress::add(
+            &self.progress.setup_us,
+            self.began.elapsed().as_micros() as u64,
+        );
+        Ok(())
+    }
+
+    /// Sends the shared map (the target checks plaintext against it; the
+    /// last one is what the seal covers).
+    fn send_map(&mut self, map: &SharedMap) -> Result<(), MigrationError> {
+        let bytes: Vec<u8> = map
+            .ranges()
+            .iter()
+            .flat_map(|r| r.as_bytes().to_vec())
+            .collect();
+        self.frame(FrameKind::SharedMap, &bytes)
+    }
+
+    /// Rounds of dirty pages while the guest runs, until the policy says
+    /// switch over; returns the pages dirty at that moment.
+    fn precopy(
+        &mut self,
+        helpers: &mut [HelperClient],
+        map: &mut SharedMap,
+        generation: &mut u64,
+        first_round: Duration,
+    ) -> Result<Vec<u64>, MigrationError> {
+        let limits = Limits {
+            downtime_limit: self.params.downtime_limit,
+            ..Limits::default()
+        };
+        let mut low = LowWater::default();
+        let mut round_bytes = Progress::get(&self.progress.transferred);
+        let mut round_time = first_round;
+        loop {
+            self.cancel.check()?;
+            let dirty = self.vm.dirty_pages().map_err(MigrationError::Vm)?;
+            let bandwidth = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
+            let dirty_bytes = dirty.len() as u64 * PAGE as u64;
+            let stats = RoundStats {
+                rounds: *generation as u32,
+                dirty_bytes,
+                bandwidth,
+                elapsed: self.began.elapsed(),
+                rounds_since_low: low.record(dirty_bytes),
+            };
+            let p = self.progress;
+            p.remaining.store(dirty_bytes, Ordering::Relaxed);
+            p.rounds.store(*generation, Ordering::Relaxed);
+            p.dirty_rate.store(
+                (dirty.len() as f64 / round_time.as_secs_f64().max(1e-6)) as u64,
+                Ordering::Relaxed,
+            );
+            p.expected_downtime_us.store(
+                policy::expected_downtime(dirty_bytes, bandwidth)
+                    .as_micros()
+                    .min(u128::from(u64::MAX)) as u64,
+                Ordering::Relaxed,
+            );
+            let decision = policy::decide(&stats, &limits);
+            log::debug!(
+                "Round {generation}: {} pages dirty, {:.0} MB/s: {decision:?}",
+                dirty.len(),
+                bandwidth / 1e6
+            );
+            if let Decision::Switchover(_) = decision {
+                return Ok(dirty);
+            }
+            let (before, t) = (Progress::get(&p.transferred), Instant::now());
+            *generation += 1;
+            self.dirty_round(helpers, map, &dirty, *generation)?;
+            round_bytes = Progress::get(&p.transferred) - before;
+            round_time = t.elapsed();
+        }
+    }
+
+    /// Sends `dirty` pages as the current map has them: shared ones as
+    /// plaintext, the others through the helpers at `generation`.
+    fn dirty_round(
+        &mut self,
+        helpers: &mut [HelperClient],
+        map: &mut SharedMap,
+        dirty: &[u64],
+        generation: u64,
+    ) -> Result<(), MigrationError> {
+        let now = self.vm.shared_map();
+        if now != *map {
+            self.send_map(&now)?;
+            *map = now;
+        }
+        let (shared, private): (Vec<u64>, Vec<u64>) =
+            dirty.iter().partition(|&&gpa| map.is_shared(gpa));
+        self.round(helpers, &shared, &private, generation)
     }
 
     /// The target's authenticated answer: Ok on its ack, its reason on its
@@ -405,12 +596,14 @@ impl Sender<'_> {
 
     /// Shared pages from this thread, private pages from one thread per
     /// helper, frames written as they come.
-    fn pages(
+    fn round(
         &mut self,
         helpers: &mut [HelperClient],
         shared: &[u64],
         private: &[u64],
+        generation: u64,
     ) -> Result<(), MigrationError> {
+        let batch = self.params.batch.clamp(1, PAGES_PER_FRAME);
         let per_helper = private.len().div_ceil(helpers.len()).max(1);
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(2 * helpers.len() + 2));
         let cancel = self.cancel;
@@ -419,7 +612,7 @@ impl Sender<'_> {
             for (client, pages) in helpers.iter_mut().zip(private.chunks(per_helper)) {
                 let (tx, pool) = (tx.clone(), &pool);
                 scope.spawn(move || {
-                    for batch in pages.chunks(PAGES_PER_FRAME) {
+                    for chunk in pages.chunks(batch) {
                         if cancel.is_cancelled() {
                             return;
                         }
@@ -429,7 +622,7 @@ impl Sender<'_> {
                         });
                         out.clear();
                         let list: Vec<(u64, u64)> =
-                            batch.iter().map(|&g| (g, STOPPED_GENERATION)).collect();
+                            chunk.iter().map(|&g| (g, generation)).collect();
                         let result = client.encrypt(&list, out).map(|()| std::mem::take(out));
                         let failed = result.is_err();
                         if tx.send(result).is_err() || failed {
@@ -442,7 +635,7 @@ impl Sender<'_> {
             // Helper frames first, as they come, so the helpers never wait
             // on the socket; shared pages whenever no helper frame is ready.
             let mut buf = vec![0u8; PAGES_PER_FRAME * SHARED_PAGE_STRIDE];
-            let mut plain = shared.chunks(PAGES_PER_FRAME);
+            let mut plain = shared.chunks(batch);
             loop {
                 let next = match rx.try_recv() {
                     Ok(records) => Some(records),
@@ -460,9 +653,7 @@ impl Sender<'_> {
                 self.frame(FrameKind::HelperRecords, &records)?;
                 let pages = (records.len() / RECORD_STRIDE) as u64;
                 Progress::add(&self.progress.private_pages, pages);
-                self.progress
-                    .remaining
-                    .fetch_sub(pages * PAGE as u64, Ordering::Relaxed);
+                Progress::sub(&self.progress.remaining, pages * PAGE as u64);
                 pool.lock().expect("pool lock poisoned").push(records);
             }
             for batch in plain {
@@ -488,9 +679,7 @@ impl Sender<'_> {
             &buf[..batch.len() * SHARED_PAGE_STRIDE],
         )?;
         Progress::add(&self.progress.shared_pages, batch.len() as u64);
-        self.progress
-            .remaining
-            .fetch_sub((batch.len() * PAGE) as u64, Ordering::Relaxed);
+        Progress::sub(&self.progress.remaining, (batch.len() * PAGE) as u64);
         Ok(())
     }
 }

@@ -105,10 +105,7 @@ pub fn receive(
         let _ = h.end();
     }
     if let Err(e) = &result {
-        if !matches!(
-            e,
-            MigrationError::Peer { .. } | MigrationError::NotAMigration(_)
-        ) {
+        if !matches!(e, MigrationError::Peer { .. }) {
             let msg = e.to_string();
             let cut = msg.len().min(FrameKind::Error.max_length() as usize);
             let _ = match receiver.nack {
@@ -184,6 +181,13 @@ impl Receiver<'_> {
         }
     }
 
+    /// The Hello and the source's configuration.
+    fn opening(&mut self) -> Result<ConfigRecord, MigrationError> {
+        protocol::read_hello(&mut self.input)?;
+        self.expect(FrameKind::Config)?;
+        Ok(state::decode(&self.buf)?)
+    }
+
     fn run(&mut self, helpers: &mut Vec<HelperClient>) -> Result<(), MigrationError> {
         let vm = self.vm;
         // Speak first, so that a source that reached something else knows
@@ -192,15 +196,20 @@ impl Receiver<'_> {
             protocol::write_hello(out)?;
             out.flush().map_err(ProtocolError::Io)?;
         }
-        protocol::read_hello(&mut self.input).map_err(|e| match e {
-            ProtocolError::BadHello => MigrationError::NotAMigration(e.to_string()),
-            ProtocolError::Io(io) if protocol::timed_out(&io) => {
-                MigrationError::NotAMigration(format!("no Hello within {HANDSHAKE_TIMEOUT:?}"))
+        // Until a well-formed configuration has come, the peer has shown
+        // nothing of a cgsvmm source (the Hello is public): whatever goes
+        // wrong, this was not a migration, and a live target waits on.
+        let theirs = self.opening().map_err(|e| match e {
+            MigrationError::Protocol(ProtocolError::Io(io)) if protocol::timed_out(&io) => {
+                MigrationError::NotAMigration(format!(
+                    "no configuration within {HANDSHAKE_TIMEOUT:?}"
+                ))
             }
-            e => e.into(),
+            e @ (MigrationError::Protocol(_)
+            | MigrationError::State(_)
+            | MigrationError::Sequence(_)) => MigrationError::NotAMigration(e.to_string()),
+            e => e,
         })?;
-        self.expect(FrameKind::Config)?;
-        let theirs: ConfigRecord = state::decode(&self.buf)?;
         let ours = vm.config(self.mode);
         if let Some(why) = state::config_mismatch(&theirs, &ours) {
             return Err(MigrationError::Mismatch(why));
@@ -250,7 +259,7 @@ impl Receiver<'_> {
         }
         self.expect(FrameKind::SharedMap)?;
         let ram = vm.ram_ranges();
-        let map = shared_map(&ram, &self.buf)?;
+        let mut map = shared_map(&ram, &self.buf)?;
         self.shared = map.ranges();
         let total: u64 = ram.iter().map(|r| r.1).sum();
         self.progress
@@ -261,7 +270,7 @@ impl Receiver<'_> {
             .store(total, std::sync::atomic::Ordering::Relaxed);
 
         let t = std::time::Instant::now();
-        self.pages(helpers, &map)?;
+        self.pages(helpers, &mut map, &ram)?;
         log::debug!("Received the pages in {:?}", t.elapsed());
         let t = std::time::Instant::now();
 
@@ -337,15 +346,19 @@ impl Receiver<'_> {
 
     /// Page frames until DeviceState: shared pages written here, helper
     /// records decrypted by every helper at once.
+    /// Precopy sends pages again, round after round, and the map again
+    /// when the guest converted pages; the last map is the one every
+    /// shared page must have arrived under.
     fn pages(
         &mut self,
         helpers: &mut [HelperClient],
-        map: &SharedMap,
+        map: &mut SharedMap,
+        ram: &[(u64, u64)],
     ) -> Result<(), MigrationError> {
         let failure: Mutex<Option<MigrationError>> = Mutex::new(None);
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(3 * helpers.len() + 2));
-        let mut seen = vec![false; usize::try_from(map.pages()).unwrap_or(usize::MAX)];
-        let index = SharedIndex::new(&map.ranges());
+        let mut seen = std::collections::HashSet::new();
+        let mut index = SharedIndex::new(&map.ranges());
         let stop = self.stop.take();
         // One queue every helper takes from: a frame goes to whichever
         // helper is free.
@@ -361,13 +374,16 @@ impl Receiver<'_> {
                     loop {
                         let next = queue.lock().expect("queue lock poisoned").recv();
                         let Ok(records) = next else { return };
+                        // After any failure, frames are taken and dropped
+                        // (so the reader never blocks on a full queue) until
+                        // the reader sees the failure and stops.
+                        if failure.lock().expect("failure lock poisoned").is_some() {
+                            continue;
+                        }
                         match client.decrypt(&records) {
                             Ok(n) => {
                                 Progress::add(&progress.private_pages, n as u64);
-                                progress.remaining.fetch_sub(
-                                    n as u64 * PAGE,
-                                    std::sync::atomic::Ordering::Relaxed,
-                                );
+                                Progress::sub(&progress.remaining, n as u64 * PAGE);
                                 pool.lock().expect("pool lock poisoned").push(records);
                             }
                             Err(e) => {
@@ -380,7 +396,6 @@ impl Receiver<'_> {
                                 if let Some(c) = stop {
                                     c.shutdown();
                                 }
-                                return;
                             }
                         }
                     }
@@ -394,6 +409,11 @@ impl Receiver<'_> {
                 }
                 match self.next()? {
                     FrameKind::SharedPages => self.shared_pages(&index, &mut seen)?,
+                    FrameKind::SharedMap => {
+                        *map = shared_map(ram, &self.buf)?;
+                        self.shared = map.ranges();
+                        index = SharedIndex::new(&self.shared);
+                    }
                     FrameKind::HelperRecords => {
                         if self.buf.is_empty() || !self.buf.len().is_multiple_of(RECORD_STRIDE) {
                             return Err(MigrationError::Sequence(format!(
@@ -424,10 +444,14 @@ impl Receiver<'_> {
             return Err(e);
         }
         result?;
-        if let Some(missing) = seen.iter().position(|s| !s) {
+        let missing = self
+            .shared
+            .iter()
+            .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
+            .find(|gpa| !seen.contains(gpa));
+        if let Some(gpa) = missing {
             return Err(MigrationError::Sequence(format!(
-                "shared page {:#x} never arrived",
-                index.nth(missing as u64)
+                "shared page {gpa:#x} never arrived"
             )));
         }
         Ok(())
@@ -436,7 +460,7 @@ impl Receiver<'_> {
     fn shared_pages(
         &mut self,
         shared: &SharedIndex,
-        seen: &mut [bool],
+        seen: &mut std::collections::HashSet<u64>,
     ) -> Result<(), MigrationError> {
         if self.buf.is_empty() || !self.buf.len().is_multiple_of(SHARED_PAGE_STRIDE) {
             return Err(MigrationError::Sequence(format!(
@@ -446,16 +470,12 @@ impl Receiver<'_> {
         }
         for page in self.buf.chunks(SHARED_PAGE_STRIDE) {
             let gpa = u64::from_le_bytes(page[..8].try_into().expect("8 bytes"));
-            let slot = shared.page(gpa).ok_or_else(|| {
-                MigrationError::Sequence(format!(
-                    "plaintext for page {gpa:#x}, which is not shared"
-                ))
-            })?;
-            if std::mem::replace(&mut seen[slot as usize], true) {
+            if shared.page(gpa).is_none() {
                 return Err(MigrationError::Sequence(format!(
-                    "shared page {gpa:#x} sent twice"
+                    "plaintext for page {gpa:#x}, which is not shared"
                 )));
             }
+            seen.insert(gpa);
             self.vm
                 .ram()
                 .write_slice(&page[8..], GuestAddress(gpa))
@@ -463,9 +483,7 @@ impl Receiver<'_> {
         }
         let n = (self.buf.len() / SHARED_PAGE_STRIDE) as u64;
         Progress::add(&self.progress.shared_pages, n);
-        self.progress
-            .remaining
-            .fetch_sub(n * PAGE, std::sync::atomic::Ordering::Relaxed);
+        Progress::sub(&self.progress.remaining, n * PAGE);
         Ok(())
     }
 }
@@ -518,14 +536,6 @@ impl SharedIndex {
         let r = self.ranges.get(i)?;
         (r.start <= gpa).then(|| self.before[i] + (gpa - r.start) / PAGE)
     }
-
-    /// The GPA of shared page number `n`.
-    fn nth(&self, n: u64) -> u64 {
-        let i = self.before.partition_point(|&b| b <= n).saturating_sub(1);
-        self.ranges
-            .get(i)
-            .map_or(0, |r| r.start + (n - self.before[i]) * PAGE)
-    }
 }
 
 #[cfg(test)]
@@ -546,9 +556,6 @@ mod tests {
         assert_eq!(index.page(0x3000), None);
         assert_eq!(index.page(0x9000), None);
         assert_eq!(index.page(0x1008), None);
-        assert_eq!(index.nth(0), 0x1000);
-        assert_eq!(index.nth(1), 0x2000);
-        assert_eq!(index.nth(2), 0x8000);
         assert_eq!(SharedIndex::new(&[]).page(0), None);
         let bytes: Vec<u8> = shared.iter().flat_map(|r| r.as_bytes().to_vec()).collect();
         let ram = [(0u64, 0x10_0000u64)];

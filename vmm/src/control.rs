@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use cgsvmm_fw_abi::helper::HelperHeader;
 use cgsvmm_migration::helper::HelperLink;
+use cgsvmm_migration::source::Params;
 use cgsvmm_migration::transport::Uri;
 
 use crate::config::Incoming;
@@ -60,7 +61,27 @@ pub enum Command {
     QueryMigrate,
     /// SHA-256 over guest RAM (tests).
     QueryRamDigest,
+    /// Changes how the next migration goes.
+    MigrateSetParameters(ParamsChange),
+    /// How the next migration goes.
+    QueryMigrateParameters,
 }
+
+/// The parameters `migrate-set-parameters` changes (None: unchanged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParamsChange {
+    /// `downtime-limit`, milliseconds.
+    pub downtime_limit_ms: Option<u64>,
+    /// `max-bandwidth`, bytes per second (0: no limit).
+    pub max_bandwidth: Option<u64>,
+    /// `x-helpers`.
+    pub helpers: Option<u64>,
+    /// `x-batch`, pages.
+    pub batch: Option<u64>,
+}
+
+/// QEMU's bound on `downtime-limit` (ms).
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
 /// What a command answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +100,8 @@ pub enum Reply {
     Migration(Option<MigrationInfo>),
     /// Hex SHA-256 of guest RAM.
     RamDigest(String),
+    /// The migration parameters.
+    MigrationParameters(Params),
 }
 
 /// A command that could not be done, and why (for the operator).
@@ -196,6 +219,8 @@ pub struct Controller {
     source_running: bool,
     /// The last outgoing migration was a snapshot (the guest may go on).
     snapshotted: bool,
+    /// How the next migration goes.
+    params: Params,
 }
 
 impl Controller {
@@ -227,6 +252,7 @@ impl Controller {
             before_migration: RunState::Paused,
             source_running: true,
             snapshotted: false,
+            params: Params::default(),
         }
     }
 
@@ -480,7 +506,48 @@ impl Controller {
                 Ok(Reply::Migration(self.migration.as_ref().map(|m| m.info())))
             }
             Command::QueryRamDigest => self.ram_digest(),
+            Command::MigrateSetParameters(change) => self.set_params(change),
+            Command::QueryMigrateParameters => Ok(Reply::MigrationParameters(Params {
+                helpers: self.params.helpers.min(self.mirror.handles().len()),
+                ..self.params
+            })),
         }
+    }
+
+    /// `migrate-set-parameters`: every value checked before any is taken.
+    fn set_params(&mut self, change: ParamsChange) -> Result<Reply, ControlError> {
+        let helpers = self.mirror.handles().len() as u64;
+        let bad = |name: &str, range: String| {
+            Err(ControlError(format!("Parameter '{name}' expects {range}")))
+        };
+        let mut next = self.params;
+        if let Some(ms) = change.downtime_limit_ms {
+            if ms > MAX_DOWNTIME_LIMIT_MS {
+                return bad(
+                    "downtime-limit",
+                    format!("a number of milliseconds from 0 to {MAX_DOWNTIME_LIMIT_MS}"),
+                );
+            }
+            next.downtime_limit = std::time::Duration::from_millis(ms);
+        }
+        if let Some(b) = change.max_bandwidth {
+            next.max_bandwidth = b;
+        }
+        if let Some(h) = change.helpers {
+            if !(1..=helpers).contains(&h) {
+                return bad("x-helpers", format!("1 to {helpers} (this VM's helpers)"));
+            }
+            next.helpers = h as usize;
+        }
+        if let Some(b) = change.batch {
+            let max = cgsvmm_migration::source::PAGES_PER_FRAME as u64;
+            if !(1..=max).contains(&b) {
+                return bad("x-batch", format!("1 to {max} pages"));
+            }
+            next.batch = b as usize;
+        }
+        self.params = next;
+        Ok(Reply::Done)
     }
 
     /// Events raised since the last call, oldest first.
@@ -567,7 +634,7 @@ impl Controller {
                 )));
             }
         }
-        let job = migration_link::start_outgoing(self.link()?, uri, self.mirror.handles().len());
+        let job = migration_link::start_outgoing(self.link()?, uri, self.params);
         self.migration = Some(job);
         Ok(Reply::Done)
     }

@@ -23,16 +23,19 @@ use cgsvmm_devices::serial::{SerialDevice, SerialState};
 use cgsvmm_fw_abi::helper::{HelperHeader, MH_ABI_VERSION};
 use cgsvmm_migration::helper::{HelperClient, HelperLink};
 use cgsvmm_migration::ranges::SharedMap;
-use cgsvmm_migration::source::{self, Cancel};
+use cgsvmm_migration::source::{self, Cancel, Params};
 use cgsvmm_migration::state::{self, ConfigRecord, CpuidEntry, Record, StreamMode};
 use cgsvmm_migration::transport::{Listener, TransportError, Uri};
-use cgsvmm_migration::{target, MigratableVm, MigrationError, Progress, SavedState};
+use cgsvmm_migration::{dirty, target, MigratableVm, MigrationError, Progress, SavedState};
 
 use crate::control::{Controller, Event, RunState};
 use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
-use crate::memory::Memory;
+use crate::memory::{slots_of, Memory};
 use crate::vm;
+
+/// Bytes of a page.
+const PAGE: u64 = 4096;
 
 /// How long a helper may take to answer one request during a migration.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -232,6 +235,63 @@ impl MigratableVm for VmLink {
         self.raise_migration(MigrationStatus::Completed);
         self.with_controller(|c| c.finish_incoming().map_err(|e| e.to_string()))
     }
+
+    fn start_dirty_log(&self) -> Result<(), String> {
+        // Conversions before now are in the first round anyway.
+        let _ = self
+            .shared
+            .lock()
+            .expect("shared map lock poisoned")
+            .take_converted();
+        for slot in slots_of(&self.memory.ram, 0, false) {
+            slot.register(&self.main_vm, true)
+                .map_err(|e| format!("Cannot start dirty logging: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> Result<Vec<u64>, String> {
+        let mut pages = Vec::new();
+        for slot in slots_of(&self.memory.ram, 0, false) {
+            let bitmap = self
+                .main_vm
+                .get_dirty_log(slot.slot, slot.size as usize)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG of slot {}: {e}", slot.slot))?;
+            for run in dirty::ranges(&bitmap, slot.size / PAGE) {
+                pages.extend((run.first..run.first + run.count).map(|p| slot.gpa + p * PAGE));
+            }
+        }
+        // KVM logs the guest's writes; a conversion between shared and
+        // private is the VMM's to add: such a page goes again, the other way.
+        let converted = self
+            .shared
+            .lock()
+            .expect("shared map lock poisoned")
+            .take_converted();
+        match converted {
+            Some(ranges) => {
+                for r in ranges {
+                    pages.extend((r.start..r.end).step_by(PAGE as usize));
+                }
+            }
+            None => {
+                for (start, len) in self.memory.layout.ram_ranges() {
+                    pages.extend((start..start + len).step_by(PAGE as usize));
+                }
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
+    fn stop_dirty_log(&self) {
+        for slot in slots_of(&self.memory.ram, 0, false) {
+            if let Err(e) = slot.register(&self.main_vm, false) {
+                log::warn!("Cannot stop dirty logging: {e}");
+            }
+        }
+    }
 }
 
 /// QEMU's MigrationStatus values.
@@ -383,6 +443,10 @@ impl MigrationJob {
             shared_pages: Progress::get(&p.shared_pages),
             helpers: self.helpers,
             error: self.error.lock().expect("error lock poisoned").clone(),
+            rounds: Progress::get(&p.rounds),
+            dirty_pages_rate: Progress::get(&p.dirty_rate),
+            expected_downtime_ms: Progress::get(&p.expected_downtime_us) / 1000,
+            downtime_private_pages: Progress::get(&p.downtime_private_pages),
         }
     }
 }
@@ -412,11 +476,20 @@ pub struct MigrationInfo {
     pub helpers: usize,
     /// Why it failed.
     pub error: Option<String>,
+    /// Precopy rounds (`dirty-sync-count`).
+    pub rounds: u64,
+    /// Pages dirtied per second in the last round.
+    pub dirty_pages_rate: u64,
+    /// What the last round expected the pause to take.
+    pub expected_downtime_ms: u64,
+    /// Private pages the helpers sealed while the guest was paused.
+    pub downtime_private_pages: u64,
 }
 
 /// Starts sending the VM to `uri` in a worker; the caller holds the
 /// controller (the worker waits for it before it pauses the guest).
-pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<MigrationJob> {
+pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, params: Params) -> Arc<MigrationJob> {
+    let helpers = params.helpers.clamp(1, link.helpers);
     let job = Arc::new(MigrationJob::new(helpers, true));
     let worker_job = job.clone();
     let spawned = std::thread::Builder::new()
@@ -427,7 +500,7 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, helpers: usize) -> Arc<Migrat
             job.set_status(MigrationStatus::Active);
             link.raise_migration(MigrationStatus::Active);
             log::info!("Migrating to {uri}");
-            let result = source::send(&*link, &uri, &job.progress, &job.cancel);
+            let result = source::send(&*link, &uri, &params, &job.progress, &job.cancel);
             let status = job.finish(&result);
             match &result {
                 Ok(()) => {

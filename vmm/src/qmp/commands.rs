@@ -7,14 +7,14 @@ use serde_json::{json, Map, Value};
 
 use cgsvmm_migration::transport::{TransportError, Uri};
 
-use crate::control::{Command, Controller, CpuInfo, Event, Reply};
+use crate::control::{Command, Controller, CpuInfo, Event, ParamsChange, Reply};
 use crate::migration_link::MigrationInfo;
 
 use super::{event_message_at, no_args, QmpBackend, QmpError};
 
 /// Every command, for `query-commands` (`qmp_capabilities` is the
 /// session's own).
-pub const COMMANDS: [&str; 16] = [
+pub const COMMANDS: [&str; 18] = [
     "qmp_capabilities",
     "query-status",
     "stop",
@@ -31,6 +31,8 @@ pub const COMMANDS: [&str; 16] = [
     "query-migrate",
     "migrate-incoming",
     "x-query-ram-digest",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
 ];
 
 /// The command a QMP message names, with its arguments checked; `None`
@@ -56,6 +58,10 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
         "migrate-incoming" => Ok(Some(Command::MigrateIncoming {
             uri: uri_arg(args, &["uri", "exit-on-error"])?,
         })),
+        "query-migrate-parameters" => plain(Command::QueryMigrateParameters),
+        "migrate-set-parameters" => {
+            params_arg(args).map(|c| Some(Command::MigrateSetParameters(c)))
+        }
         "query-version" | "query-commands" => no_args(args).map(|()| None),
         _ => Err(QmpError::not_found(format!(
             "The command {command} has not been found"
@@ -77,6 +83,26 @@ fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError>
         )),
         None => Err(QmpError::generic("Parameter 'uri' is missing")),
     }
+}
+
+/// `migrate-set-parameters`' arguments: QEMU's names where QEMU has them.
+fn params_arg(args: &Map<String, Value>) -> Result<ParamsChange, QmpError> {
+    let mut change = ParamsChange::default();
+    for (k, v) in args {
+        let n = v.as_u64().ok_or_else(|| {
+            QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: integer"
+            ))
+        })?;
+        match k.as_str() {
+            "downtime-limit" => change.downtime_limit_ms = Some(n),
+            "max-bandwidth" => change.max_bandwidth = Some(n),
+            "x-helpers" => change.helpers = Some(n),
+            "x-batch" => change.batch = Some(n),
+            _ => return Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        }
+    }
+    Ok(change)
 }
 
 /// A reply's `return` value.
@@ -104,6 +130,12 @@ pub fn reply_json(reply: Reply) -> Value {
         Reply::Migration(None) => json!({}),
         Reply::Migration(Some(info)) => migration_json(&info),
         Reply::RamDigest(digest) => json!({ "digest": digest }),
+        Reply::MigrationParameters(p) => json!({
+            "downtime-limit": p.downtime_limit.as_millis() as u64,
+            "max-bandwidth": p.max_bandwidth,
+            "x-helpers": p.helpers,
+            "x-batch": p.batch,
+        }),
     }
 }
 
@@ -142,6 +174,14 @@ pub fn migration_json(info: &MigrationInfo) -> Value {
     });
     if let Some(d) = info.downtime_ms {
         v["downtime"] = json!(d);
+        v["confidential"]["downtime-private-pages"] = json!(info.downtime_private_pages);
+    }
+    if info.rounds > 0 {
+        v["ram"]["dirty-sync-count"] = json!(info.rounds);
+        v["ram"]["dirty-pages-rate"] = json!(info.dirty_pages_rate);
+        if info.downtime_ms.is_none() {
+            v["expected-downtime"] = json!(info.expected_downtime_ms);
+        }
     }
     if let Some(e) = &info.error {
         v["error-desc"] = json!(e);
@@ -245,12 +285,24 @@ mod tests {
             shared_pages: 1,
             helpers: 2,
             error: None,
+            rounds: 3,
+            dirty_pages_rate: 1000,
+            expected_downtime_ms: 20,
+            downtime_private_pages: 2,
         };
         let v = migration_json(&info);
         assert_eq!(v["status"], "completed");
         assert_eq!(v["downtime"], 499);
         assert_eq!(v["ram"]["mbps"], 2000.0);
         assert_eq!(v["confidential"]["private-pages"], 3);
+        assert_eq!(v["confidential"]["downtime-private-pages"], 2);
+        assert_eq!(v["ram"]["dirty-sync-count"], 3);
+        assert!(v.get("expected-downtime").is_none(), "only while it runs");
+        let change = params_arg(&args(json!({"downtime-limit": 10, "x-batch": 64}))).unwrap();
+        assert_eq!(change.downtime_limit_ms, Some(10));
+        assert_eq!(change.batch, Some(64));
+        assert!(params_arg(&args(json!({"downtime-limit": -1}))).is_err());
+        assert!(params_arg(&args(json!({"announce-max": 1}))).is_err());
         assert!(v.get("error-desc").is_none());
         let e = event_json(
             &Event::Migration(MigrationStatus::Failed),

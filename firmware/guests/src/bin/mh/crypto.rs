@@ -839,12 +839,36 @@ fn verify(s: &State, args: &mut h::SealArgs, mbox: &Mailbox, env: &Env) -> Resul
             Err((status::SEAL_MISMATCH, 0))
         }
     });
+    if checked.is_err() {
+        // The nack token tells the source it may run its guest again: it
+        // must mean this VM cannot, so what this session wrote goes first.
+        wipe_received(env);
+    }
     reveal(if checked.is_ok() {
         h::token::ACK
     } else {
         h::token::NACK
     });
     checked
+}
+
+/// Zeroes every RAM page this session wrote (generation set), under the
+/// session's write lock (no batch runs). Under plain SEV a host could still
+/// replay the old ciphertext of guest memory: memory integrity is SNP's.
+fn wipe_received(env: &Env) {
+    let mut index = 0u64;
+    for r in &env.ram[..env.ram_count] {
+        let mut gpa = r.start;
+        while gpa < r.end {
+            if env.generation(index).load(Ordering::Relaxed) != 0 {
+                // SAFETY: `gpa` is a page of guest RAM (read_env validated the
+                // ranges), mapped writable for the helper.
+                unsafe { cgsvmm_guests::memset(gpa as *mut u8, 0, PAGE) };
+            }
+            gpa += PAGE as u64;
+            index += 1;
+        }
+    }
 }
 
 /// Seed ENCRYPT: the page at `gpa` into the seed page, the envelope into
