@@ -924,6 +924,118 @@ fn a_target_killed_or_stalled_in_precopy_leaves_the_source_running() {
     let _ = std::fs::remove_file(key);
 }
 
+/// One guest, hop after hop between new processes, verified after each:
+/// A to B to A to B to A to B.
+fn ping_pong_five_hops() {
+    let _one = one_vm();
+    let key = key_file("pingpong.key", KEY);
+    let (mut vm, mut q) = source("hop0", &key);
+    for hop in 1..=5 {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let (next_vm, mut next, _) =
+            start(&format!("hop{hop}"), &key, "256M", &["--incoming", &uri]);
+        let before = last_pass(&vm.lines(), 0).unwrap_or(0);
+        migrate(&mut q, &uri);
+        check_report(&wait_migration(&mut q, Duration::from_secs(30)), false);
+        assert_eq!(
+            wait_migration(&mut next, Duration::from_secs(10))["status"],
+            "completed"
+        );
+        assert_eq!(status(&mut next), "running", "hop {hop}");
+        assert!(
+            passes_beyond(&next_vm, 0, before + 1),
+            "hop {hop}: the guest does not go on"
+        );
+        let lines = next_vm.lines();
+        assert!(
+            !lines.iter().any(|l| l.contains("MEMORY-ERROR")),
+            "hop {hop}: {lines:?}"
+        );
+        let r = call(
+            &mut next,
+            "migrate-set-parameters",
+            json!({"downtime-limit": 60000}),
+        );
+        assert!(r.get("return").is_some(), "{r}");
+        drop(vm);
+        (vm, q) = (next_vm, next);
+        println!("hop {hop} verified");
+    }
+    let _ = std::fs::remove_file(key);
+}
+
+/// `cgsvmm migrate` drives a running source to a target and prints its
+/// summary; `cgsvmm demo` does the whole thing on its own.
+fn the_migrate_and_demo_commands_report_and_verify() {
+    let _one = one_vm();
+    let key = key_file("cmd.key", KEY);
+    let (_src_vm, _src) = source("cmd-src", &key);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let (dst_vm, mut dst, _) = start("cmd-dst", &key, "256M", &["--incoming", &uri]);
+    // The source's socket, as `start` named it (tmp_path would remove it).
+    let sock = std::env::temp_dir().join(format!("cgsvmm-e2e-cmd-src.sock-{}", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args(["migrate", "--qmp", &format!("unix:{}", sock.display())])
+        .args(["--downtime-limit", "60000", &uri])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "completed",
+        "total time",
+        "downtime",
+        "rounds",
+        "Mbit/s",
+        "private (through 2 helpers)",
+    ] {
+        assert!(stdout.contains(want), "{want:?} in {stdout}");
+    }
+    assert_eq!(status(&mut dst), "running");
+    assert!(passes_beyond(&dst_vm, 0, 0));
+    // A refused migration: the error, exit 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args([
+            "migrate",
+            "--qmp",
+            &format!("unix:{}", sock.display()),
+            &uri,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postmigrate"));
+    drop(dst_vm);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        .args([
+            "demo",
+            "--memory",
+            "128M",
+            "--verify-seconds",
+            "2",
+            "--downtime-limit",
+            "60000",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("verified: the guest checked its memory"),
+        "{stdout}"
+    );
+    println!("{stdout}");
+    let _ = std::fs::remove_file(key);
+}
+
 /// The README's first migration, pasted into bash as a user would (with
 /// this build's binary, a free port and private paths).
 fn the_readme_migration_example_runs_as_pasted() {
@@ -984,6 +1096,8 @@ fn main() {
             the_readme_migration_example_runs_as_pasted,
             a_running_dirtier_migrates_live_in_rounds,
             a_target_killed_or_stalled_in_precopy_leaves_the_source_running,
+            ping_pong_five_hops,
+            the_migrate_and_demo_commands_report_and_verify,
         ),
     )]);
 }

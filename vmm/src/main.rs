@@ -32,6 +32,13 @@ enum Command {
     Run(Box<RunArgs>),
     /// Send one QMP command to a running cgsvmm and print its reply.
     Qmp(QmpArgs),
+    /// Migrate a running cgsvmm's guest live (over its QMP socket), with a
+    /// progress bar and a summary.
+    Migrate(MigrateArgs),
+    /// Start a source and a target on this machine, migrate the embedded
+    /// dirtier live between them, and check that it verifies its memory on
+    /// the target (exit 0 only then).
+    Demo(DemoArgs),
     /// Measure a component and print the numbers.
     Bench {
         #[command(subcommand)]
@@ -81,6 +88,59 @@ struct QmpArgs {
         value_parser = config::parse_seconds
     )]
     timeout: std::time::Duration,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The source's QMP socket: unix:PATH, as given to `run --qmp`.
+    #[arg(long, value_parser = parse_qmp_socket)]
+    qmp: PathBuf,
+    /// Where the guest goes: tcp:HOST:PORT or unix:PATH (a target started
+    /// with --incoming), or file:PATH (a snapshot).
+    #[arg(value_parser = parse_migration_uri)]
+    uri: String,
+    /// Longest pause the guest should see, in milliseconds (QEMU's
+    /// downtime-limit; default 300).
+    #[arg(long = "downtime-limit")]
+    downtime_limit: Option<u64>,
+    /// Bytes per second at most on the wire (QEMU's max-bandwidth; 0, the
+    /// default, for no limit).
+    #[arg(long = "max-bandwidth")]
+    max_bandwidth: Option<u64>,
+    /// Migration helpers to use (default: all the VM has).
+    #[arg(long)]
+    helpers: Option<u64>,
+    /// No progress bar (only the summary).
+    #[arg(long = "no-progress")]
+    no_progress: bool,
+}
+
+fn parse_migration_uri(s: &str) -> Result<String, String> {
+    s.parse::<cgsvmm_migration::transport::Uri>()
+        .map(|u| u.to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = config::parse_memory)]
+    memory: u64,
+    /// Guest vCPUs (1-8).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+    cpus: u8,
+    /// Migration helpers on each side (1-4).
+    #[arg(long = "mirror-cpus", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4))]
+    mirror_cpus: u8,
+    /// Longest pause the guest should see, in milliseconds.
+    #[arg(long = "downtime-limit", default_value_t = 300)]
+    downtime_limit: u64,
+    /// Seconds the guest verifies itself on the target (1-60).
+    #[arg(long = "verify-seconds", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    verify_seconds: u64,
+    /// No progress bar.
+    #[arg(long = "no-progress")]
+    no_progress: bool,
 }
 
 fn parse_qmp_socket(s: &str) -> Result<PathBuf, String> {
@@ -333,6 +393,45 @@ fn main() -> ExitCode {
             match cgsvmm::bench::run(config) {
                 Ok(report) => {
                     print!("{}", report.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cgsvmm: error: {}", one_line(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate(a) => {
+            let request = cgsvmm::migrate_cmd::MigrateRequest {
+                uri: a.uri.clone(),
+                downtime_limit_ms: a.downtime_limit,
+                max_bandwidth: a.max_bandwidth,
+                helpers: a.helpers,
+                progress: !a.no_progress,
+            };
+            match cgsvmm::migrate_cmd::migrate(&a.qmp, &request) {
+                Ok(summary) => {
+                    print!("{}", summary.render(&a.uri, a.downtime_limit));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cgsvmm: error: {}", one_line(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(a) => {
+            let config = cgsvmm::demo::DemoConfig {
+                memory: format!("{}M", a.memory >> 20),
+                cpus: usize::from(a.cpus),
+                helpers: usize::from(a.mirror_cpus),
+                downtime_limit_ms: a.downtime_limit,
+                verify_for: std::time::Duration::from_secs(a.verify_seconds),
+                progress: !a.no_progress,
+            };
+            match cgsvmm::demo::run(&config) {
+                Ok(report) => {
+                    print!("{report}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -1,5 +1,7 @@
-//! A one-shot QMP client (`cgsvmm qmp`): connects, negotiates, runs one
-//! command and returns its reply. Events that arrive meanwhile are skipped.
+//! A small QMP client: [`call`] (`cgsvmm qmp`) connects, negotiates, runs
+//! one command and returns its reply; a [`Session`] (`cgsvmm migrate`,
+//! `cgsvmm demo`) runs many over one connection. Events that arrive
+//! meanwhile are skipped.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -41,24 +43,44 @@ pub fn call(
     arguments: Option<Map<String, Value>>,
     timeout: Duration,
 ) -> Result<Value, QmpClientError> {
-    let stream = connect(path, timeout.min(CONNECT_WAIT))?;
-    stream.set_read_timeout(Some(timeout))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    let greeting = read_message(&mut reader)?;
-    if greeting.get("QMP").is_none() {
-        return Err(QmpClientError::Protocol(greeting.to_string()));
+    Session::connect(path, timeout)?.call(command, arguments)
+}
+
+/// One negotiated QMP connection.
+pub struct Session {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Session {
+    /// Connects (waiting briefly for the socket to appear) and negotiates;
+    /// each read then waits at most `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, QmpClientError> {
+        let stream = connect(path, timeout.min(CONNECT_WAIT))?;
+        stream.set_read_timeout(Some(timeout))?;
+        let writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let greeting = read_message(&mut reader)?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpClientError::Protocol(greeting.to_string()));
+        }
+        let mut session = Self { reader, writer };
+        session.call("qmp_capabilities", None)?;
+        Ok(session)
     }
-    exchange(
-        &mut reader,
-        &mut writer,
-        &json!({"execute": "qmp_capabilities"}),
-    )?;
-    let mut request = json!({"execute": command, "id": "cgsvmm-qmp"});
-    if let Some(args) = arguments {
-        request["arguments"] = Value::Object(args);
+
+    /// Runs `command`; its `return` value.
+    pub fn call(
+        &mut self,
+        command: &str,
+        arguments: Option<Map<String, Value>>,
+    ) -> Result<Value, QmpClientError> {
+        let mut request = json!({"execute": command, "id": "cgsvmm-qmp"});
+        if let Some(args) = arguments {
+            request["arguments"] = Value::Object(args);
+        }
+        exchange(&mut self.reader, &mut self.writer, &request)
     }
-    exchange(&mut reader, &mut writer, &request)
 }
 
 fn connect(path: &Path, wait: Duration) -> Result<UnixStream, QmpClientError> {

@@ -1,0 +1,259 @@
+//! `cgsvmm demo`: a newcomer's first live migration on this machine. It
+//! starts a source and a target (this same binary, the embedded dirtier,
+//! a fresh random transport key), lets the guest run, migrates it live with
+//! the progress bar, lets the guest check its memory on the target, and
+//! prints the summary and the verdict. Success only if the guest goes on
+//! verifying on the target.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::migrate_cmd::{self, MigrateRequest};
+use crate::qmp::client::Session;
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Guest RAM, as `--memory` takes it.
+    pub memory: String,
+    /// Guest vCPUs.
+    pub cpus: usize,
+    /// Helpers on each side.
+    pub helpers: usize,
+    /// `downtime-limit`, ms.
+    pub downtime_limit_ms: u64,
+    /// How long the guest verifies itself on the target.
+    pub verify_for: Duration,
+    /// Draw the progress bar.
+    pub progress: bool,
+}
+
+/// Why the demo did not show a verified migration.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setting up (files, processes).
+    #[error("{0}: {1}")]
+    Setup(String, std::io::Error),
+    /// A VMM did not come up or stopped.
+    #[error("{0}")]
+    Vmm(String),
+    /// The migration failed.
+    #[error(transparent)]
+    Migrate(#[from] migrate_cmd::MigrateCmdError),
+    /// The guest did not verify on the target.
+    #[error("the guest did not verify on the target: {0}")]
+    NotVerified(String),
+}
+
+/// A child cgsvmm, killed if the demo ends early.
+struct Vmm {
+    child: Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+    name: &'static str,
+}
+
+impl Vmm {
+    fn stop(&mut self) {
+        if let Ok(mut s) = Session::connect(&self.qmp, Duration::from_secs(2)) {
+            let _ = s.call("quit", None);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(e) = self.child.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The highest pass vCPU `vcpu` printed in `log`.
+pub fn last_pass(log: &str, vcpu: usize) -> Option<u64> {
+    let prefix = format!("dirtier: vcpu {vcpu} pass ");
+    log.lines()
+        .filter_map(|l| l.strip_prefix(&prefix)?.strip_suffix(" ok")?.parse().ok())
+        .max()
+}
+
+fn random_key() -> Result<String, DemoError> {
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| DemoError::Setup("reading /dev/urandom".into(), e))?;
+    Ok(hex::encode(key))
+}
+
+fn free_port() -> Result<u16, DemoError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DemoError::Setup("finding a free port".into(), e))
+}
+
+fn spawn(
+    name: &'static str,
+    dir: &Path,
+    config: &DemoConfig,
+    key: &Path,
+    extra: &[String],
+) -> Result<Vmm, DemoError> {
+    let exe = std::env::current_exe().map_err(|e| DemoError::Setup("finding cgsvmm".into(), e))?;
+    let qmp = dir.join(format!("{name}.sock"));
+    let serial = dir.join(format!("{name}.log"));
+    let child = Command::new(exe)
+        .arg("run")
+        .args(["--memory", &config.memory])
+        .args(["--cpus", &config.cpus.to_string()])
+        .args(["--mirror-cpus", &config.helpers.to_string()])
+        .arg("--transport-key-file")
+        .arg(key)
+        .arg("--qmp")
+        .arg(format!("unix:{}", qmp.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| DemoError::Setup(format!("starting the {name}"), e))?;
+    let mut vmm = Vmm {
+        child,
+        qmp,
+        serial,
+        name,
+    };
+    // Up when its QMP socket answers.
+    let start = Instant::now();
+    loop {
+        if Session::connect(&vmm.qmp, Duration::from_secs(2)).is_ok() {
+            return Ok(vmm);
+        }
+        if let Ok(Some(status)) = vmm.child.try_wait() {
+            let err = vmm.stderr();
+            return Err(DemoError::Vmm(format!(
+                "the {} exited ({status}): {}",
+                vmm.name,
+                err.trim()
+            )));
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(DemoError::Vmm(format!("the {} did not come up", vmm.name)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the demo; its report (summary and verdict).
+pub fn run(config: &DemoConfig) -> Result<String, DemoError> {
+    let dir = std::env::temp_dir().join(format!("cgsvmm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Setup(dir.display().to_string(), e))?;
+    let result = demo_in(&dir, config);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn demo_in(dir: &Path, config: &DemoConfig) -> Result<String, DemoError> {
+    let key = dir.join("transport.key");
+    std::fs::write(&key, random_key()?)
+        .map_err(|e| DemoError::Setup(key.display().to_string(), e))?;
+    let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+    println!(
+        "cgsvmm demo: a {} guest on {} vCPUs (the dirtier: it writes and checks every page, \
+         a quarter of them declared shared) migrates live to a second cgsvmm on this machine, \
+         every private page through {} migration helpers a side.",
+        config.memory, config.cpus, config.helpers
+    );
+    let mut source = spawn("source", dir, config, &key, &[])?;
+    let mut target = spawn(
+        "target",
+        dir,
+        config,
+        &key,
+        &["--incoming".into(), uri.clone()],
+    )?;
+
+    // Let the guest make a few passes first.
+    let start = Instant::now();
+    while (0..config.cpus).any(|v| last_pass(&source.log(), v).unwrap_or(0) < 3) {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(DemoError::Vmm(
+                "the guest made no progress on the source".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let request = MigrateRequest {
+        uri: uri.clone(),
+        downtime_limit_ms: Some(config.downtime_limit_ms),
+        progress: config.progress,
+        ..Default::default()
+    };
+    let summary = migrate_cmd::migrate(&source.qmp, &request)?;
+    let before: Vec<u64> = (0..config.cpus)
+        .map(|v| last_pass(&source.log(), v).unwrap_or(0))
+        .collect();
+    source.stop();
+
+    // The guest goes on on the target, checking every page it wrote.
+    std::thread::sleep(config.verify_for);
+    let log = target.log();
+    let running = Session::connect(&target.qmp, Duration::from_secs(5))
+        .and_then(|mut s| s.call("query-status", None))
+        .map(|v| v["status"].as_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|e| format!("unreachable ({e})"));
+    target.stop();
+    if log.contains("MEMORY-ERROR") {
+        let line = log
+            .lines()
+            .find(|l| l.contains("MEMORY-ERROR"))
+            .unwrap_or("");
+        return Err(DemoError::NotVerified(line.to_string()));
+    }
+    if running != "running" {
+        return Err(DemoError::NotVerified(format!("the target is {running}")));
+    }
+    let mut verdict = String::new();
+    for (v, before) in before.iter().enumerate() {
+        let after = last_pass(&log, v).unwrap_or(0);
+        if after <= *before {
+            return Err(DemoError::NotVerified(format!(
+                "vCPU {v} stopped at pass {before} on the source and did not go on"
+            )));
+        }
+        verdict.push_str(&format!(
+            "  vcpu {v}: pass {before} on the source, pass {after} on the target\n"
+        ));
+    }
+    Ok(format!(
+        "{}verified: the guest checked its memory for {:?} on the target, no MEMORY-ERROR\n{verdict}",
+        summary.render(&uri, Some(config.downtime_limit_ms)),
+        config.verify_for
+    ))
+}

@@ -1,0 +1,182 @@
+//! `cgsvmm migrate`: drives a running cgsvmm's migration over its QMP
+//! socket as an operator would (`migrate-set-parameters`, `migrate`, then
+//! `query-migrate` ten times a second), with a progress bar (round,
+//! throughput, what is left) and a one-screen summary at the end.
+
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+
+use crate::qmp::client::{QmpClientError, Session};
+
+/// How often the progress is asked for.
+const POLL: Duration = Duration::from_millis(100);
+/// How long one QMP answer may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What to migrate where, and how.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateRequest {
+    /// Where the VM goes (tcp:, unix:, file:).
+    pub uri: String,
+    /// `downtime-limit`, milliseconds.
+    pub downtime_limit_ms: Option<u64>,
+    /// `max-bandwidth`, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// `x-helpers`.
+    pub helpers: Option<u64>,
+    /// Draw the progress bar (else only the summary).
+    pub progress: bool,
+}
+
+/// Errors of `cgsvmm migrate`.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateCmdError {
+    /// QMP failed or refused.
+    #[error(transparent)]
+    Qmp(#[from] QmpClientError),
+    /// The migration failed (its error-desc).
+    #[error("migration {status}: {why}")]
+    Failed {
+        /// failed or cancelled.
+        status: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The end of a migration, as `query-migrate` reported it.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// `query-migrate`'s last answer.
+    pub info: Value,
+}
+
+impl Summary {
+    fn u(&self, path: &[&str]) -> u64 {
+        path.iter()
+            .fold(&self.info, |v, k| &v[*k])
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// The summary, one screen.
+    pub fn render(&self, uri: &str, limit_ms: Option<u64>) -> String {
+        let mbps = self.info["ram"]["mbps"].as_f64().unwrap_or(0.0);
+        let limit = limit_ms.map_or(String::new(), |l| format!(" (limit {l} ms)"));
+        format!(
+            "migrated to {uri}: {status}\n\
+             \x20 total time    {total} ms\n\
+             \x20 downtime      {down} ms{limit}, {sealed} pages sealed by the helpers while paused\n\
+             \x20 rounds        {rounds}\n\
+             \x20 throughput    {mbps:.0} Mbit/s ({mbs:.0} MB/s), {gib:.2} GiB on the wire\n\
+             \x20 pages         {private} private (through {helpers} helpers), {shared} shared\n",
+            status = self.info["status"].as_str().unwrap_or("?"),
+            total = self.u(&["total-time"]),
+            down = self.u(&["downtime"]),
+            sealed = self.u(&["confidential", "downtime-private-pages"]),
+            rounds = self.u(&["ram", "dirty-sync-count"]).max(1),
+            mbs = mbps / 8.0,
+            gib = self.u(&["ram", "transferred"]) as f64 / (1u64 << 30) as f64,
+            private = self.u(&["confidential", "private-pages"]),
+            helpers = self.u(&["confidential", "helpers"]),
+            shared = self.u(&["confidential", "shared-pages"]),
+        )
+    }
+}
+
+/// Migrates the VM behind `qmp` to `request.uri` and waits for the end.
+pub fn migrate(qmp: &Path, request: &MigrateRequest) -> Result<Summary, MigrateCmdError> {
+    let mut session = Session::connect(qmp, QMP_TIMEOUT)?;
+    let mut params = Map::new();
+    for (name, value) in [
+        ("downtime-limit", request.downtime_limit_ms),
+        ("max-bandwidth", request.max_bandwidth),
+        ("x-helpers", request.helpers),
+    ] {
+        if let Some(v) = value {
+            params.insert(name.into(), json!(v));
+        }
+    }
+    if !params.is_empty() {
+        session.call("migrate-set-parameters", Some(params))?;
+    }
+    let mut args = Map::new();
+    args.insert("uri".into(), json!(request.uri));
+    session.call("migrate", Some(args))?;
+
+    let bar = ProgressBar::new(1);
+    if !request.progress {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let info = loop {
+        let info = session.call("query-migrate", None)?;
+        let status = info["status"].as_str().unwrap_or("setup").to_string();
+        let total = info["ram"]["total"].as_u64().unwrap_or(0).max(1);
+        let remaining = info["ram"]["remaining"].as_u64().unwrap_or(total);
+        bar.set_length(total);
+        bar.set_position(total.saturating_sub(remaining));
+        bar.set_message(format!(
+            "{status}: round {}, {:.0} MB/s, {} MiB left{}",
+            info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) + 1,
+            info["ram"]["mbps"].as_f64().unwrap_or(0.0) / 8.0,
+            remaining >> 20,
+            info["expected-downtime"]
+                .as_u64()
+                .map_or(String::new(), |d| format!(", expected pause {d} ms")),
+        ));
+        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+            break info;
+        }
+        bar.tick();
+        std::thread::sleep(POLL);
+    };
+    bar.finish_and_clear();
+    match info["status"].as_str() {
+        Some("completed") => Ok(Summary { info }),
+        status => Err(MigrateCmdError::Failed {
+            status: status.unwrap_or("?").into(),
+            why: info["error-desc"]
+                .as_str()
+                .unwrap_or("cancelled")
+                .to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_has_every_number() {
+        let s = Summary {
+            info: json!({
+                "status": "completed", "total-time": 4475, "downtime": 508,
+                "ram": {"mbps": 2398.0, "transferred": 1_000_000_000u64, "dirty-sync-count": 4},
+                "confidential": {"private-pages": 241676, "shared-pages": 81920, "helpers": 2,
+                                 "downtime-private-pages": 48131}
+            }),
+        };
+        let text = s.render("tcp:h:1", Some(300));
+        for want in [
+            "completed",
+            "4475 ms",
+            "508 ms (limit 300 ms)",
+            "48131 pages sealed",
+            "rounds        4",
+            "2398 Mbit/s (300 MB/s)",
+            "241676 private (through 2 helpers), 81920 shared",
+        ] {
+            assert!(text.contains(want), "{want:?} in\n{text}");
+        }
+    }
+}
