@@ -11,8 +11,10 @@
 //! - [`ranges`]: the shared/private map; [`dirty`]: dirty bitmaps as
 //!   ranges;
 //! - [`helper`]: the migration-helper client (mailbox, batches, seal);
-//! - [`source`]: sends a paused VM; [`target`]: the receiver's state
-//!   machine, which verifies the seal before any vCPU runs.
+//! - [`policy`]: when precopy switches over (a pure function);
+//! - [`source`]: precopy rounds, the switchover, the seal and the
+//!   authenticated answer; [`target`]: the receiver's state machine, which
+//!   verifies the seal before any vCPU runs.
 //!
 //! The crate never depends on `vmm`: what it needs from a VM is the
 //! [`MigratableVm`] trait, which the VMM implements in one file.

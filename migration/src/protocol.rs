@@ -25,7 +25,7 @@
 //! or not) is caught here; helper records are in addition authenticated by
 //! the helpers.
 //!
-//! # Sequence (stopped migration; live precopy will repeat the page frames)
+//! # Sequence
 //!
 //! ```text
 //! source (guest running)                                   target (inmigrate)
@@ -36,10 +36,15 @@
 //!  | SessionOffer {source helper nonce} ---------------------->| target helpers: BEGIN(TARGET)
 //!  |<---------------------- SessionAnswer {target nonce, id}   | (live only)
 //!  |   source helpers: PEER; ids differ -> another transport key: Error
-//!  | -- the source pauses its main vCPUs (the mirror runs on) --
 //!  | SharedMap {ranges} -------------------------------------->| validated: aligned, ordered, in RAM
-//!  | SharedPages {gpa, page} x <=256 ... --------------------->| each shared page exactly once
+//!  | SharedPages {gpa, page} x <=256 ... --------------------->| only into pages the map shares
 //!  | HelperRecords {record} x <=256 ... ---------------------->| to the target helpers (authenticated)
+//!  |   round 0: every page; precopy rounds: the pages dirtied since (at
+//!  |   ever newer generations), with a new SharedMap first if the guest
+//!  |   converted pages; a snapshot has round 0 only, its guest paused first
+//!  | -- switchover: the source pauses its main vCPUs (the mirror runs on) --
+//!  | SharedMap, SharedPages, HelperRecords: the last dirty pages -------->| every page of the last map
+//!  |                                                           |   must have arrived
 //!  | DeviceState, VmState, VcpuState x vCPUs ---------------->| decoded, bounded, versioned
 //!  | Seal {the source helpers' seal, over the stream hash} --->|
 //!  | End ----------------------------------------------------->| VERIFY_SEAL (every private page

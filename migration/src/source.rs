@@ -1,11 +1,15 @@
-//! The sending side: a paused VM leaves through a [`Channel`].
+//! The sending side: a VM leaves through a [`Channel`].
 //!
-//! [`send`] pauses the main vCPUs (the mirror vCPUs run on, so the helpers
-//! answer), agrees a session with the target's helpers (or, for a
-//! snapshot, with none), sends the shared map, the shared pages as
-//! plaintext and every other page as the helpers sealed it, then device,
-//! VM and vCPU state and the helpers' seal, and waits for the target's
-//! acknowledgement. Frame order: `protocol`'s sequence diagram.
+//! [`send`] agrees a session with the target's helpers (or, for a
+//! snapshot, with none), then sends the shared map, the shared pages as
+//! plaintext and every other page as the helpers sealed it: every page
+//! while the guest runs, then the pages it dirtied since, round after round
+//! (precopy), until [`crate::policy`] says switch over; then it pauses the
+//! main vCPUs only (the mirror vCPUs run on, so the helpers answer), sends
+//! the last dirty pages, device, VM and vCPU state and the helpers' seal,
+//! and waits for the target's authenticated answer. A snapshot pauses the
+//! guest first and sends one round. Frame order: `protocol`'s sequence
+//! diagram.
 //!
 //! Private pages are encrypted by every helper at once, one thread per
 //! helper client, while this thread writes: the socket never waits on a
