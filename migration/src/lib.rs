@@ -80,6 +80,11 @@ pub trait MigratableVm: Send + Sync {
     fn dirty_pages(&self) -> Result<Vec<u64>, String>;
     /// Stops logging.
     fn stop_dirty_log(&self);
+    /// Keeps the main vCPUs paused `percent` of the time (0: not at all),
+    /// so that a guest that dirties memory faster than it can be sent
+    /// slows down enough for precopy to converge (QEMU's auto-converge).
+    /// Back to 0 before the switchover and whenever the migration ends.
+    fn throttle(&self, percent: u8);
 }
 
 /// Most helpers a VM runs.
@@ -113,6 +118,9 @@ pub struct Progress {
     /// Private pages the helpers sealed while the main vCPUs were paused
     /// (the mirror runs on through the switchover).
     pub downtime_private_pages: AtomicU64,
+    /// The guest's throttle (percent of time paused; QEMU's
+    /// `cpu-throttle-percentage`).
+    pub throttle: AtomicU64,
 }
 
 impl Progress {

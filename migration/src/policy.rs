@@ -5,10 +5,13 @@
 //! QEMU's semantics: the expected downtime is what is still dirty divided
 //! by the bandwidth measured in the last round; once it fits the
 //! `downtime-limit`, switch over. A guest that dirties memory faster than
-//! it can be sent never gets there, so the rounds are bounded: after
-//! [`Limits::max_rounds`], or once the dirty set has stopped shrinking for
-//! [`Limits::stall_rounds`] rounds, switch over anyway (the downtime is then
-//! longer than asked, and `query-migrate` shows it).
+//! it can be sent never gets there: when the dirty set stops shrinking,
+//! the guest is slowed down, step after step ([`next_throttle`], QEMU's
+//! auto-converge: its main vCPUs paused part of the time); and the rounds
+//! are bounded: after [`Limits::max_rounds`], or once the dirty set has
+//! stopped shrinking for [`Limits::stall_rounds`] rounds at the strongest
+//! throttle, switch over anyway (the downtime is then longer than asked,
+//! and `query-migrate` shows it).
 
 use std::time::Duration;
 
@@ -46,6 +49,26 @@ pub struct RoundStats {
     pub elapsed: Duration,
     /// Rounds since the dirty set was last at its smallest.
     pub rounds_since_low: u32,
+    /// The guest's throttle now (percent of time paused).
+    pub throttle: u8,
+}
+
+/// The strongest throttle: the guest still runs 5% of the time.
+pub const MAX_THROTTLE: u8 = 95;
+/// The steps the throttle takes (QEMU starts at 20% and adds 10%; the lab
+/// host's guests outrun that by far, so steps are bigger).
+const THROTTLE_STEPS: [u8; 5] = [30, 60, 80, 90, MAX_THROTTLE];
+
+/// The throttle after a round that did not make the dirty set smaller
+/// (`rounds_since_low > 0`): one step up; otherwise unchanged.
+pub fn next_throttle(stats: &RoundStats) -> u8 {
+    if stats.rounds_since_low == 0 {
+        return stats.throttle;
+    }
+    THROTTLE_STEPS
+        .into_iter()
+        .find(|&t| t > stats.throttle)
+        .unwrap_or(MAX_THROTTLE)
 }
 
 /// Why precopy ends.
@@ -80,6 +103,17 @@ pub fn expected_downtime(bytes: u64, bandwidth: f64) -> Duration {
     Duration::try_from_secs_f64(bytes as f64 / bandwidth).unwrap_or(Duration::MAX)
 }
 
+/// Whether precopy is too slow to converge in a few rounds on its own:
+/// the dirty set did not shrink by a quarter since the last round, or,
+/// after round 0, the guest already rewrote nine tenths of its `total`
+/// memory. Then the throttle takes its next step.
+pub fn too_slow(dirty: u64, previous: Option<u64>, total: u64) -> bool {
+    match previous {
+        Some(p) => dirty.saturating_mul(4) > p.saturating_mul(3),
+        None => dirty.saturating_mul(10) >= total.saturating_mul(9),
+    }
+}
+
 /// Whether to switch over now.
 pub fn decide(stats: &RoundStats, limits: &Limits) -> Decision {
     if expected_downtime(stats.dirty_bytes, stats.bandwidth) <= limits.downtime_limit {
@@ -88,7 +122,7 @@ pub fn decide(stats: &RoundStats, limits: &Limits) -> Decision {
     if stats.rounds > limits.max_rounds {
         return Decision::Switchover(Switchover::MaxRounds);
     }
-    if stats.rounds_since_low >= limits.stall_rounds {
+    if stats.rounds_since_low >= limits.stall_rounds && stats.throttle >= MAX_THROTTLE {
         return Decision::Switchover(Switchover::Stalled);
     }
     Decision::Continue
@@ -128,6 +162,7 @@ mod tests {
             bandwidth,
             elapsed: Duration::from_secs(1),
             rounds_since_low: since,
+            throttle: MAX_THROTTLE,
         }
     }
 
@@ -184,6 +219,39 @@ mod tests {
         // Nothing measured yet: no convergence by rate.
         assert_eq!(decide(&stats(1, MIB, 0.0, 0), &limits), Decision::Continue);
         assert_eq!(expected_downtime(MIB, f64::NAN), Duration::MAX);
+    }
+
+    #[test]
+    fn a_guest_that_does_not_slow_down_is_throttled_step_by_step() {
+        let mut s = stats(2, 256 * MIB, 100e6, 0);
+        s.throttle = 0;
+        assert_eq!(next_throttle(&s), 0, "progress: no throttle");
+        s.rounds_since_low = 1;
+        let mut seen = vec![];
+        for _ in 0..7 {
+            s.throttle = next_throttle(&s);
+            seen.push(s.throttle);
+        }
+        assert_eq!(seen, [30, 60, 80, 90, 95, 95, 95]);
+        // Below the strongest throttle, no progress is not yet a stall.
+        s.rounds_since_low = 5;
+        s.throttle = 60;
+        assert_eq!(decide(&s, &Limits::default()), Decision::Continue);
+        s.throttle = MAX_THROTTLE;
+        assert_eq!(
+            decide(&s, &Limits::default()),
+            Decision::Switchover(Switchover::Stalled)
+        );
+    }
+
+    #[test]
+    fn too_slow_means_less_than_a_quarter_less_or_nearly_all_rewritten() {
+        assert!(too_slow(100, Some(100), 1000));
+        assert!(too_slow(80, Some(100), 1000));
+        assert!(!too_slow(75, Some(100), 1000));
+        assert!(too_slow(950, None, 1000));
+        assert!(!too_slow(500, None, 1000));
+        assert!(!too_slow(0, Some(0), 1000));
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub fn send(
     for h in &mut helpers {
         let _ = h.end();
     }
+    vm.throttle(0);
     if sender.logging {
         vm.stop_dirty_log();
     }
@@ -201,6 +202,9 @@ pub struct Params {
     pub helpers: usize,
     /// Pages per frame and per helper request (at most 256).
     pub batch: usize,
+    /// Slow a guest down that dirties memory faster than it can be sent
+    /// (QEMU's auto-converge capability; on here by default).
+    pub auto_converge: bool,
 }
 
 impl Default for Params {
@@ -210,6 +214,7 @@ impl Default for Params {
             max_bandwidth: 0,
             helpers: crate::MAX_HELPERS,
             batch: PAGES_PER_FRAME,
+            auto_converge: true,
         }
     }
 }
@@ -460,6 +465,7 @@ impl Sender<'_> {
 
     /// Pauses the main vCPUs (the mirror runs on) and notes when.
     fn pause(&mut self) -> Result<(), MigrationError> {
+        self.vm.throttle(0);
         let was_running = self.vm.pause().map_err(MigrationError::Vm)?;
         self.paused = Some((Instant::now(), was_running));
         Progress::add(
@@ -494,6 +500,9 @@ impl Sender<'_> {
             ..Limits::default()
         };
         let mut low = LowWater::default();
+        let mut throttle = 0u8;
+        let mut previous = None;
+        let total = Progress::get(&self.progress.total);
         let mut round_bytes = Progress::get(&self.progress.transferred);
         let mut round_time = first_round;
         loop {
@@ -507,6 +516,7 @@ impl Sender<'_> {
                 bandwidth,
                 elapsed: self.began.elapsed(),
                 rounds_since_low: low.record(dirty_bytes),
+                throttle,
             };
             let p = self.progress;
             p.remaining.store(dirty_bytes, Ordering::Relaxed);
@@ -523,12 +533,22 @@ impl Sender<'_> {
             );
             let decision = policy::decide(&stats, &limits);
             log::debug!(
-                "Round {generation}: {} pages dirty, {:.0} MB/s: {decision:?}",
+                "Round {generation}: {} pages dirty, {:.0} MB/s, throttle {throttle}%: {decision:?}",
                 dirty.len(),
                 bandwidth / 1e6
             );
             if let Decision::Switchover(_) = decision {
                 return Ok(dirty);
+            }
+            let next = policy::next_throttle(&policy::RoundStats {
+                rounds_since_low: u32::from(policy::too_slow(dirty_bytes, previous, total)),
+                ..stats
+            });
+            previous = Some(dirty_bytes);
+            if next != throttle && self.params.auto_converge {
+                throttle = next;
+                self.vm.throttle(throttle);
+                p.throttle.store(u64::from(throttle), Ordering::Relaxed);
             }
             let (before, t) = (Progress::get(&p.transferred), Instant::now());
             *generation += 1;

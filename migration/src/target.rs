@@ -27,7 +27,8 @@ use zerocopy::FromBytes;
 
 use crate::buffers;
 use crate::helper::{
-    Answer, GpaRange, HelperClient, HelperError, HelperStatus, SealRecord, RECORD_STRIDE,
+    record_header, Answer, GpaRange, HelperClient, HelperError, HelperStatus, SealRecord,
+    RECORD_STRIDE,
 };
 use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::ranges::SharedMap;
@@ -364,23 +365,33 @@ impl Receiver<'_> {
         // helper is free.
         let (work, queue) = sync_channel::<Vec<u8>>(2 * helpers.len());
         let queue = Mutex::new(queue);
+        // Frames handed out and not yet done: a new round's frames wait for
+        // the last round's, so that no helper writes a page's older
+        // generation after another wrote its newer one.
+        let inflight = std::sync::atomic::AtomicUsize::new(0);
+        let mut round_generation = None;
         let result = std::thread::scope(|scope| {
             // Dropped when the reader is done: the helpers' loops end.
             let work = work;
             for client in helpers.iter_mut() {
                 let (failure, pool, progress, queue) = (&failure, &pool, self.progress, &queue);
+                let inflight = &inflight;
                 let stop = stop.as_ref();
                 scope.spawn(move || {
                     loop {
                         let next = queue.lock().expect("queue lock poisoned").recv();
                         let Ok(records) = next else { return };
+                        let done = || inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                         // After any failure, frames are taken and dropped
                         // (so the reader never blocks on a full queue) until
                         // the reader sees the failure and stops.
                         if failure.lock().expect("failure lock poisoned").is_some() {
+                            done();
                             continue;
                         }
-                        match client.decrypt(&records) {
+                        let outcome = client.decrypt(&records);
+                        done();
+                        match outcome {
                             Ok(n) => {
                                 Progress::add(&progress.private_pages, n as u64);
                                 Progress::sub(&progress.remaining, n as u64 * PAGE);
@@ -410,6 +421,15 @@ impl Receiver<'_> {
                 match self.next()? {
                     FrameKind::SharedPages => self.shared_pages(&index, &mut seen)?,
                     FrameKind::SharedMap => {
+                        // A new map: pages changed hands. What the helpers
+                        // still write of the last round goes first, so the
+                        // plaintext of a page turned shared lands after it.
+                        while inflight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                            if failure.lock().expect("failure lock poisoned").is_some() {
+                                return Ok(());
+                            }
+                            std::thread::yield_now();
+                        }
                         *map = shared_map(ram, &self.buf)?;
                         self.shared = map.ranges();
                         index = SharedIndex::new(&self.shared);
@@ -421,7 +441,18 @@ impl Receiver<'_> {
                                 self.buf.len()
                             )));
                         }
+                        let generation = record_header(&self.buf, 0).map(|h| h.generation);
+                        if round_generation.is_some() && generation != round_generation {
+                            while inflight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                                if failure.lock().expect("failure lock poisoned").is_some() {
+                                    return Ok(());
+                                }
+                                std::thread::yield_now();
+                            }
+                        }
+                        round_generation = generation;
                         let records = std::mem::take(&mut self.buf);
+                        inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                         if work.send(records).is_err() {
                             // Every helper failed: the error is in `failure`.
                             return Ok(());

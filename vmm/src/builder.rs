@@ -309,6 +309,7 @@ impl Machine {
                 },
                 shared: shared.clone(),
                 exit: exit.clone(),
+                throttle: Mutex::new(None),
             })
         });
         if config.incoming.is_some() {

@@ -78,6 +78,8 @@ pub struct ParamsChange {
     pub helpers: Option<u64>,
     /// `x-batch`, pages.
     pub batch: Option<u64>,
+    /// `x-auto-converge`.
+    pub auto_converge: Option<bool>,
 }
 
 /// QEMU's bound on `downtime-limit` (ms).
@@ -545,6 +547,9 @@ impl Controller {
                 return bad("x-batch", format!("1 to {max} pages"));
             }
             next.batch = b as usize;
+        }
+        if let Some(on) = change.auto_converge {
+            next.auto_converge = on;
         }
         self.params = next;
         Ok(Reply::Done)

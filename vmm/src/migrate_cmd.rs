@@ -70,7 +70,7 @@ impl Summary {
             "migrated to {uri}: {status}\n\
              \x20 total time    {total} ms\n\
              \x20 downtime      {down} ms{limit}, {sealed} pages sealed by the helpers while paused\n\
-             \x20 rounds        {rounds}\n\
+             \x20 rounds        {rounds}{throttle}\n\
              \x20 throughput    {mbps:.0} Mbit/s ({mbs:.0} MB/s), {gib:.2} GiB on the wire\n\
              \x20 pages         {private} private (through {helpers} helpers), {shared} shared\n",
             status = self.info["status"].as_str().unwrap_or("?"),
@@ -78,6 +78,10 @@ impl Summary {
             down = self.u(&["downtime"]),
             sealed = self.u(&["confidential", "downtime-private-pages"]),
             rounds = self.u(&["ram", "dirty-sync-count"]).max(1),
+            throttle = match self.u(&["cpu-throttle-percentage"]) {
+                0 => String::new(),
+                t => format!(", the guest slowed to {}% of its speed at most", 100 - t),
+            },
             mbs = mbps / 8.0,
             gib = self.u(&["ram", "transferred"]) as f64 / (1u64 << 30) as f64,
             private = self.u(&["confidential", "private-pages"]),

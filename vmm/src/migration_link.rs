@@ -111,7 +111,18 @@ pub struct VmLink {
     pub shared: Arc<Mutex<SharedMap>>,
     /// Where a failed incoming migration ends the process.
     pub exit: ExitHandle,
+    /// The throttle thread, while there is one.
+    pub throttle: Mutex<Option<Throttle>>,
 }
+
+/// A thread that pauses the main vCPUs part of every period.
+pub struct Throttle {
+    percent: Arc<AtomicU8>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The throttle's period: the guest runs (100 - percent)% of it.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 
 impl VmLink {
     fn with_controller<T>(
@@ -285,12 +296,73 @@ impl MigratableVm for VmLink {
         Ok(pages)
     }
 
+    fn throttle(&self, percent: u8) {
+        let percent = percent.min(99);
+        let mut slot = self.throttle.lock().expect("throttle lock poisoned");
+        if let Some(t) = slot.as_ref() {
+            t.percent.store(percent, Ordering::SeqCst);
+            if percent == 0 {
+                if let Some(t) = slot.take() {
+                    let _ = t.thread.join();
+                }
+            }
+            return;
+        }
+        if percent == 0 {
+            return;
+        }
+        let shared = Arc::new(AtomicU8::new(percent));
+        let (level, controller) = (shared.clone(), self.controller.clone());
+        let spawned = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || throttle_loop(&level, &controller));
+        match spawned {
+            Ok(thread) => {
+                log::debug!("Throttling the guest to {}%", 100 - percent);
+                *slot = Some(Throttle {
+                    percent: shared,
+                    thread,
+                });
+            }
+            Err(e) => log::warn!("Cannot throttle the guest: {e}"),
+        }
+    }
+
     fn stop_dirty_log(&self) {
         for slot in slots_of(&self.memory.ram, 0, false) {
             if let Err(e) = slot.register(&self.main_vm, false) {
                 log::warn!("Cannot stop dirty logging: {e}");
             }
         }
+    }
+}
+
+/// Pauses the main vCPUs `level`% of every period until `level` is 0;
+/// resumes them only while the VM is meant to run (a `stop` meanwhile
+/// wins), and always leaves them as the run state says.
+fn throttle_loop(level: &AtomicU8, controller: &Weak<Mutex<Controller>>) {
+    let with = |f: &dyn Fn(&mut Controller)| {
+        if let Some(c) = controller.upgrade() {
+            f(&mut c.lock().expect("controller lock poisoned"));
+        }
+    };
+    loop {
+        let p = u32::from(level.load(Ordering::SeqCst));
+        if p == 0 {
+            return;
+        }
+        with(&|c| {
+            if c.state() == RunState::Running {
+                let _ = c.main_vcpus().pause();
+            }
+        });
+        std::thread::sleep(THROTTLE_PERIOD * p / 100);
+        with(&|c| {
+            if c.state() == RunState::Running {
+                let _ = c.main_vcpus().resume();
+            }
+        });
+        std::thread::sleep(THROTTLE_PERIOD * (100 - p) / 100);
     }
 }
 
@@ -447,6 +519,7 @@ impl MigrationJob {
             dirty_pages_rate: Progress::get(&p.dirty_rate),
             expected_downtime_ms: Progress::get(&p.expected_downtime_us) / 1000,
             downtime_private_pages: Progress::get(&p.downtime_private_pages),
+            throttle_percent: Progress::get(&p.throttle),
         }
     }
 }
@@ -484,6 +557,8 @@ pub struct MigrationInfo {
     pub expected_downtime_ms: u64,
     /// Private pages the helpers sealed while the guest was paused.
     pub downtime_private_pages: u64,
+    /// How much precopy slowed the guest down at most (percent).
+    pub throttle_percent: u64,
 }
 
 /// Starts sending the VM to `uri` in a worker; the caller holds the

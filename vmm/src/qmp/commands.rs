@@ -89,6 +89,14 @@ fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError>
 fn params_arg(args: &Map<String, Value>) -> Result<ParamsChange, QmpError> {
     let mut change = ParamsChange::default();
     for (k, v) in args {
+        if k == "x-auto-converge" {
+            change.auto_converge = Some(v.as_bool().ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Invalid parameter type for '{k}', expected: boolean"
+                ))
+            })?);
+            continue;
+        }
         let n = v.as_u64().ok_or_else(|| {
             QmpError::generic(format!(
                 "Invalid parameter type for '{k}', expected: integer"
@@ -135,6 +143,7 @@ pub fn reply_json(reply: Reply) -> Value {
             "max-bandwidth": p.max_bandwidth,
             "x-helpers": p.helpers,
             "x-batch": p.batch,
+            "x-auto-converge": p.auto_converge,
         }),
     }
 }
@@ -179,6 +188,9 @@ pub fn migration_json(info: &MigrationInfo) -> Value {
     if info.rounds > 0 {
         v["ram"]["dirty-sync-count"] = json!(info.rounds);
         v["ram"]["dirty-pages-rate"] = json!(info.dirty_pages_rate);
+        if info.throttle_percent > 0 {
+            v["cpu-throttle-percentage"] = json!(info.throttle_percent);
+        }
         if info.downtime_ms.is_none() {
             v["expected-downtime"] = json!(info.expected_downtime_ms);
         }
@@ -236,7 +248,7 @@ mod tests {
     #[test]
     fn every_listed_command_parses_and_nothing_else_does() {
         for c in COMMANDS.iter().filter(|c| **c != "qmp_capabilities") {
-            let a = if c.starts_with("migrate") && *c != "migrate_cancel" {
+            let a = if matches!(*c, "migrate" | "migrate-incoming") {
                 args(json!({"uri": "unix:/tmp/x"}))
             } else {
                 Map::new()
@@ -289,6 +301,7 @@ mod tests {
             dirty_pages_rate: 1000,
             expected_downtime_ms: 20,
             downtime_private_pages: 2,
+            throttle_percent: 0,
         };
         let v = migration_json(&info);
         assert_eq!(v["status"], "completed");
@@ -303,6 +316,9 @@ mod tests {
         assert_eq!(change.batch, Some(64));
         assert!(params_arg(&args(json!({"downtime-limit": -1}))).is_err());
         assert!(params_arg(&args(json!({"announce-max": 1}))).is_err());
+        let change = params_arg(&args(json!({"x-auto-converge": false}))).unwrap();
+        assert_eq!(change.auto_converge, Some(false));
+        assert!(params_arg(&args(json!({"x-auto-converge": 1}))).is_err());
         assert!(v.get("error-desc").is_none());
         let e = event_json(
             &Event::Migration(MigrationStatus::Failed),
