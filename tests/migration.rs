@@ -659,6 +659,12 @@ fn a_migrated_guest_migrates_on() {
     );
     drop(a_vm);
     assert!(passes_beyond(&b_vm, 0, 0));
+    let r = call(
+        &mut b,
+        "migrate-set-parameters",
+        json!({"downtime-limit": 60000}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
     let uri_c = format!("unix:{}", tmp_path("chain-c.mig").display());
     let (c_vm, mut c) = target("chain-c", &key, "256M", &uri_c);
     migrate(&mut b, &uri_c);
@@ -734,7 +740,7 @@ fn migrate_cancel_during_the_transfer_then_a_second_migration_succeeds() {
     let info = wait_migration(&mut src, Duration::from_secs(5));
     assert_eq!(info["status"], "cancelled", "{info}");
     // The target gives up (its stream broke) without running the guest.
-    let code = dst_vm.wait_exit(Duration::from_secs(10));
+    let code = dst_vm.wait_exit(Duration::from_secs(30));
     assert!(matches!(code, Some(c) if c != 0), "{code:?}");
     assert!(!dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")));
     // The guest runs on, then a second migration goes through.

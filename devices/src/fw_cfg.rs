@@ -111,6 +111,10 @@ pub struct FwCfg {
     files: Vec<(String, u16)>,
     latches: Mutex<Latches>,
     memory: Option<GuestMemoryMmap>,
+    /// Guest memory this device wrote (DMA) since the last
+    /// [`FwCfg::take_written`]: KVM's dirty log does not see the VMM's own
+    /// writes, and a migration must send these pages again.
+    written: Mutex<Vec<(u64, u64)>>,
 }
 
 /// The guest-set latches, and the length of the selected item so the target
@@ -147,12 +151,33 @@ impl FwCfg {
                 dma_high: 0,
             }),
             memory,
+            written: Mutex::new(Vec::new()),
         };
         dev.rebuild_directory();
         dev
     }
 
     /// Sets a numbered item.
+    /// The guest memory ranges (gpa, length) DMA wrote since the last
+    /// call, for a migration's dirty pages.
+    pub fn take_written(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.written.lock().expect("fw_cfg lock poisoned"))
+    }
+
+    fn note_written(&self, gpa: u64, len: u64) {
+        let mut w = self.written.lock().expect("fw_cfg lock poisoned");
+        // Bounded: a guest that loops on DMA merges into one range.
+        if w.len() >= 4096 {
+            let (lo, hi) = w.iter().fold((gpa, gpa + len), |(lo, hi), &(g, l)| {
+                (lo.min(g), hi.max(g + l))
+            });
+            w.clear();
+            w.push((lo, hi - lo));
+        } else {
+            w.push((gpa, len));
+        }
+    }
+
     pub fn set_item(&mut self, key: u16, data: Vec<u8>) {
         self.items.insert(key, data);
     }
@@ -281,6 +306,7 @@ impl FwCfg {
             if mem.write_slice(&buf, GuestAddress(target)).is_err() {
                 DMA_CTL_ERROR
             } else {
+                self.note_written(target, length.into());
                 latches.offset = latches.offset.saturating_add(length as usize);
                 0
             }
@@ -296,6 +322,8 @@ impl FwCfg {
             .is_err()
         {
             log::warn!("fw_cfg: cannot complete DMA descriptor at {addr:#x}");
+        } else {
+            self.note_written(addr, 4);
         }
         result
     }
@@ -452,6 +480,15 @@ mod tests {
         select(&dev, keys::ID);
         dev.read(DATA_OFFSET, &mut id[..1]);
         assert_eq!(id[0], (FEATURE_TRADITIONAL | FEATURE_DMA) as u8);
+        // Every page DMA wrote (data and descriptors) is known, once: a
+        // migration sends them again.
+        let written = dev.take_written();
+        assert!(
+            written.iter().any(|&(g, l)| g == 0x200 && l == 8),
+            "{written:?}"
+        );
+        assert!(written.iter().any(|&(_, l)| l == 4), "{written:?}");
+        assert!(dev.take_written().is_empty());
     }
 
     /// Guest memory with a page above 4 GiB, so the DMA high latch counts.

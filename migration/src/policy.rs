@@ -24,6 +24,9 @@ pub struct Limits {
     pub max_rounds: u32,
     /// Rounds without a new low of the dirty set before switching over.
     pub stall_rounds: u32,
+    /// The guest is slowed down when precopy does not converge (then a
+    /// stall counts only at the strongest throttle).
+    pub auto_converge: bool,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
             stall_rounds: 3,
+            auto_converge: true,
         }
     }
 }
@@ -122,7 +126,8 @@ pub fn decide(stats: &RoundStats, limits: &Limits) -> Decision {
     if stats.rounds > limits.max_rounds {
         return Decision::Switchover(Switchover::MaxRounds);
     }
-    if stats.rounds_since_low >= limits.stall_rounds && stats.throttle >= MAX_THROTTLE {
+    let strongest = !limits.auto_converge || stats.throttle >= MAX_THROTTLE;
+    if stats.rounds_since_low >= limits.stall_rounds && strongest {
         return Decision::Switchover(Switchover::Stalled);
     }
     Decision::Continue
@@ -242,6 +247,13 @@ mod tests {
             decide(&s, &Limits::default()),
             Decision::Switchover(Switchover::Stalled)
         );
+        // Without auto-converge a stall is a stall at once.
+        s.throttle = 0;
+        let off = Limits {
+            auto_converge: false,
+            ..Limits::default()
+        };
+        assert_eq!(decide(&s, &off), Decision::Switchover(Switchover::Stalled));
     }
 
     #[test]

@@ -240,16 +240,22 @@ impl Sender<'_> {
 
     /// Keeps the wire at `max-bandwidth` (sleeping before a frame that
     /// would go past it).
+    /// Not while the guest is paused: the switchover goes at full speed.
     fn throttle(&mut self, len: usize) {
         let limit = self.params.max_bandwidth;
-        if limit == 0 {
+        if limit == 0 || self.paused.is_some() {
             return;
         }
         let (since, bytes) = &mut self.sent_since;
         *bytes += len as u64;
         let due = Duration::from_secs_f64(*bytes as f64 / limit as f64);
-        if let Some(wait) = due.checked_sub(since.elapsed()) {
-            std::thread::sleep(wait);
+        if let Some(mut wait) = due.checked_sub(since.elapsed()) {
+            // In slices, so that migrate_cancel is noticed.
+            while !wait.is_zero() && !self.cancel.is_cancelled() {
+                let slice = wait.min(Duration::from_millis(50));
+                std::thread::sleep(slice);
+                wait -= slice;
+            }
         }
     }
 
@@ -402,8 +408,9 @@ impl Sender<'_> {
         self.progress.remaining.store(total, Ordering::Relaxed);
         let precopy = self.live;
         if precopy {
-            vm.start_dirty_log().map_err(MigrationError::Vm)?;
+            // Set first: a start that fails half way is undone too.
             self.logging = true;
+            vm.start_dirty_log().map_err(MigrationError::Vm)?;
         } else {
             self.pause()?;
         }
@@ -497,6 +504,7 @@ impl Sender<'_> {
     ) -> Result<Vec<u64>, MigrationError> {
         let limits = Limits {
             downtime_limit: self.params.downtime_limit,
+            auto_converge: self.params.auto_converge,
             ..Limits::default()
         };
         let mut low = LowWater::default();
@@ -507,7 +515,9 @@ impl Sender<'_> {
         let mut round_time = first_round;
         loop {
             self.cancel.check()?;
+            let harvest = Instant::now();
             let dirty = self.vm.dirty_pages().map_err(MigrationError::Vm)?;
+            let harvest = harvest.elapsed();
             let bandwidth = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
             let dirty_bytes = dirty.len() as u64 * PAGE as u64;
             let stats = RoundStats {
@@ -533,7 +543,8 @@ impl Sender<'_> {
             );
             let decision = policy::decide(&stats, &limits);
             log::debug!(
-                "Round {generation}: {} pages dirty, {:.0} MB/s, throttle {throttle}%: {decision:?}",
+                "Round {generation}: {} pages dirty (harvested in {harvest:?}), {:.0} MB/s, \
+                 throttle {throttle}%: {decision:?}",
                 dirty.len(),
                 bandwidth / 1e6
             );
@@ -553,6 +564,8 @@ impl Sender<'_> {
             let (before, t) = (Progress::get(&p.transferred), Instant::now());
             *generation += 1;
             self.dirty_round(helpers, map, &dirty, *generation)?;
+            // Timed to what left the buffer, not what entered it.
+            self.flush()?;
             round_bytes = Progress::get(&p.transferred) - before;
             round_time = t.elapsed();
         }

@@ -518,6 +518,13 @@ impl Controller {
 
     /// `migrate-set-parameters`: every value checked before any is taken.
     fn set_params(&mut self, change: ParamsChange) -> Result<Reply, ControlError> {
+        if self.migration_running() {
+            return Err(ControlError(
+                "A migration is in progress: it goes on with the parameters it started with; \
+                 cancel it to change them"
+                    .into(),
+            ));
+        }
         let helpers = self.mirror.handles().len() as u64;
         let bad = |name: &str, range: String| {
             Err(ControlError(format!("Parameter '{name}' expects {range}")))

@@ -76,11 +76,7 @@ impl Vmm {
     }
 
     fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(e) = self.child.stderr.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
+        std::fs::read_to_string(self.serial.with_extension("err")).unwrap_or_default()
     }
 }
 
@@ -101,12 +97,12 @@ pub fn last_pass(log: &str, vcpu: usize) -> Option<u64> {
         .max()
 }
 
-fn random_key() -> Result<String, DemoError> {
-    let mut key = [0u8; 32];
+fn random_bytes<const N: usize>() -> Result<[u8; N], DemoError> {
+    let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
+        .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| DemoError::Setup("reading /dev/urandom".into(), e))?;
-    Ok(hex::encode(key))
+    Ok(bytes)
 }
 
 fn free_port() -> Result<u16, DemoError> {
@@ -140,7 +136,12 @@ fn spawn(
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: nobody reads a pipe while the VMM runs, and a
+        // chatty RUST_LOG would fill it and stop the VMM.
+        .stderr(
+            std::fs::File::create(dir.join(format!("{name}.err")))
+                .map_err(|e| DemoError::Setup(format!("{name}.err"), e))?,
+        )
         .spawn()
         .map_err(|e| DemoError::Setup(format!("starting the {name}"), e))?;
     let mut vmm = Vmm {
@@ -172,8 +173,14 @@ fn spawn(
 
 /// Runs the demo; its report (summary and verdict).
 pub fn run(config: &DemoConfig) -> Result<String, DemoError> {
-    let dir = std::env::temp_dir().join(format!("cgsvmm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Setup(dir.display().to_string(), e))?;
+    use std::os::unix::fs::DirBuilderExt;
+    // Owner-only and unguessable: it holds the transport key.
+    let dir =
+        std::env::temp_dir().join(format!("cgsvmm-demo-{}", hex::encode(random_bytes::<8>()?)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| DemoError::Setup(dir.display().to_string(), e))?;
     let result = demo_in(&dir, config);
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -181,8 +188,18 @@ pub fn run(config: &DemoConfig) -> Result<String, DemoError> {
 
 fn demo_in(dir: &Path, config: &DemoConfig) -> Result<String, DemoError> {
     let key = dir.join("transport.key");
-    std::fs::write(&key, random_key()?)
-        .map_err(|e| DemoError::Setup(key.display().to_string(), e))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let secret = hex::encode(random_bytes::<32>()?);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)
+            .and_then(|mut f| f.write_all(secret.as_bytes()))
+            .map_err(|e| DemoError::Setup(key.display().to_string(), e))?;
+    }
     let uri = format!("tcp:127.0.0.1:{}", free_port()?);
     println!(
         "cgsvmm demo: a {} guest on {} vCPUs (the dirtier: it writes and checks every page, \

@@ -248,12 +248,14 @@ impl MigratableVm for VmLink {
     }
 
     fn start_dirty_log(&self) -> Result<(), String> {
-        // Conversions before now are in the first round anyway.
+        // Conversions and device writes before now are in the first round
+        // anyway.
         let _ = self
             .shared
             .lock()
             .expect("shared map lock poisoned")
             .take_converted();
+        let _ = self.devices.fw_cfg.take_written();
         for slot in slots_of(&self.memory.ram, 0, false) {
             slot.register(&self.main_vm, true)
                 .map_err(|e| format!("Cannot start dirty logging: {e}"))?;
@@ -291,8 +293,16 @@ impl MigratableVm for VmLink {
                 }
             }
         }
+        // Nor does KVM see what the VMM's devices write (fw_cfg DMA).
+        for (gpa, len) in self.devices.fw_cfg.take_written() {
+            let first = gpa & !(PAGE - 1);
+            pages.extend((first..gpa.saturating_add(len)).step_by(PAGE as usize));
+        }
         pages.sort_unstable();
         pages.dedup();
+        // Only RAM pages (a DMA range past RAM was refused anyway).
+        let ram = self.memory.layout.ram_ranges();
+        pages.retain(|&p| ram.iter().any(|&(s, l)| p >= s && p < s + l));
         Ok(pages)
     }
 
