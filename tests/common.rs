@@ -248,3 +248,16 @@ impl Qmp {
         q
     }
 }
+
+/// The first ```sh block after `marker` in the README (the examples the
+/// tests run as pasted).
+pub fn readme_block(marker: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in README"));
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    block[..block.find("```").unwrap()].to_string()
+}

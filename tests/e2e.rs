@@ -444,14 +444,7 @@ fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
 /// a socket of the test's own): every command succeeds and the VMM ends.
 fn the_readme_qmp_example_runs_as_pasted() {
     let _one = one_vm();
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("Pasted into a shell:")
-        .expect("the QMP example");
-    let block = &readme[start..];
-    let block = &block[block.find("```sh\n").unwrap() + 6..];
-    let block = &block[..block.find("```").unwrap()];
+    let block = common::readme_block("Pasted into a shell:");
     let sock = tmp_path("readme.sock");
     let script: String = block
         .lines()

@@ -67,12 +67,7 @@ fn start(name: &str, key: &Path, memory: &str, extra: &[&str]) -> (Vm, Qmp, Path
 /// about the stream; the live tests set their own limits).
 fn source(name: &str, key: &Path) -> (Vm, Qmp) {
     let (vm, mut q, _) = start(name, key, "256M", &[]);
-    let r = call(
-        &mut q,
-        "migrate-set-parameters",
-        json!({"downtime-limit": 60000}),
-    );
-    assert!(r.get("return").is_some(), "{r}");
+    downtime_limit(&mut q, 60000);
     for vcpu in 0..2 {
         assert!(
             passes_beyond(&vm, vcpu, 2),
@@ -114,6 +109,12 @@ fn call(q: &mut Qmp, execute: &str, arguments: Value) -> Value {
         "{}\n",
         json!({"execute": execute, "arguments": arguments})
     ))
+}
+
+/// Sets `downtime-limit` (ms).
+fn downtime_limit(q: &mut Qmp, ms: u64) {
+    let r = call(q, "migrate-set-parameters", json!({ "downtime-limit": ms }));
+    assert!(r.get("return").is_some(), "{r}");
 }
 
 fn migrate(q: &mut Qmp, uri: &str) {
@@ -661,12 +662,7 @@ fn a_migrated_guest_migrates_on() {
     );
     drop(a_vm);
     assert!(passes_beyond(&b_vm, 0, 0));
-    let r = call(
-        &mut b,
-        "migrate-set-parameters",
-        json!({"downtime-limit": 60000}),
-    );
-    assert!(r.get("return").is_some(), "{r}");
+    downtime_limit(&mut b, 60000);
     let uri_c = format!("unix:{}", tmp_path("chain-c.mig").display());
     let (c_vm, mut c) = target("chain-c", &key, "256M", &uri_c);
     migrate(&mut b, &uri_c);
@@ -823,12 +819,7 @@ fn a_running_dirtier_migrates_live_in_rounds() {
     let _one = one_vm();
     let key = key_file("live.key", KEY);
     let (src_vm, mut src) = source("live-src", &key);
-    let r = call(
-        &mut src,
-        "migrate-set-parameters",
-        json!({"downtime-limit": 300}),
-    );
-    assert!(r.get("return").is_some(), "{r}");
+    downtime_limit(&mut src, 300);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst, _) = start("live-dst", &key, "256M", &["--incoming", &uri]);
     let before = last_pass(&src_vm.lines(), 0).unwrap();
@@ -884,12 +875,7 @@ fn a_target_killed_or_stalled_in_precopy_leaves_the_source_running() {
     let _one = one_vm();
     let key = key_file("gone.key", KEY);
     let (src_vm, mut src) = source("gone-src", &key);
-    let r = call(
-        &mut src,
-        "migrate-set-parameters",
-        json!({"downtime-limit": 1}),
-    );
-    assert!(r.get("return").is_some(), "{r}");
+    downtime_limit(&mut src, 1);
     // Killed: after 0.5 s of a transfer slowed to 64 MiB/s.
     let port = free_port();
     let (mut dst_vm, _dst) = target("gone-dst", &key, "256M", &format!("tcp:127.0.0.1:{port}"));
@@ -918,12 +904,7 @@ fn a_target_killed_or_stalled_in_precopy_leaves_the_source_running() {
     let before = last_pass(&src_vm.lines(), 0).unwrap();
     assert!(passes_beyond(&src_vm, 0, before));
     // And then one that works.
-    let r = call(
-        &mut src,
-        "migrate-set-parameters",
-        json!({"downtime-limit": 60000}),
-    );
-    assert!(r.get("return").is_some(), "{r}");
+    downtime_limit(&mut src, 60000);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst) = target("gone-dst3", &key, "256M", &uri);
     migrate(&mut src, &uri);
@@ -959,12 +940,7 @@ fn ping_pong_five_hops() {
             !lines.iter().any(|l| l.contains("MEMORY-ERROR")),
             "hop {hop}: {lines:?}"
         );
-        let r = call(
-            &mut next,
-            "migrate-set-parameters",
-            json!({"downtime-limit": 60000}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
+        downtime_limit(&mut next, 60000);
         drop(vm);
         (vm, q) = (next_vm, next);
         println!("hop {hop} verified");
@@ -1048,14 +1024,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
 /// this build's binary, a free port and private paths).
 fn the_readme_migration_example_runs_as_pasted() {
     let _one = one_vm();
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let start = readme
-        .find("## Migrating guests")
-        .expect("the migration section");
-    let block = &readme[start..];
-    let block = &block[block.find("```sh\n").unwrap() + 6..];
-    let block = &block[..block.find("```").unwrap()];
+    let block = common::readme_block("## Migrating guests");
     let prefix = tmp_path("readme-mig").display().to_string();
     let port = free_port();
     let script = block
