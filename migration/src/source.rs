@@ -161,6 +161,9 @@ pub fn send(
     }
 }
 
+/// Longest the guest may stay paused before the seal goes out (a live
+/// migration; then it runs again here).
+pub const SWITCHOVER_LIMIT: Duration = Duration::from_secs(30);
 /// How long a write may wait for the target to read.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the target may take to answer the handshake.
@@ -222,6 +225,18 @@ impl Default for Params {
 impl Sender<'_> {
     fn frame(&mut self, kind: FrameKind, payload: &[u8]) -> Result<(), MigrationError> {
         self.cancel.check()?;
+        // The guest is paused: a target that takes its time (a trickle
+        // beats every per-write timeout) may not keep it so for long.
+        if let Some((at, _)) = self.paused {
+            if self.live && at.elapsed() > SWITCHOVER_LIMIT && kind != FrameKind::End {
+                return Err(MigrationError::Peer {
+                    side: "target",
+                    why: format!(
+                        "the switchover took over {SWITCHOVER_LIMIT:?}: the target reads too slowly"
+                    ),
+                });
+            }
+        }
         self.hash.frame(kind, payload);
         self.throttle(payload.len());
         protocol::write_frame(&mut self.out, kind, payload).map_err(|e| match e {

@@ -585,7 +585,24 @@ pub fn start_outgoing(link: Arc<VmLink>, uri: Uri, params: Params) -> Arc<Migrat
             job.set_status(MigrationStatus::Active);
             link.raise_migration(MigrationStatus::Active);
             log::info!("Migrating to {uri}");
-            let result = source::send(&*link, &uri, &params, &job.progress, &job.cancel);
+            let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                source::send(&*link, &uri, &params, &job.progress, &job.cancel)
+            }));
+            let result = sent.unwrap_or_else(|_| {
+                // Whatever the worker left half done: the guest at full
+                // speed, no dirty log, running again if it was paused here.
+                link.throttle(0);
+                link.stop_dirty_log();
+                let _ = link.with_controller(|c| {
+                    if c.state() == RunState::FinishMigrate {
+                        c.resume_after_migration().map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                });
+                Err(MigrationError::Vm(
+                    "the migration thread failed unexpectedly".into(),
+                ))
+            });
             let status = job.finish(&result);
             match &result {
                 Ok(()) => {
