@@ -429,6 +429,10 @@ impl Sender<'_> {
         } else {
             self.pause()?;
         }
+        // QEMU's setup-time: until the pages start to go.
+        self.progress
+            .setup_us
+            .store(self.began.elapsed().as_micros() as u64, Ordering::Relaxed);
         let mut map = vm.shared_map();
         let mut generation = 1;
         self.send_map(&map)?;
@@ -446,6 +450,14 @@ impl Sender<'_> {
             t.elapsed(),
             t.duration_since(self.began)
         );
+        if !precopy {
+            // A snapshot's guest was paused all along: every page was
+            // sealed while it was.
+            self.progress.downtime_private_pages.store(
+                Progress::get(&self.progress.private_pages),
+                Ordering::Relaxed,
+            );
+        }
         if precopy {
             let mut dirty = self.precopy(helpers, &mut map, &mut generation, t.elapsed())?;
             // Switchover: the main vCPUs stop, the mirror runs on, and the
@@ -490,10 +502,6 @@ impl Sender<'_> {
         self.vm.throttle(0);
         let was_running = self.vm.pause().map_err(MigrationError::Vm)?;
         self.paused = Some((Instant::now(), was_running));
-        Progress::add(
-            &self.progress.setup_us,
-            self.began.elapsed().as_micros() as u64,
-        );
         Ok(())
     }
 

@@ -103,9 +103,9 @@ struct MigrateArgs {
     /// downtime-limit; default 300).
     #[arg(long = "downtime-limit")]
     downtime_limit: Option<u64>,
-    /// Bytes per second at most on the wire (QEMU's max-bandwidth; 0, the
-    /// default, for no limit).
-    #[arg(long = "max-bandwidth")]
+    /// Bytes per second at most on the wire, with K/M/G for KiB/MiB/GiB
+    /// (QEMU's max-bandwidth; 0, the default, for no limit).
+    #[arg(long = "max-bandwidth", value_parser = parse_bandwidth)]
     max_bandwidth: Option<u64>,
     /// Migration helpers to use (default: all the VM has).
     #[arg(long)]
@@ -113,6 +113,20 @@ struct MigrateArgs {
     /// No progress bar (only the summary).
     #[arg(long = "no-progress")]
     no_progress: bool,
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("expected bytes per second, e.g. 50000000 or 50M, got '{s}'"))
 }
 
 fn parse_migration_uri(s: &str) -> Result<String, String> {
@@ -411,7 +425,7 @@ fn main() -> ExitCode {
             };
             match cgsvmm::migrate_cmd::migrate(&a.qmp, &request) {
                 Ok(summary) => {
-                    print!("{}", summary.render(&a.uri, a.downtime_limit));
+                    print!("{}", summary.render(&a.uri, summary.limit));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -421,6 +435,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(a) => {
+            // The same checks `run` makes, before anything starts.
+            let probe = VmmConfig {
+                memory: a.memory,
+                ..Default::default()
+            };
+            if let Err(e) = probe.validate() {
+                eprintln!("cgsvmm: error: {}", one_line(&e));
+                return ExitCode::from(2);
+            }
             let config = cgsvmm::demo::DemoConfig {
                 memory: format!("{}M", a.memory >> 20),
                 cpus: usize::from(a.cpus),

@@ -52,6 +52,8 @@ pub enum MigrateCmdError {
 pub struct Summary {
     /// `query-migrate`'s last answer.
     pub info: Value,
+    /// The downtime limit in force (ms).
+    pub limit: Option<u64>,
 }
 
 impl Summary {
@@ -62,22 +64,27 @@ impl Summary {
             .unwrap_or(0)
     }
 
-    /// The summary, one screen.
+    /// The summary, one screen. `limit_ms`: the downtime limit in force.
     pub fn render(&self, uri: &str, limit_ms: Option<u64>) -> String {
         let mbps = self.info["ram"]["mbps"].as_f64().unwrap_or(0.0);
-        let limit = limit_ms.map_or(String::new(), |l| format!(" (limit {l} ms)"));
+        let down = self.u(&["downtime"]);
+        let limit = limit_ms.map_or(String::new(), |l| {
+            let over = if down > l { ", over it" } else { "" };
+            format!(" (limit {l} ms{over})")
+        });
+        let helpers = self.u(&["confidential", "helpers"]);
         format!(
             "migrated to {uri}: {status}\n\
              \x20 total time    {total} ms\n\
              \x20 downtime      {down} ms{limit}, {sealed} pages sealed by the helpers while paused\n\
-             \x20 rounds        {rounds}{throttle}\n\
-             \x20 throughput    {mbps:.0} Mbit/s ({mbs:.0} MB/s), {gib:.2} GiB on the wire\n\
-             \x20 pages         {private} private (through {helpers} helpers), {shared} shared\n",
+             \x20 rounds        {rounds} (the first sends every page){throttle}\n\
+             \x20 throughput    {mbps:.0} Mbit/s ({mbs:.0} MB/s on average), {gib:.2} GiB sent\n\
+             \x20 pages sent    {private} private (through {helpers} helper{s}), {shared} shared\n",
             status = self.info["status"].as_str().unwrap_or("?"),
             total = self.u(&["total-time"]),
-            down = self.u(&["downtime"]),
+            s = if helpers == 1 { "" } else { "s" },
             sealed = self.u(&["confidential", "downtime-private-pages"]),
-            rounds = self.u(&["ram", "dirty-sync-count"]).max(1),
+            rounds = self.u(&["ram", "dirty-sync-count"]) + 1,
             throttle = match self.u(&["cpu-throttle-percentage"]) {
                 0 => String::new(),
                 t => format!(", the guest slowed to {}% of its speed at most", 100 - t),
@@ -85,7 +92,6 @@ impl Summary {
             mbs = mbps / 8.0,
             gib = self.u(&["ram", "transferred"]) as f64 / (1u64 << 30) as f64,
             private = self.u(&["confidential", "private-pages"]),
-            helpers = self.u(&["confidential", "helpers"]),
             shared = self.u(&["confidential", "shared-pages"]),
         )
     }
@@ -107,34 +113,41 @@ pub fn migrate(qmp: &Path, request: &MigrateRequest) -> Result<Summary, MigrateC
     if !params.is_empty() {
         session.call("migrate-set-parameters", Some(params))?;
     }
+    let limit = session.call("query-migrate-parameters", None)?["downtime-limit"].as_u64();
     let mut args = Map::new();
     args.insert("uri".into(), json!(request.uri));
     session.call("migrate", Some(args))?;
 
     let bar = ProgressBar::new(1);
-    if !request.progress {
+    if request.progress {
+        eprintln!(
+            "(Ctrl-C stops watching; the migration goes on: cancel it with \
+             `cgsvmm qmp unix:{} migrate_cancel`)",
+            qmp.display()
+        );
+    } else {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
+        ProgressStyle::with_template("{spinner} {elapsed} [{bar:20}] {msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
     let info = loop {
         let info = session.call("query-migrate", None)?;
         let status = info["status"].as_str().unwrap_or("setup").to_string();
-        let total = info["ram"]["total"].as_u64().unwrap_or(0).max(1);
+        let total = info["ram"]["total"].as_u64().unwrap_or(0);
         let remaining = info["ram"]["remaining"].as_u64().unwrap_or(total);
-        bar.set_length(total);
+        bar.set_length(total.max(1));
         bar.set_position(total.saturating_sub(remaining));
         bar.set_message(format!(
-            "{status}: round {}, {:.0} MB/s, {} MiB left{}",
+            "round {} {:.0} MB/s {} MiB left{}",
             info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) + 1,
             info["ram"]["mbps"].as_f64().unwrap_or(0.0) / 8.0,
             remaining >> 20,
             info["expected-downtime"]
                 .as_u64()
-                .map_or(String::new(), |d| format!(", expected pause {d} ms")),
+                .map_or(String::new(), |d| format!(" pause~{d}ms")),
         ));
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             break info;
@@ -144,7 +157,7 @@ pub fn migrate(qmp: &Path, request: &MigrateRequest) -> Result<Summary, MigrateC
     };
     bar.finish_and_clear();
     match info["status"].as_str() {
-        Some("completed") => Ok(Summary { info }),
+        Some("completed") => Ok(Summary { info, limit }),
         status => Err(MigrateCmdError::Failed {
             status: status.unwrap_or("?").into(),
             why: info["error-desc"]
@@ -169,15 +182,16 @@ mod tests {
                 "confidential": {"private-pages": 241676, "shared-pages": 81920, "helpers": 2,
                                  "downtime-private-pages": 48131}
             }),
+            limit: Some(300),
         };
         let text = s.render("tcp:h:1", Some(300));
         for want in [
             "completed",
             "4475 ms",
-            "508 ms (limit 300 ms)",
+            "508 ms (limit 300 ms, over it)",
             "48131 pages sealed",
-            "rounds        4",
-            "2398 Mbit/s (300 MB/s)",
+            "rounds        5",
+            "2398 Mbit/s (300 MB/s on average)",
             "241676 private (through 2 helpers), 81920 shared",
         ] {
             assert!(text.contains(want), "{want:?} in\n{text}");

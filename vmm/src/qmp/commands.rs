@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use cgsvmm_migration::transport::{TransportError, Uri};
 
 use crate::control::{Command, Controller, CpuInfo, Event, ParamsChange, Reply};
-use crate::migration_link::MigrationInfo;
+use crate::migration_link::{MigrationInfo, MigrationStatus};
 
 use super::{event_message_at, no_args, QmpBackend, QmpError};
 
@@ -188,11 +188,12 @@ pub fn migration_json(info: &MigrationInfo) -> Value {
     if info.rounds > 0 {
         v["ram"]["dirty-sync-count"] = json!(info.rounds);
         v["ram"]["dirty-pages-rate"] = json!(info.dirty_pages_rate);
-        if info.throttle_percent > 0 {
-            v["cpu-throttle-percentage"] = json!(info.throttle_percent);
-        }
-        if info.downtime_ms.is_none() {
-            v["expected-downtime"] = json!(info.expected_downtime_ms);
+        // While it runs only, as QEMU reports them.
+        if info.status == MigrationStatus::Active {
+            if info.throttle_percent > 0 {
+                v["cpu-throttle-percentage"] = json!(info.throttle_percent);
+            }
+            v["expected-downtime"] = json!(info.expected_downtime_ms.min(u64::from(u32::MAX)));
         }
     }
     if let Some(e) = &info.error {
@@ -239,7 +240,6 @@ impl QmpBackend for Controller {
 mod tests {
     use super::*;
     use crate::control::RunState;
-    use crate::migration_link::MigrationStatus;
 
     fn args(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
