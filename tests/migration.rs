@@ -820,6 +820,26 @@ fn a_running_dirtier_migrates_live_in_rounds() {
     let key = key_file("live.key", KEY);
     let (src_vm, mut src) = source("live-src", &key);
     downtime_limit(&mut src, 300);
+    // QEMU's capability form of auto-converge, which is on.
+    let caps = src.cmd("query-migrate-capabilities");
+    assert!(
+        caps.as_array()
+            .unwrap()
+            .contains(&json!({"capability": "auto-converge", "state": true})),
+        "{caps}"
+    );
+    let r = call(
+        &mut src,
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
+    );
+    assert!(
+        r["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("not supported"),
+        "{r}"
+    );
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst, _) = start("live-dst", &key, "256M", &["--incoming", &uri]);
     let before = last_pass(&src_vm.lines(), 0).unwrap();
@@ -829,6 +849,13 @@ fn a_running_dirtier_migrates_live_in_rounds() {
     let during = src.cmd("query-migrate");
     if during["status"] == "active" {
         assert_eq!(status(&mut src), "running", "{during}");
+        // As in QEMU, the limits may change while it runs; the rest not.
+        downtime_limit(&mut src, 300);
+        let r = call(&mut src, "migrate-set-parameters", json!({"x-batch": 16}));
+        assert!(
+            r["error"]["desc"].as_str().unwrap().contains("in progress"),
+            "{r}"
+        );
     }
     let info = wait_migration(&mut src, Duration::from_secs(60));
     check_report(&info, false);

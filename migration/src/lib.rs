@@ -121,6 +121,11 @@ pub struct Progress {
     /// The guest's throttle (percent of time paused; QEMU's
     /// `cpu-throttle-percentage`).
     pub throttle: AtomicU64,
+    /// `downtime-limit` in force (ms); the operator may change it while
+    /// the migration runs, as in QEMU.
+    pub downtime_limit_ms: AtomicU64,
+    /// `max-bandwidth` in force (bytes/s, 0: none); changeable too.
+    pub max_bandwidth: AtomicU64,
 }
 
 impl Progress {

@@ -98,6 +98,12 @@ pub fn send(
     cancel: &Cancel,
 ) -> Result<(), MigrationError> {
     let began = Instant::now();
+    progress
+        .downtime_limit_ms
+        .store(params.downtime_limit.as_millis() as u64, Ordering::Relaxed);
+    progress
+        .max_bandwidth
+        .store(params.max_bandwidth, Ordering::Relaxed);
     let channel = transport::connect(uri)?;
     // A target that stops reading fails the migration, rather than hold
     // the guest paused until someone cancels.
@@ -257,7 +263,7 @@ impl Sender<'_> {
     /// would go past it).
     /// Not while the guest is paused: the switchover goes at full speed.
     fn throttle(&mut self, len: usize) {
-        let limit = self.params.max_bandwidth;
+        let limit = Progress::get(&self.progress.max_bandwidth);
         if limit == 0 || self.paused.is_some() {
             return;
         }
@@ -525,7 +531,7 @@ impl Sender<'_> {
         generation: &mut u64,
         first_round: Duration,
     ) -> Result<Vec<u64>, MigrationError> {
-        let limits = Limits {
+        let mut limits = Limits {
             downtime_limit: self.params.downtime_limit,
             auto_converge: self.params.auto_converge,
             ..Limits::default()
@@ -538,6 +544,8 @@ impl Sender<'_> {
         let mut round_time = first_round;
         loop {
             self.cancel.check()?;
+            limits.downtime_limit =
+                Duration::from_millis(Progress::get(&self.progress.downtime_limit_ms));
             let harvest = Instant::now();
             let dirty = self.vm.dirty_pages().map_err(MigrationError::Vm)?;
             let harvest = harvest.elapsed();

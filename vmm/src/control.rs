@@ -65,7 +65,15 @@ pub enum Command {
     MigrateSetParameters(ParamsChange),
     /// How the next migration goes.
     QueryMigrateParameters,
+    /// QEMU's migration capabilities: (name, on).
+    MigrateSetCapabilities(Vec<(String, bool)>),
+    /// Their states.
+    QueryMigrateCapabilities,
 }
+
+/// The capabilities `migrate-set-capabilities` knows; any other may only be
+/// turned off (it is not there to turn on).
+pub const CAPABILITIES: [&str; 2] = ["auto-converge", "events"];
 
 /// The parameters `migrate-set-parameters` changes (None: unchanged).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,6 +112,8 @@ pub enum Reply {
     RamDigest(String),
     /// The migration parameters.
     MigrationParameters(Params),
+    /// The capabilities and their states.
+    Capabilities(Vec<(&'static str, bool)>),
 }
 
 /// A command that could not be done, and why (for the operator).
@@ -509,6 +519,31 @@ impl Controller {
             }
             Command::QueryRamDigest => self.ram_digest(),
             Command::MigrateSetParameters(change) => self.set_params(change),
+            Command::MigrateSetCapabilities(caps) => {
+                if self.migration_running() {
+                    return Err(ControlError(
+                        "There's a migration process in progress".into(),
+                    ));
+                }
+                for (name, on) in &caps {
+                    if *on && !CAPABILITIES.contains(&name.as_str()) {
+                        return Err(ControlError(format!(
+                            "Capability '{name}' is not supported by cgsvmm"
+                        )));
+                    }
+                }
+                for (name, on) in caps {
+                    if name == "auto-converge" {
+                        self.params.auto_converge = on;
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            // Events are always sent.
+            Command::QueryMigrateCapabilities => Ok(Reply::Capabilities(vec![
+                ("auto-converge", self.params.auto_converge),
+                ("events", true),
+            ])),
             Command::QueryMigrateParameters => Ok(Reply::MigrationParameters(Params {
                 helpers: self.params.helpers.min(self.mirror.handles().len()),
                 ..self.params
@@ -518,10 +553,11 @@ impl Controller {
 
     /// `migrate-set-parameters`: every value checked before any is taken.
     fn set_params(&mut self, change: ParamsChange) -> Result<Reply, ControlError> {
-        if self.migration_running() {
+        let running = self.migration_running();
+        if running && (change.helpers.is_some() || change.batch.is_some()) {
             return Err(ControlError(
-                "A migration is in progress: it goes on with the parameters it started with; \
-                 cancel it to change them"
+                "A migration is in progress: only downtime-limit and max-bandwidth change \
+                 while it runs (cancel it to change the others)"
                     .into(),
             ));
         }
@@ -559,6 +595,16 @@ impl Controller {
             next.auto_converge = on;
         }
         self.params = next;
+        // The migration under way takes the new limits at its next round.
+        if let (true, Some(job)) = (running, &self.migration) {
+            job.progress.downtime_limit_ms.store(
+                next.downtime_limit.as_millis() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            job.progress
+                .max_bandwidth
+                .store(next.max_bandwidth, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(Reply::Done)
     }
 

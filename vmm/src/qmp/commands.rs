@@ -14,7 +14,7 @@ use super::{event_message_at, no_args, QmpBackend, QmpError};
 
 /// Every command, for `query-commands` (`qmp_capabilities` is the
 /// session's own).
-pub const COMMANDS: [&str; 18] = [
+pub const COMMANDS: [&str; 20] = [
     "qmp_capabilities",
     "query-status",
     "stop",
@@ -33,6 +33,8 @@ pub const COMMANDS: [&str; 18] = [
     "x-query-ram-digest",
     "migrate-set-parameters",
     "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
 ];
 
 /// The command a QMP message names, with its arguments checked; `None`
@@ -59,6 +61,10 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
             uri: uri_arg(args, &["uri", "exit-on-error"])?,
         })),
         "query-migrate-parameters" => plain(Command::QueryMigrateParameters),
+        "query-migrate-capabilities" => plain(Command::QueryMigrateCapabilities),
+        "migrate-set-capabilities" => {
+            caps_arg(args).map(|c| Some(Command::MigrateSetCapabilities(c)))
+        }
         "migrate-set-parameters" => {
             params_arg(args).map(|c| Some(Command::MigrateSetParameters(c)))
         }
@@ -83,6 +89,25 @@ fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError>
         )),
         None => Err(QmpError::generic("Parameter 'uri' is missing")),
     }
+}
+
+/// `migrate-set-capabilities`' `capabilities`: [{"capability", "state"}].
+fn caps_arg(args: &Map<String, Value>) -> Result<Vec<(String, bool)>, QmpError> {
+    if let Some(k) = args.keys().find(|k| *k != "capabilities") {
+        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+    }
+    let list = args
+        .get("capabilities")
+        .and_then(Value::as_array)
+        .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing or not a list"))?;
+    list.iter()
+        .map(|c| match (c["capability"].as_str(), c["state"].as_bool()) {
+            (Some(name), Some(state)) => Ok((name.to_string(), state)),
+            _ => Err(QmpError::generic(
+                "Each capability is {\"capability\": NAME, \"state\": true|false}",
+            )),
+        })
+        .collect()
 }
 
 /// `migrate-set-parameters`' arguments: QEMU's names where QEMU has them.
@@ -145,6 +170,11 @@ pub fn reply_json(reply: Reply) -> Value {
             "x-batch": p.batch,
             "x-auto-converge": p.auto_converge,
         }),
+        Reply::Capabilities(caps) => Value::Array(
+            caps.iter()
+                .map(|(name, state)| json!({"capability": name, "state": state}))
+                .collect(),
+        ),
     }
 }
 
@@ -250,6 +280,8 @@ mod tests {
         for c in COMMANDS.iter().filter(|c| **c != "qmp_capabilities") {
             let a = if matches!(*c, "migrate" | "migrate-incoming") {
                 args(json!({"uri": "unix:/tmp/x"}))
+            } else if *c == "migrate-set-capabilities" {
+                args(json!({"capabilities": [{"capability": "auto-converge", "state": false}]}))
             } else {
                 Map::new()
             };
