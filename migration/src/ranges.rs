@@ -161,6 +161,13 @@ impl SharedMap {
         Ok(map)
     }
 
+    /// The shared pages, as page GPAs, ascending.
+    pub fn shared_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(|(&start, &end)| (start..end).step_by(PAGE as usize))
+    }
+
     /// The private pages of `ram` (every page not shared), as page GPAs.
     pub fn private_pages(&self, ram: &[(u64, u64)]) -> Vec<u64> {
         let mut out = Vec::new();
@@ -262,6 +269,8 @@ mod tests {
                 prop_assert!(w[0].end < w[1].start, "ranges merge when they touch");
             }
             prop_assert_eq!(m.pages() + m.private_pages(&ram).len() as u64, 64);
+            prop_assert_eq!(m.shared_pages().count() as u64, m.pages());
+            prop_assert!(m.shared_pages().all(|g| m.is_shared(g)));
             prop_assert_eq!(SharedMap::from_ranges(&ram, &rs, 64).unwrap(), m);
         }
     }

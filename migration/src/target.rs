@@ -359,7 +359,6 @@ impl Receiver<'_> {
         let failure: Mutex<Option<MigrationError>> = Mutex::new(None);
         let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(3 * helpers.len() + 2));
         let mut seen = std::collections::HashSet::new();
-        let mut index = SharedIndex::new(&map.ranges());
         let stop = self.stop.take();
         // One queue every helper takes from: a frame goes to whichever
         // helper is free.
@@ -369,6 +368,17 @@ impl Receiver<'_> {
         // the last round's, so that no helper writes a page's older
         // generation after another wrote its newer one.
         let inflight = std::sync::atomic::AtomicUsize::new(0);
+        // Waits for the helpers to finish every frame handed out; false if
+        // one failed meanwhile (its error is in `failure`).
+        let settle = || {
+            while inflight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                if failure.lock().expect("failure lock poisoned").is_some() {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            true
+        };
         let mut round_generation = None;
         let result = std::thread::scope(|scope| {
             // Dropped when the reader is done: the helpers' loops end.
@@ -419,20 +429,16 @@ impl Receiver<'_> {
                     }
                 }
                 match self.next()? {
-                    FrameKind::SharedPages => self.shared_pages(&index, &mut seen)?,
+                    FrameKind::SharedPages => self.shared_pages(map, &mut seen)?,
                     FrameKind::SharedMap => {
                         // A new map: pages changed hands. What the helpers
                         // still write of the last round goes first, so the
                         // plaintext of a page turned shared lands after it.
-                        while inflight.load(std::sync::atomic::Ordering::Acquire) > 0 {
-                            if failure.lock().expect("failure lock poisoned").is_some() {
-                                return Ok(());
-                            }
-                            std::thread::yield_now();
+                        if !settle() {
+                            return Ok(());
                         }
                         *map = shared_map(ram, &self.buf)?;
                         self.shared = map.ranges();
-                        index = SharedIndex::new(&self.shared);
                     }
                     FrameKind::HelperRecords => {
                         if self.buf.is_empty() || !self.buf.len().is_multiple_of(RECORD_STRIDE) {
@@ -442,13 +448,9 @@ impl Receiver<'_> {
                             )));
                         }
                         let generation = record_header(&self.buf, 0).map(|h| h.generation);
-                        if round_generation.is_some() && generation != round_generation {
-                            while inflight.load(std::sync::atomic::Ordering::Acquire) > 0 {
-                                if failure.lock().expect("failure lock poisoned").is_some() {
-                                    return Ok(());
-                                }
-                                std::thread::yield_now();
-                            }
+                        if round_generation.is_some() && generation != round_generation && !settle()
+                        {
+                            return Ok(());
                         }
                         round_generation = generation;
                         let records = std::mem::take(&mut self.buf);
@@ -475,11 +477,7 @@ impl Receiver<'_> {
             return Err(e);
         }
         result?;
-        let missing = self
-            .shared
-            .iter()
-            .flat_map(|r| (r.start..r.end).step_by(PAGE as usize))
-            .find(|gpa| !seen.contains(gpa));
+        let missing = map.shared_pages().find(|gpa| !seen.contains(gpa));
         if let Some(gpa) = missing {
             return Err(MigrationError::Sequence(format!(
                 "shared page {gpa:#x} never arrived"
@@ -490,7 +488,7 @@ impl Receiver<'_> {
 
     fn shared_pages(
         &mut self,
-        shared: &SharedIndex,
+        map: &SharedMap,
         seen: &mut std::collections::HashSet<u64>,
     ) -> Result<(), MigrationError> {
         if self.buf.is_empty() || !self.buf.len().is_multiple_of(SHARED_PAGE_STRIDE) {
@@ -501,7 +499,7 @@ impl Receiver<'_> {
         }
         for page in self.buf.chunks(SHARED_PAGE_STRIDE) {
             let gpa = u64::from_le_bytes(page[..8].try_into().expect("8 bytes"));
-            if shared.page(gpa).is_none() {
+            if !plaintext_allowed(map, gpa) {
                 return Err(MigrationError::Sequence(format!(
                     "plaintext for page {gpa:#x}, which is not shared"
                 )));
@@ -536,37 +534,9 @@ fn shared_map(ram: &[(u64, u64)], payload: &[u8]) -> Result<SharedMap, Migration
     SharedMap::from_ranges(ram, &ranges, limit).map_err(|e| MigrationError::Sequence(e.to_string()))
 }
 
-/// The shared ranges with the count of shared pages before each: a
-/// shared page's number in O(log ranges) (the stream is not trusted to
-/// keep the map small).
-struct SharedIndex {
-    ranges: Vec<GpaRange>,
-    before: Vec<u64>,
-}
-
-impl SharedIndex {
-    fn new(ranges: &[GpaRange]) -> Self {
-        let mut before = Vec::with_capacity(ranges.len());
-        let mut n = 0;
-        for r in ranges {
-            before.push(n);
-            n += (r.end - r.start) / PAGE;
-        }
-        Self {
-            ranges: ranges.to_vec(),
-            before,
-        }
-    }
-
-    /// The number of the shared page at `gpa` (None: not a shared page).
-    fn page(&self, gpa: u64) -> Option<u64> {
-        if !gpa.is_multiple_of(PAGE) {
-            return None;
-        }
-        let i = self.ranges.partition_point(|r| r.end <= gpa);
-        let r = self.ranges.get(i)?;
-        (r.start <= gpa).then(|| self.before[i] + (gpa - r.start) / PAGE)
-    }
+/// Whether plaintext may be written at `gpa`: a whole page the map shares.
+fn plaintext_allowed(map: &SharedMap, gpa: u64) -> bool {
+    gpa.is_multiple_of(PAGE) && map.is_shared(gpa)
 }
 
 #[cfg(test)]
@@ -576,21 +546,20 @@ mod tests {
     use zerocopy::IntoBytes;
 
     #[test]
-    fn shared_pages_are_numbered_across_ranges() {
+    fn plaintext_goes_only_into_whole_shared_pages() {
         let r = |start, end| GpaRange { start, end };
         let shared = [r(0x1000, 0x3000), r(0x8000, 0x9000)];
-        let index = SharedIndex::new(&shared);
-        assert_eq!(index.page(0x1000), Some(0));
-        assert_eq!(index.page(0x2000), Some(1));
-        assert_eq!(index.page(0x8000), Some(2));
-        assert_eq!(index.page(0x0), None);
-        assert_eq!(index.page(0x3000), None);
-        assert_eq!(index.page(0x9000), None);
-        assert_eq!(index.page(0x1008), None);
-        assert_eq!(SharedIndex::new(&[]).page(0), None);
         let bytes: Vec<u8> = shared.iter().flat_map(|r| r.as_bytes().to_vec()).collect();
         let ram = [(0u64, 0x10_0000u64)];
-        assert_eq!(shared_map(&ram, &bytes).unwrap().pages(), 3);
+        let map = shared_map(&ram, &bytes).unwrap();
+        for gpa in [0x1000, 0x2000, 0x8000] {
+            assert!(plaintext_allowed(&map, gpa), "{gpa:#x}");
+        }
+        for gpa in [0x0, 0x3000, 0x9000, 0x1008] {
+            assert!(!plaintext_allowed(&map, gpa), "{gpa:#x}");
+        }
+        assert!(!plaintext_allowed(&SharedMap::default(), 0));
+        assert_eq!(map.pages(), 3);
         assert!(shared_map(&ram, &bytes[..20]).is_err());
         assert!(shared_map(&[(0, 0x4000)], &bytes).is_err());
     }
