@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use crate::buffers;
+use crate::buffers as buffers_for;
 use crate::helper::{token_matches, HelperClient, HelperError, Sealed, RECORD_STRIDE};
 use crate::policy::{self, Decision, Limits, LowWater, RoundStats};
 use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
@@ -126,6 +126,7 @@ pub fn send(
         params: *params,
         logging: false,
         sent_since: (Instant::now(), 0),
+        buffers: Buffers::default(),
     };
     let result = sender.run(&mut helpers);
     for h in &mut helpers {
@@ -197,6 +198,16 @@ struct Sender<'a> {
     logging: bool,
     /// For `max-bandwidth`: since when, and bytes written since.
     sent_since: (Instant, u64),
+    /// Frame buffers, kept from round to round.
+    buffers: Buffers,
+}
+
+/// Buffers for helper-record frames (handed to the helper threads and
+/// back) and for one SharedPages frame.
+#[derive(Default)]
+struct Buffers {
+    records: Vec<Vec<u8>>,
+    plain: Vec<u8>,
 }
 
 /// How a migration goes (QMP `migrate-set-parameters`).
@@ -445,7 +456,7 @@ impl Sender<'_> {
         let t = Instant::now();
         self.round(
             helpers,
-            &shared_pages(&map),
+            &map.shared_pages().collect::<Vec<_>>(),
             &map.private_pages(&ram),
             generation,
         )?;
@@ -531,8 +542,8 @@ impl Sender<'_> {
         generation: &mut u64,
         first_round: Duration,
     ) -> Result<Vec<u64>, MigrationError> {
+        // The downtime limit is read each round (the operator may change it).
         let mut limits = Limits {
-            downtime_limit: self.params.downtime_limit,
             auto_converge: self.params.auto_converge,
             ..Limits::default()
         };
@@ -673,9 +684,19 @@ impl Sender<'_> {
     ) -> Result<(), MigrationError> {
         let batch = self.params.batch.clamp(1, PAGES_PER_FRAME);
         let per_helper = private.len().div_ceil(helpers.len()).max(1);
-        let pool: Mutex<Vec<Vec<u8>>> = Mutex::new(buffers(2 * helpers.len() + 2));
+        // The frame buffers live as long as the migration: made (and
+        // touched) for the first round, lent to every later one.
+        let mut buffers = std::mem::take(&mut self.buffers);
+        if buffers.plain.is_empty() {
+            buffers = Buffers {
+                records: buffers_for(2 * helpers.len() + 2),
+                plain: vec![0u8; PAGES_PER_FRAME * SHARED_PAGE_STRIDE],
+            };
+        }
+        let pool = Mutex::new(std::mem::take(&mut buffers.records));
+        let mut buf = std::mem::take(&mut buffers.plain);
         let cancel = self.cancel;
-        std::thread::scope(|scope| {
+        let result = std::thread::scope(|scope| {
             let (tx, rx) = sync_channel::<Result<Vec<u8>, HelperError>>(2 * helpers.len());
             for (client, pages) in helpers.iter_mut().zip(private.chunks(per_helper)) {
                 let (tx, pool) = (tx.clone(), &pool);
@@ -702,7 +723,6 @@ impl Sender<'_> {
             drop(tx);
             // Helper frames first, as they come, so the helpers never wait
             // on the socket; shared pages whenever no helper frame is ready.
-            let mut buf = vec![0u8; PAGES_PER_FRAME * SHARED_PAGE_STRIDE];
             let mut plain = shared.chunks(batch);
             loop {
                 let next = match rx.try_recv() {
@@ -728,7 +748,12 @@ impl Sender<'_> {
                 self.shared_frame(batch, &mut buf)?;
             }
             Ok(())
-        })
+        });
+        self.buffers = Buffers {
+            records: pool.into_inner().expect("pool lock poisoned"),
+            plain: buf,
+        };
+        result
     }
 
     /// One SharedPages frame of `batch` (at most [`PAGES_PER_FRAME`]).
@@ -750,14 +775,6 @@ impl Sender<'_> {
         Progress::sub(&self.progress.remaining, (batch.len() * PAGE) as u64);
         Ok(())
     }
-}
-
-/// The GPAs of every shared page.
-fn shared_pages(map: &crate::ranges::SharedMap) -> Vec<u64> {
-    map.ranges()
-        .iter()
-        .flat_map(|r| (r.start..r.end).step_by(PAGE))
-        .collect()
 }
 
 /// Copies one guest page out.
