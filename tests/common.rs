@@ -89,8 +89,14 @@ pub fn cpu_ticks(pid: u32, tid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// This test process's path for `name` in the temp directory.
+pub fn tmp_name(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("cgsvmm-e2e-{name}-{}", std::process::id()))
+}
+
+/// [`tmp_name`], with whatever an earlier run left there removed.
 pub fn tmp_path(name: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("cgsvmm-e2e-{name}-{}", std::process::id()));
+    let path = tmp_name(name);
     let _ = std::fs::remove_file(&path);
     path
 }

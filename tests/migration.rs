@@ -984,7 +984,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst, _) = start("cmd-dst", &key, "256M", &["--incoming", &uri]);
     // The source's socket, as `start` named it (tmp_path would remove it).
-    let sock = std::env::temp_dir().join(format!("cgsvmm-e2e-cmd-src.sock-{}", std::process::id()));
+    let sock = common::tmp_name("cmd-src.sock");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
         .args(["migrate", "--qmp", &format!("unix:{}", sock.display())])
         .args(["--downtime-limit", "60000", &uri])

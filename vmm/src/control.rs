@@ -748,11 +748,6 @@ impl Controller {
         }
     }
 
-    /// The current or last migration.
-    pub fn migration(&self) -> Option<&Arc<MigrationJob>> {
-        self.migration.as_ref()
-    }
-
     fn ram_digest(&self) -> Result<Reply, ControlError> {
         if self.sev_measurement.is_some() {
             return Err(ControlError(

@@ -270,7 +270,7 @@ fn demo_in(dir: &Path, config: &DemoConfig) -> Result<String, DemoError> {
     }
     Ok(format!(
         "{}verified: the guest checked its memory for {:?} on the target, no MEMORY-ERROR\n{verdict}",
-        summary.render(&uri, Some(config.downtime_limit_ms)),
+        summary.render(&uri),
         config.verify_for
     ))
 }

@@ -425,7 +425,7 @@ fn main() -> ExitCode {
             };
             match cgsvmm::migrate_cmd::migrate(&a.qmp, &request) {
                 Ok(summary) => {
-                    print!("{}", summary.render(&a.uri, summary.limit));
+                    print!("{}", summary.render(&a.uri));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -64,11 +64,11 @@ impl Summary {
             .unwrap_or(0)
     }
 
-    /// The summary, one screen. `limit_ms`: the downtime limit in force.
-    pub fn render(&self, uri: &str, limit_ms: Option<u64>) -> String {
+    /// The summary, one screen.
+    pub fn render(&self, uri: &str) -> String {
         let mbps = self.info["ram"]["mbps"].as_f64().unwrap_or(0.0);
         let down = self.u(&["downtime"]);
-        let limit = limit_ms.map_or(String::new(), |l| {
+        let limit = self.limit.map_or(String::new(), |l| {
             let over = if down > l { ", over it" } else { "" };
             format!(" (limit {l} ms{over})")
         });
@@ -184,7 +184,7 @@ mod tests {
             }),
             limit: Some(300),
         };
-        let text = s.render("tcp:h:1", Some(300));
+        let text = s.render("tcp:h:1");
         for want in [
             "completed",
             "4475 ms",
