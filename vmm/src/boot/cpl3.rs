@@ -6,8 +6,12 @@
 //!
 //! - a GDT with flat ring-0 and ring-3 segments (user data 0x2b, user code
 //!   0x33, as Linux numbers them) and one 64-bit TSS descriptor per vCPU;
-//! - a TSS per vCPU whose I/O permission bitmap allows every port (at CPL3
-//!   port I/O is governed by that bitmap; without it every `out` faults);
+//! - port I/O allowed at CPL3 in both ways a CPU may check it: RFLAGS.IOPL
+//!   = 3 (real CPUs, and KVM's emulator on an ordinary SVM/VMX host, then
+//!   skip the bitmap: with only the bitmap, the emulated check there refuses
+//!   the busy TSS that TR holds and every `out` is a #GP) and a TSS per vCPU
+//!   whose I/O permission bitmap allows every port (what the PVM lab host
+//!   reads, ignoring IOPL);
 //! - identity page tables with the U bit, 2 MiB pages, over what the image
 //!   may touch;
 //! - CR0 = PG|WP|NE|ET|MP|PE, CR4 = PAE|OSFXSR|OSXMMEXCPT|OSXSAVE,
@@ -46,6 +50,10 @@ const IO_BITMAP_SIZE: u64 = 8192;
 const TSS_LIMIT: u32 = (TSS_SIZE + IO_BITMAP_SIZE) as u32;
 /// Each vCPU's TSS gets three pages.
 const TSS_STRIDE: u64 = 0x3000;
+/// RFLAGS at entry: bit 1 (reserved, always set) and IOPL = 3, so that CPL3
+/// may use every port without consulting the TSS (SDM vol. 1 §19.5.1); IF
+/// stays clear (the lab guests and the helper poll).
+const ENTRY_RFLAGS: u64 = 0x2 | (3 << 12);
 
 /// Where a CPL3 image's boot structures go.
 #[derive(Debug, Clone, Copy)]
@@ -198,8 +206,7 @@ pub fn prepare(
                     rip: entry,
                     rsp: layout.stack_top(i),
                     rdi: layout.params_gpa(i),
-                    // Bit 1 is reserved and always set; IF stays clear.
-                    rflags: 0x2,
+                    rflags: ENTRY_RFLAGS,
                     ..Default::default()
                 },
                 sregs: Arc::new(sregs),
@@ -257,6 +264,9 @@ mod tests {
         assert_eq!(regs.rip, 0x10_0030);
         assert_eq!(regs.rdi, LAB_LAYOUT.params_gpa(1));
         assert_eq!(regs.rsp, LAB_LAYOUT.stacks + 2 * LAB_LAYOUT.stack_size);
+        // IOPL 3: CPL3 port I/O does not depend on how a CPU reads the TSS.
+        assert_eq!((regs.rflags >> 12) & 3, 3);
+        assert_eq!(regs.rflags & (1 << 9), 0, "interrupts stay off");
         let mut s = kvm_sregs::default();
         sregs(&mut s);
         assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x33, 3, 1));

@@ -1,0 +1,181 @@
+# Helpers for the kvm-lab scenarios (sourced inside L1 by run-one.sh).
+#
+# A scenario is a shell script that starts cgsvmm processes with `vm`,
+# waits with `wait_for`, asks them with `q`, and states what must hold with
+# `check`. What the host sees are the serial lines:
+#   LAB-CHECK ok|FAIL <what>      one per check
+#   LAB-NOTE <key>=<value> ...    a measured number
+#   LAB-SCENARIO-END <name> <try> pass|fail seconds=<s>
+# Every VM's serial log is /tmp/NAME.log, its stderr /tmp/NAME.err and its
+# QMP socket /tmp/NAME.sock.
+
+KEY=/tmp/transport.key
+printf '%064x\n' 0x42 >"$KEY"
+GUEST=/lab/guest
+# The Linux guest's command line: warnings and worse reach the console (and
+# so the test); no ACPI, PCI or i8042 on this platform yet.
+LINUX_CMDLINE="console=ttyS0 reboot=k panic=1 loglevel=4 i8042.noaux i8042.nokbd"
+HELPERS="--transport-key-file $KEY --mirror-cpus 2"
+
+now() { cut -d' ' -f1 /proc/uptime; }
+# Seconds (two decimals) since $1 (an uptime reading).
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+check() {
+    local what="$1"
+    shift
+    if "$@"; then
+        echo "LAB-CHECK ok $what"
+    else
+        echo "LAB-CHECK FAIL $what"
+        FAILED=1
+    fi
+}
+fail() { echo "LAB-CHECK FAIL $*"; FAILED=1; }
+note() { echo "LAB-NOTE $*"; }
+
+# vm NAME ARGS...: `cgsvmm run ARGS` in the background with its serial log,
+# stderr and QMP socket named after NAME; waits for the socket.
+vm() {
+    local name="$1"
+    shift
+    rm -f "/tmp/$name.sock" "/tmp/$name.log" "/tmp/$name.err"
+    RUST_LOG="${RUST_LOG:-warn}" cgsvmm run "$@" --serial "file:/tmp/$name.log" \
+        --qmp "unix:/tmp/$name.sock" 2>"/tmp/$name.err" &
+    echo $! >"/tmp/$name.pid"
+    VMS="$VMS $name"
+    local i=0
+    while [ ! -S "/tmp/$name.sock" ] && [ $i -lt 100 ]; do
+        kill -0 "$(cat "/tmp/$name.pid")" 2>/dev/null || break
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -S "/tmp/$name.sock" ]
+}
+
+# q NAME COMMAND [JSON]: one QMP command; its reply on stdout.
+q() {
+    local name="$1"
+    shift
+    cgsvmm qmp "unix:/tmp/$name.sock" "$@" --timeout 20
+}
+
+# jget KEY: the first value of KEY in the (pretty-printed) JSON on stdin.
+jget() { sed -n "s/^ *\"$1\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" | head -n1; }
+
+status() { q "$1" query-status | jget status; }
+
+# wait_for SECONDS CMD...: polls CMD every 0.2 s until it holds.
+wait_for() {
+    local limit="$1" start
+    shift
+    start="$(now)"
+    while ! "$@"; do
+        if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# has NAME PATTERN: the VM's serial log has a line matching PATTERN.
+has() { grep -qE "$2" "/tmp/$1.log" 2>/dev/null; }
+
+# The dirtier's last pass on vCPU $2 in VM $1's log (0 if none).
+pass_of() {
+    { grep -oE "dirtier: vcpu $2 pass [0-9]+ ok" "/tmp/$1.log" 2>/dev/null || true; } |
+        tail -n1 | awk '{ print $5 + 0 }'
+}
+# Both dirtier vCPUs of VM $1 are past pass $2.
+dirtier_beyond() { [ "$(pass_of "$1" 0)" -gt "$2" ] && [ "$(pass_of "$1" 1)" -gt "$2" ]; }
+no_memory_error() { ! grep -q "MEMORY-ERROR" "/tmp/$1.log"; }
+
+# The checker's last pass (seed $2) in VM $1's log (0 if none).
+checker_pass() {
+    { grep -oE "checker $2: pass [0-9]+ ok" "/tmp/$1.log" 2>/dev/null || true; } |
+        tail -n1 | awk '{ print $4 + 0 }'
+}
+checkers_beyond() { [ "$(checker_pass "$1" 1)" -gt "$2" ] && [ "$(checker_pass "$1" 2)" -gt "$2" ]; }
+# Kernel complaints a migration must not cause, in VM $1's log.
+KERNEL_TROUBLE='rcu.*(stall|detected)|soft lockup|hard LOCKUP|clocksource|hung_task|BUG:|WARNING:|Call Trace|Oops|MEMORY-ERROR|CLOCK-ERROR'
+kernel_quiet() { ! grep -qE "$KERNEL_TROUBLE" "/tmp/$1.log"; }
+
+# linux NAME EXTRA_CMDLINE ARGS...: a Linux guest (bzImage, our initramfs
+# with the checker) on 2 vCPUs.
+linux() {
+    local name="$1" extra="$2"
+    shift 2
+    vm "$name" --kernel "$GUEST/bzImage" --initrd "$GUEST/initrd.cpio.gz" \
+        --cmdline "$LINUX_CMDLINE $extra" --cpus 2 "$@"
+}
+
+# wait_exit NAME SECONDS: waits for the VM to exit; its status in $EXIT.
+wait_exit() {
+    local pid
+    pid="$(cat "/tmp/$1.pid")"
+    EXIT=
+    if wait_for "$2" sh -c "! kill -0 $pid 2>/dev/null"; then
+        wait "$pid"
+        EXIT=$?
+        return 0
+    fi
+    return 1
+}
+
+# migrate SRC URI [cgsvmm migrate flags]: drives the migration with
+# `cgsvmm migrate`; its summary is printed, the final query-migrate is in
+# /tmp/migrate.json and its numbers become LAB-NOTEs.
+migrate() {
+    local src="$1" uri="$2"
+    shift 2
+    local start rc
+    start="$(now)"
+    cgsvmm migrate --qmp "unix:/tmp/$src.sock" --no-progress "$@" "$uri" >/tmp/migrate.out 2>&1
+    rc=$?
+    sed 's/^/  /' /tmp/migrate.out
+    q "$src" query-migrate >/tmp/migrate.json
+    note "migration=$src status=$(jget status </tmp/migrate.json) total_ms=$(jget total-time </tmp/migrate.json)" \
+        "downtime_ms=$(jget downtime </tmp/migrate.json) rounds=$(($(jget dirty-sync-count </tmp/migrate.json) + 1))" \
+        "private=$(jget private-pages </tmp/migrate.json) shared=$(jget shared-pages </tmp/migrate.json) wall_s=$(since "$start")"
+    return $rc
+}
+
+# Stops every VM this scenario started.
+stop_all() {
+    local name pid
+    for name in $VMS; do
+        pid="$(cat "/tmp/$name.pid" 2>/dev/null)" || continue
+        kill -0 "$pid" 2>/dev/null || continue
+        q "$name" quit >/dev/null 2>&1
+        sleep 0.3
+        kill -9 "$pid" 2>/dev/null
+    done
+    VMS=
+}
+
+# What the host needs to see when a scenario fails: each VM's log tails
+# and the shutdown exits KVM traced.
+dump() {
+    local name
+    for name in $VMS; do
+        echo "---- $name serial (tail)"
+        tail -n 15 "/tmp/$name.log" 2>/dev/null
+        echo "---- $name stderr (tail)"
+        tail -n 15 "/tmp/$name.err" 2>/dev/null
+    done
+    echo "---- trace (kvm_exit shutdown, kvm_inj_exception)"
+    tail -n 30 /sys/kernel/tracing/trace 2>/dev/null | grep -v '^#'
+}
+
+# KVM's tracepoints for what kills guests: shutdown exits (SVM exit code
+# 0x7f) with the exception that escalated, and every injected exception.
+trace_start() {
+    local t=/sys/kernel/tracing
+    [ -d $t/events/kvm ] || return 0
+    echo 0 >$t/tracing_on
+    echo >$t/trace
+    echo 'exit_reason == 127' >$t/events/kvm/kvm_exit/filter
+    echo 1 >$t/events/kvm/kvm_exit/enable
+    echo 1 >$t/events/kvm/kvm_inj_exception/enable
+    echo 1 >$t/tracing_on
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Boots the kvm-lab nested host and runs one scenario inside it.
+#
+#   resources/kvm-lab/run.sh SCENARIO [--timeout SECONDS] [--repeat N] [--log FILE]
+#
+# The scenario (l1/scenarios/SCENARIO.sh) runs in L1, an ordinary SVM KVM
+# host that QEMU's TCG emulates (-accel tcg,thread=multi, -cpu EPYC with
+# svm and npt); its serial console is printed here as it comes and kept in
+# the log. Exit 0 when every try ended "pass"; 1 when a try failed; 124
+# when the time limit (default 300 s) killed QEMU, after the log's tail.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+target="${CARGO_TARGET_DIR:-$here/../../target}"
+lab="${LAB_DIR:-$target/kvm-lab}"
+
+scenario="${1:?usage: run.sh SCENARIO [--timeout S] [--repeat N] [--log FILE]}"
+shift
+limit=300
+repeat=1
+log=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --timeout) limit="$2"; shift 2 ;;
+        --repeat) repeat="$2"; shift 2 ;;
+        --log) log="$2"; shift 2 ;;
+        *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ -f "$here/l1/scenarios/$scenario.sh" ] || { echo "run.sh: no scenario $scenario" >&2; exit 2; }
+[ -f "$lab/l1.cpio" ] || { echo "run.sh: no lab image in $lab: run resources/kvm-lab/build.sh" >&2; exit 2; }
+[ -n "$log" ] || log="$lab/$scenario.log"
+
+set +e
+timeout --kill-after=5 "$limit" qemu-system-x86_64 \
+    -accel tcg,thread=multi -smp 2 -m 3G -cpu EPYC,+svm,+npt \
+    -kernel "$lab/vmlinuz" -initrd "$lab/l1.cpio" \
+    -append "console=ttyS0 panic=-1 quiet lab.scenario=$scenario lab.repeat=$repeat" \
+    -nographic -no-reboot -nodefaults -serial stdio -monitor none </dev/null \
+    2> >(grep -v "TCG doesn't support requested feature" >&2) |
+    tr -d '\r' | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "LAB-TIMEOUT $scenario: killed after ${limit} s; the log's tail:"
+    tail -n 40 "$log"
+    exit 124
+fi
+ends=$(grep -c "^LAB-SCENARIO-END $scenario " "$log" || true)
+passes=$(grep -c "^LAB-SCENARIO-END $scenario .* pass " "$log" || true)
+echo "LAB-SUMMARY $scenario: $passes of $repeat tries passed ($ends ended)"
+[ "$passes" -eq "$repeat" ]
