@@ -11,7 +11,7 @@
 # Installs what is missing from Debian's packages (QEMU >= 10 and the
 # kernel >= 6.12 from the backports suite, which it adds to the Suites of
 # the machine's existing Debian source), builds the release cgsvmm and the
-# static lab-checker, and packs into $LAB_DIR (default target/kvm-lab):
+# static lab tools (tools/), and packs into $LAB_DIR (default target/kvm-lab):
 #   vmlinuz     L1's kernel (Debian's), also the Linux guest's bzImage
 #   l1.cpio     L1's initramfs: busybox, the KVM modules, cgsvmm with its
 #               libraries, the scenarios, and the Linux guest (bzImage,
@@ -136,7 +136,7 @@ build_binaries() {
     # Static, so the guest's initramfs needs no libraries; an explicit
     # --target keeps RUSTFLAGS away from build scripts.
     (cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --release -q -p cgsvmm-lab-checker --target x86_64-unknown-linux-gnu)
+        cargo build --release -q -p cgsvmm-kvm-lab-tools --target x86_64-unknown-linux-gnu)
 }
 
 # Copies a dynamically linked binary and the libraries ldd names into $2.
@@ -164,11 +164,12 @@ main() {
     kver="${vmlinuz##*/vmlinuz-}"
     cgsvmm="${CGSVMM_BIN:-$target/release/cgsvmm}"
     checker="$target/x86_64-unknown-linux-gnu/release/lab-checker"
+    proxy="$target/x86_64-unknown-linux-gnu/release/lab-proxy"
 
     local stamp
     stamp="$(
         {
-            sha256sum "$vmlinuz" "$cgsvmm" "$checker" "$(command -v busybox)" /usr/share/ovmf/OVMF.fd
+            sha256sum "$vmlinuz" "$cgsvmm" "$checker" "$proxy" "$(command -v busybox)" /usr/share/ovmf/OVMF.fd
             find "$here/l1" "$here/guest" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
             sha256sum "$0"
         } | sha256sum | cut -d' ' -f1
@@ -201,6 +202,7 @@ main() {
         xz -dc "$kdir/lib/modules/$kver/kernel/$m.ko.xz" >"$r/lib/modules/$(basename "$m").ko"
     done
     copy_with_libs "$cgsvmm" "$r" cgsvmm
+    install -m 0755 "$proxy" "$r/bin/lab-proxy"
     cp "$vmlinuz" "$r/lab/guest/bzImage"
     extract_vmlinux "$vmlinuz" "$r/lab/guest/vmlinux"
     # The same kernel without its PVH note: the plain 64-bit ELF entry.

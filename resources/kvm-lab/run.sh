@@ -6,7 +6,8 @@
 # The scenario (l1/scenarios/SCENARIO.sh) runs in L1, an ordinary SVM KVM
 # host that QEMU's TCG emulates (-accel tcg,thread=multi, -cpu EPYC with
 # svm and npt); its serial console is printed here as it comes and kept in
-# the log. Exit 0 when every try ended "pass"; 1 when a try failed; 124
+# the log (LAB_TCG_THREAD=single runs both vCPUs on one host thread, for
+# experiments). Exit 0 when every try ended "pass"; 1 when a try failed; 124
 # when the time limit (default 300 s) killed QEMU, after the log's tail.
 set -euo pipefail
 
@@ -33,12 +34,12 @@ done
 
 set +e
 timeout --kill-after=5 "$limit" qemu-system-x86_64 \
-    -accel tcg,thread=multi -smp 2 -m 3G -cpu EPYC,+svm,+npt \
+    -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" -smp 2 -m 3G -cpu EPYC,+svm,+npt \
     -kernel "$lab/vmlinuz" -initrd "$lab/l1.cpio" \
     -append "console=ttyS0 panic=-1 quiet lab.scenario=$scenario lab.repeat=$repeat" \
     -nographic -no-reboot -nodefaults -serial stdio -monitor none </dev/null \
     2> >(grep -v "TCG doesn't support requested feature" >&2) |
-    tr -d '\r' | tee "$log"
+    sed -u 's/\r//g' | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then

@@ -143,10 +143,15 @@ impl Machine {
         let (memory, cpus) = (&self.memory, self.config.cpus);
         Ok(match &self.config.boot {
             BootConfig::Lab(guest) => {
-                let image = images::lab_guest(guest.name()).expect("every LabGuest is embedded");
+                let image = images::lab_guest(guest.image()).expect("every LabGuest is embedded");
                 let entry = image.load(&memory.ram)?;
                 let ram = memory.layout.ram_mappings(PTE_USER);
-                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &ram, 0, cpus, entry)?
+                let ring = if guest.ring0() {
+                    cpl3::Ring::Kernel
+                } else {
+                    cpl3::Ring::User
+                };
+                cpl3::prepare(&memory.ram, &LAB_LAYOUT, &ram, 0, cpus, entry, ring)?
             }
             BootConfig::Linux(l) => linux::load(&memory.ram, &memory.layout, l, cpus)?,
             BootConfig::Firmware { .. } => vec![VcpuBoot::Reset; cpus],

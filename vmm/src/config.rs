@@ -32,6 +32,10 @@ pub enum LabGuest {
     Dirtier,
     /// Prints a line and powers off.
     Hello,
+    /// The dirtier entered at CPL0, so that it declares its shared blocks
+    /// with KVM_HC_MAP_GPA_RANGE as a real guest would (hosts whose ring 0
+    /// runs natively only).
+    DirtierRing0,
 }
 
 impl LabGuest {
@@ -40,7 +44,21 @@ impl LabGuest {
         match self {
             LabGuest::Dirtier => "dirtier",
             LabGuest::Hello => "hello",
+            LabGuest::DirtierRing0 => "dirtier-ring0",
         }
+    }
+
+    /// The embedded image it runs.
+    pub fn image(self) -> &'static str {
+        match self {
+            LabGuest::Dirtier | LabGuest::DirtierRing0 => "dirtier",
+            LabGuest::Hello => "hello",
+        }
+    }
+
+    /// Whether it starts at CPL0 (else CPL3).
+    pub fn ring0(self) -> bool {
+        self == LabGuest::DirtierRing0
     }
 }
 

@@ -182,6 +182,9 @@ enum GuestArg {
     Dirtier,
     /// Prints one line and powers off.
     Hello,
+    /// The dirtier entered at CPL0, declaring its shared blocks with
+    /// KVM_HC_MAP_GPA_RANGE (needs a host whose ring 0 runs natively).
+    DirtierRing0,
 }
 
 #[derive(clap::Args)]
@@ -355,6 +358,7 @@ impl TryFrom<RunArgs> for VmmConfig {
             (Some(path), kernel, _) => BootConfig::Firmware { path, kernel },
             (None, Some(linux), _) => BootConfig::Linux(linux),
             (None, None, Some(GuestArg::Hello)) => BootConfig::Lab(LabGuest::Hello),
+            (None, None, Some(GuestArg::DirtierRing0)) => BootConfig::Lab(LabGuest::DirtierRing0),
             (None, None, _) => BootConfig::Lab(LabGuest::Dirtier),
         };
         Ok(VmmConfig {

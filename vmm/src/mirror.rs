@@ -124,7 +124,15 @@ pub fn prepare(
     let entry = image.load(mem)?;
     let private = c_bit_mask(c_bit);
     let mapped = mappings(memory, &image, private)?;
-    let boots = cpl3::prepare(mem, &MIRROR_LAYOUT, &mapped, private, vcpus, entry)?;
+    let boots = cpl3::prepare(
+        mem,
+        &MIRROR_LAYOUT,
+        &mapped,
+        private,
+        vcpus,
+        entry,
+        cpl3::Ring::User,
+    )?;
     for i in 0..vcpus {
         let params = MirrorParams {
             magic: abi::PARAMS_MAGIC,

@@ -85,6 +85,60 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// The privilege level the code runs at (CS's low two bits).
+#[inline(always)]
+pub fn cpl() -> u16 {
+    let cs: u16;
+    // SAFETY: reading CS has no effects.
+    unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
+    cs & 3
+}
+
+/// CPUID leaf `leaf`, subleaf 0: (eax, ebx, ecx, edx).
+#[inline(always)]
+pub fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid(leaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// KVM's hypervisor signature leaf and the feature leaf after it.
+const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+
+/// Whether KVM advertises the paravirtual feature bit `bit` of CPUID
+/// 0x40000001 EAX (the VMM clears KVM_FEATURE_HC_MAP_GPA_RANGE when it does
+/// not answer that hypercall).
+pub fn kvm_feature(bit: u32) -> bool {
+    let [max, b, c, d] = cpuid(KVM_CPUID_SIGNATURE);
+    let signature = [b, c, d].map(u32::to_le_bytes);
+    max > KVM_CPUID_SIGNATURE
+        && signature.as_flattened() == b"KVMKVMKVM\0\0\0"
+        && cpuid(KVM_CPUID_SIGNATURE + 1)[0] & (1 << bit) != 0
+}
+
+/// A KVM hypercall with three arguments (CPL0 only: at CPL3 KVM answers
+/// -KVM_EPERM without an exit). VMMCALL on AMD, VMCALL elsewhere; KVM takes
+/// both, but the other vendor's costs an emulated #UD.
+pub fn kvm_hypercall3(nr: u64, a0: u64, a1: u64, a2: u64) -> u64 {
+    let [_, b, c, d] = cpuid(0);
+    let amd = [b, d, c].map(u32::to_le_bytes).as_flattened() == b"AuthenticAMD";
+    let ret: u64;
+    // SAFETY: a hypercall only asks the hypervisor; KVM's ABI takes the
+    // number in RAX and arguments in RBX, RCX, RDX and returns in RAX. RBX
+    // cannot be named as an asm operand, so it is swapped in and out.
+    unsafe {
+        if amd {
+            core::arch::asm!("xchg {a0}, rbx", "vmmcall", "xchg {a0}, rbx",
+                a0 = inout(reg) a0 => _, inout("rax") nr => ret, in("rcx") a1, in("rdx") a2,
+                options(nostack))
+        } else {
+            core::arch::asm!("xchg {a0}, rbx", "vmcall", "xchg {a0}, rbx",
+                a0 = inout(reg) a0 => _, inout("rax") nr => ret, in("rcx") a1, in("rdx") a2,
+                options(nostack))
+        }
+    };
+    ret
+}
+
 /// Asks the VMM to do something (`LAB_CMD_*`) through the lab control port.
 pub fn lab_command(cmd: u32) {
     outl(abi::LAB_PORT, cmd);

@@ -165,6 +165,22 @@ dump() {
     done
     echo "---- trace (kvm_exit shutdown, kvm_inj_exception)"
     tail -n 30 /sys/kernel/tracing/trace 2>/dev/null | grep -v '^#'
+    # A guest RIP that is one of L1's own kernel addresses names the code.
+    local rip
+    for rip in $(grep -o 'reason shutdown rip 0xffff[0-9a-f]*' /sys/kernel/tracing/trace 2>/dev/null | awk '{print $4}'); do
+        echo "---- $rip in L1's kernel: $(l1_symbol "$rip")"
+    done
+}
+
+# The L1 kernel symbol at or below address $1 (0x...), as symbol+offset.
+l1_symbol() {
+    awk -v want="${1#0x}" '
+        function hex(s,   i, n, c) { n = 0; s = tolower(s)
+            for (i = 1; i <= length(s); i++) { c = index("0123456789abcdef", substr(s, i, 1)) - 1; n = n * 16 + c }
+            return n }
+        BEGIN { w = hex(want) }
+        { a = hex($1); if (a <= w && a > best) { best = a; name = $3 " " $4 } }
+        END { if (name == "") print "?"; else printf "%s+0x%x\n", name, w - best }' /proc/kallsyms
 }
 
 # KVM's tracepoints for what kills guests: shutdown exits (SVM exit code
@@ -179,3 +195,28 @@ trace_start() {
     echo 1 >$t/events/kvm/kvm_inj_exception/enable
     echo 1 >$t/tracing_on
 }
+
+is_status() { [ "$(status "$1")" = "$2" ]; }
+
+# dirtier NAME ARGS...: the dirtier on 2 vCPUs, 256 MiB, with the helpers.
+dirtier() {
+    local name="$1"
+    shift
+    vm "$name" --cpus 2 --memory 256M $HELPERS "$@"
+}
+
+# beyond_each NAME P0 P1: the dirtier's vCPU 0 is past P0, vCPU 1 past P1.
+beyond_each() { [ "$(pass_of "$1" 0)" -gt "$2" ] && [ "$(pass_of "$1" 1)" -gt "$3" ]; }
+
+# goes_on FROM TO: the dirtier's passes in TO go on from where FROM's
+# stopped, both vCPUs, without a memory error.
+goes_on() {
+    local p0 p1
+    p0="$(pass_of "$1" 0)"
+    p1="$(pass_of "$1" 1)"
+    check "$2 goes on from $1's passes ($p0, $p1)" wait_for 60 beyond_each "$2" "$((p0 + 2))" "$((p1 + 2))"
+    check "no memory error in $2" no_memory_error "$2"
+}
+
+# Kernel lines worth seeing in VM $1's log, for the report.
+kernel_lines() { grep -E "$KERNEL_TROUBLE" "/tmp/$1.log" | head -n 5; }

@@ -2,7 +2,9 @@
 //!
 //! The lab host's KVM emulates every CPL0 instruction but runs CPL3 natively
 //! (LAB.md), so the lab guests and the mirror payload start in user mode with
-//! everything a kernel would have set up done by the VMM instead:
+//! everything a kernel would have set up done by the VMM instead (the same
+//! setup can enter a lab guest at CPL0, [`Ring::Kernel`], on hosts whose ring
+//! 0 runs natively, for what only ring 0 may do: hypercalls):
 //!
 //! - a GDT with flat ring-0 and ring-3 segments (user data 0x2b, user code
 //!   0x33, as Linux numbers them) and one 64-bit TSS descriptor per vCPU;
@@ -54,6 +56,17 @@ const TSS_STRIDE: u64 = 0x3000;
 /// may use every port without consulting the TSS (SDM vol. 1 §19.5.1); IF
 /// stays clear (the lab guests and the helper poll).
 const ENTRY_RFLAGS: u64 = 0x2 | (3 << 12);
+
+/// The privilege level an image starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ring {
+    /// CPL3 (user code and data segments): every image on the PVM lab host.
+    User,
+    /// CPL0 (kernel segments), same tables and TSS: needs a host whose ring 0
+    /// runs natively (on the PVM host it runs under the instruction emulator
+    /// and a hypercall never returns).
+    Kernel,
+}
 
 /// Where a CPL3 image's boot structures go.
 #[derive(Debug, Clone, Copy)]
@@ -152,7 +165,7 @@ fn tss_bytes(rsp0: u64) -> Vec<u8> {
 /// Writes the GDT, TSSes and page tables (mapping `mapped`, user-accessible,
 /// plus `private`, the C-bit or 0, on the ranges and tables the caller
 /// marked so) into `mem`, and returns how each of the `vcpus` vCPUs enters
-/// `entry`. Parameter blocks are the caller's to write at
+/// `entry` at `ring`. Parameter blocks are the caller's to write at
 /// [`Cpl3Layout::params_gpa`].
 pub fn prepare(
     mem: &GuestMemoryMmap,
@@ -161,6 +174,7 @@ pub fn prepare(
     private: u64,
     vcpus: usize,
     entry: u64,
+    ring: Ring,
 ) -> Result<Vec<VcpuBoot>, BootError> {
     if vcpus == 0 || vcpus > layout.max_vcpus {
         return Err(BootError::TooManyVcpus(vcpus, layout.max_vcpus));
@@ -184,8 +198,12 @@ pub fn prepare(
 
     let gdt_base = layout.gdt;
     let gdt_limit = (gdt.len() * 8 - 1) as u16;
-    let code = gdt::kvm_segment_from(GDT_USER_CODE64, gdt[GDT_USER_CODE64 as usize]);
-    let data = gdt::kvm_segment_from(GDT_USER_DATA, gdt[GDT_USER_DATA as usize]);
+    let (code, data) = match ring {
+        Ring::User => (GDT_USER_CODE64, GDT_USER_DATA),
+        Ring::Kernel => (GDT_KERNEL_CODE, GDT_KERNEL_DATA),
+    };
+    let code = gdt::kvm_segment_from(code, gdt[code as usize]);
+    let data = gdt::kvm_segment_from(data, gdt[data as usize]);
     Ok((0..vcpus)
         .map(|i| {
             let tr = gdt::tss_segment(GDT_FIRST_TSS + 2 * i as u16, layout.tss_gpa(i), TSS_LIMIT);
@@ -256,7 +274,7 @@ mod tests {
     fn prepares_user_mode_entry_state() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         let ram = [Mapping::new(0, 16 << 20, PTE_USER)];
-        let boots = prepare(&mem, &LAB_LAYOUT, &ram, 0, 2, 0x10_0030).unwrap();
+        let boots = prepare(&mem, &LAB_LAYOUT, &ram, 0, 2, 0x10_0030, Ring::User).unwrap();
         assert_eq!(boots.len(), 2);
         let VcpuBoot::State { regs, sregs } = &boots[1] else {
             panic!("expected a state")
@@ -280,7 +298,24 @@ mod tests {
             .read_obj(GuestAddress(LAB_LAYOUT.gdt + u64::from(s.tr.selector)))
             .unwrap();
         assert_eq!((desc >> 16) & 0xff_ffff, s.tr.base & 0xff_ffff);
-        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 0, 0).is_err());
-        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 33, 0).is_err());
+        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 0, 0, Ring::User).is_err());
+        assert!(prepare(&mem, &LAB_LAYOUT, &ram, 0, 33, 0, Ring::User).is_err());
+    }
+
+    #[test]
+    fn kernel_ring_enters_with_the_kernel_segments() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let ram = [Mapping::new(0, 16 << 20, PTE_USER)];
+        let boots = prepare(&mem, &LAB_LAYOUT, &ram, 0, 1, 0x10_0030, Ring::Kernel).unwrap();
+        let VcpuBoot::State { sregs, .. } = &boots[0] else {
+            panic!("expected a state")
+        };
+        let mut s = kvm_sregs::default();
+        sregs(&mut s);
+        assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x08, 0, 1));
+        assert_eq!((s.ss.selector, s.ss.dpl), (0x10, 0));
+        // The same TSS and tables as at CPL3.
+        assert_eq!(s.tr.selector, GDT_FIRST_TSS * 8);
+        assert_eq!(s.cr3, LAB_LAYOUT.tables.0);
     }
 }

@@ -227,6 +227,7 @@ pub fn load(
     let bsp = match kernel.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => {
             write_pvh_info(mem, &e820, initrd)?;
+            log::info!("Linux: PVH entry at {:#x} (ELF note)", entry.0);
             pvh_entry(entry.0)
         }
         _ => {
@@ -239,11 +240,12 @@ pub fn load(
                 what: "zero page",
                 gpa: ZERO_PAGE_START,
             })?;
-            let entry = if kernel.setup_header.is_some() {
-                kernel.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET
+            let (entry, format) = if kernel.setup_header.is_some() {
+                (kernel.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET, "bzImage")
             } else {
-                kernel.kernel_load.0
+                (kernel.kernel_load.0, "ELF")
             };
+            log::info!("Linux: 64-bit boot protocol entry at {entry:#x} ({format})");
             long_mode_entry(mem, entry)?
         }
     };

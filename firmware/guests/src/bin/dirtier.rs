@@ -7,17 +7,26 @@
 //! pass wrote, so a page that comes back stale after a migration is caught.
 //!
 //! At start each vCPU declares every fourth whole 2 MiB block of its slice
-//! shared (the lab port's stand-in for KVM_HC_MAP_GPA_RANGE), so every
-//! migration carries both plaintext shared pages and helper-sealed private
-//! ones; the check is the same for both.
+//! shared, so every migration carries both plaintext shared pages and
+//! helper-sealed private ones; the check is the same for both. Entered at
+//! CPL0 (`--guest dirtier-ring0`) where KVM advertises
+//! KVM_HC_MAP_GPA_RANGE, it declares them with that hypercall, as a real
+//! guest does; otherwise through the lab port, which stands in for it on the
+//! PVM lab host (where hypercalls cannot exit).
 #![no_std]
 #![no_main]
 
-use cgsvmm_guests::{abi, guest_image, lab_command, rdtsc, sprint};
+use cgsvmm_guests::{
+    abi, cpl, guest_image, kvm_feature, kvm_hypercall3, lab_command, rdtsc, sprint,
+};
 
 guest_image!(abi::IMAGE_KIND_LAB, main);
 
 const PAGE_SIZE: u64 = 4096;
+/// KVM_HC_MAP_GPA_RANGE and its feature bit (Linux's uapi kvm_para.h);
+/// `attrs` 0 = shared ("decrypted"), 4 KiB page units.
+const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
 
 /// Prints a failure and reports it to the VMM; never returns.
@@ -66,15 +75,36 @@ fn visit_page(vcpu: u32, gpa: u64, pass: u64) {
 }
 
 /// Declares every fourth 2 MiB block that lies wholly inside this vCPU's
-/// slice shared.
+/// slice shared: by hypercall where it may (CPL0, and KVM answers it),
+/// else through the lab port.
 fn share_some_blocks(params: &abi::LabParams) {
     let block = abi::LAB_SHARE_BLOCK;
+    let vcpu = params.vcpu_index;
+    let hypercall = cpl() == 0 && kvm_feature(KVM_FEATURE_HC_MAP_GPA_RANGE);
+    if vcpu == 0 {
+        sprint!(
+            "dirtier: shares blocks through {}\n",
+            if hypercall {
+                "KVM_HC_MAP_GPA_RANGE"
+            } else {
+                "the lab port"
+            }
+        );
+    }
     for range in &params.ranges[..params.range_count as usize] {
         let mut start = range.start.div_ceil(block) * block;
         let mut n = 0u64;
         while start + block <= range.end {
             if n.is_multiple_of(4) {
-                lab_command(abi::LAB_CMD_SHARE_2M | ((start / block) as u32) << 16);
+                if hypercall {
+                    let ret = kvm_hypercall3(KVM_HC_MAP_GPA_RANGE, start, block / PAGE_SIZE, 0);
+                    if ret != 0 {
+                        sprint!("dirtier: vcpu {vcpu} KVM_HC_MAP_GPA_RANGE failed: {ret:#x}\n");
+                        lab_command(abi::LAB_CMD_FAIL);
+                    }
+                } else {
+                    lab_command(abi::LAB_CMD_SHARE_2M | ((start / block) as u32) << 16);
+                }
             }
             start += block;
             n += 1;

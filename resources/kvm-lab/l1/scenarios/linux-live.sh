@@ -1,0 +1,21 @@
+# A running Linux guest (2 vCPUs, 256 MiB, helpers on 2 mirror vCPUs)
+# migrates live; its checkers go on on the target without an error, the
+# clock goes on, and the kernel does not complain.
+linux src "" --memory 256M $HELPERS
+check "userspace comes up" wait_for 120 has src "guest: userspace up"
+check "both checkers pass" wait_for 60 checkers_beyond src 3
+linux dst "" --memory 256M $HELPERS --incoming tcp:127.0.0.1:4444
+check "the live migration completes" migrate src tcp:127.0.0.1:4444
+check "the target runs" wait_for 30 is_status dst running
+c1="$(checker_pass src 1)"
+c2="$(checker_pass src 2)"
+mono_src="$(grep -oE 'checker 1: pass [0-9]+ ok mono_ms=[0-9]+' /tmp/src.log | tail -n1 | sed 's/.*mono_ms=//')"
+check "the checkers go on on the target (from $c1, $c2)" wait_for 90 sh -c \
+    ". /lab/lib.sh; [ \$(checker_pass dst 1) -gt $((c1 + 3)) ] && [ \$(checker_pass dst 2) -gt $((c2 + 3)) ]"
+mono_dst="$(grep -oE 'checker 1: pass [0-9]+ ok mono_ms=[0-9]+' /tmp/dst.log | tail -n1 | sed 's/.*mono_ms=//')"
+check "the guest's clock went on ($mono_src -> $mono_dst ms)" [ "${mono_dst:-0}" -gt "${mono_src:-0}" ]
+note "guest_max_gap_ms=$(grep -oE 'checker [12]: pass [0-9]+ ok .*max_gap_ms=[0-9]+' /tmp/dst.log | sed 's/.*max_gap_ms=//' | sort -n | tail -n1)"
+sleep 5
+check "no kernel trouble on the target" kernel_quiet dst
+check "no kernel trouble on the source" kernel_quiet src
+kernel_lines dst

@@ -1,0 +1,10 @@
+# A running dirtier migrates live with auto-converge off: the switchover
+# comes when the dirty set stops shrinking.
+dirtier src
+check "the source passes" wait_for 60 dirtier_beyond src 2
+dirtier dst --incoming tcp:127.0.0.1:4444
+q src migrate-set-parameters '{"x-auto-converge": false}' >/dev/null
+check "auto-converge is off" sh -c "cgsvmm qmp unix:/tmp/src.sock query-migrate-parameters | grep -q '\"x-auto-converge\": false'"
+check "the live migration completes" migrate src tcp:127.0.0.1:4444
+check "the target runs" wait_for 30 is_status dst running
+goes_on src dst

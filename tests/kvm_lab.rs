@@ -1,0 +1,136 @@
+//! The real-KVM lab: every scenario of `resources/kvm-lab` as a test.
+//!
+//! Each test boots the nested host (an ordinary SVM KVM that QEMU's TCG
+//! emulates, `resources/kvm-lab/README.md`) and runs one scenario inside;
+//! the scenario's `LAB-CHECK` lines say what held. The image is built (or
+//! found up to date) once, by `resources/kvm-lab/build.sh`, from the
+//! sources of this checkout. Where QEMU >= 10 is missing the tests are
+//! reported ignored, with the reason; `CGSVMM_LAB=off` skips them on
+//! purpose.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn lab_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/kvm-lab")
+}
+
+/// Why the lab cannot run here, if it cannot.
+fn lab_unavailable() -> Option<String> {
+    if std::env::var("CGSVMM_LAB").is_ok_and(|v| v == "off") {
+        return Some("CGSVMM_LAB=off".into());
+    }
+    let version = Command::new("qemu-system-x86_64").arg("--version").output();
+    let Ok(out) = version else {
+        return Some(
+            "no qemu-system-x86_64: the real-KVM lab needs QEMU >= 10 \
+             (resources/kvm-lab/build.sh installs it as root)"
+                .into(),
+        );
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .split_whitespace()
+        .nth(3)
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major < 10 {
+        return Some(format!(
+            "the real-KVM lab needs QEMU >= 10 (older ones crashed the nested host), found: {}",
+            text.lines().next().unwrap_or("?")
+        ));
+    }
+    None
+}
+
+/// Builds the lab image once (cached by the script); the error otherwise.
+fn image() -> Result<(), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = Command::new("bash")
+                .arg(lab_dir().join("build.sh"))
+                .output()
+                .map_err(|e| format!("build.sh: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "resources/kvm-lab/build.sh failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+}
+
+/// Runs `scenario` in the lab (killed after `limit_s`) and asserts that it
+/// passed; prints its checks and numbers.
+fn scenario(name: &str, limit_s: u32) {
+    let _one = common::one_vm();
+    image().unwrap();
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(lab_dir().join("run.sh"))
+        .args([name, "--timeout", &limit_s.to_string()])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    for line in log.lines() {
+        if line.starts_with("LAB-CHECK") || line.starts_with("LAB-NOTE") {
+            println!("{line}");
+        }
+    }
+    println!(
+        "lab scenario {name}: {:.1} s in all (QEMU boot included)",
+        started.elapsed().as_secs_f64()
+    );
+    let ended = log
+        .lines()
+        .find(|l| l.starts_with(&format!("LAB-SCENARIO-END {name} ")));
+    assert!(
+        out.status.success() && ended.is_some_and(|l| l.contains(" pass ")),
+        "scenario {name} failed (exit {:?}):\n{}\n{}",
+        out.status.code(),
+        log.lines()
+            .filter(|l| !l.starts_with("LAB-CHECK ok") && !l.starts_with('['))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One test per scenario, with its time limit in seconds.
+macro_rules! scenarios {
+    ($($test:ident = $name:literal, $limit:literal;)*) => {
+        $(fn $test() { scenario($name, $limit) })*
+        const SCENARIOS: &[common::NamedTest] = &[$((stringify!($test), $test as fn())),*];
+    };
+}
+
+scenarios! {
+    hello_runs_at_cpl3 = "hello", 120;
+    the_dirtier_runs_with_its_helpers_and_pauses_while_they_run = "dirtier-helpers", 240;
+    linux_boots_a_bzimage_with_initrd_on_two_vcpus = "linux-bzimage", 300;
+    linux_boots_an_elf_vmlinux = "linux-elf", 300;
+    linux_boots_through_pvh = "linux-pvh", 300;
+    a_linux_reboot_ends_cgsvmm = "linux-reboot", 300;
+    a_stopped_dirtier_migrates = "mig-stopped", 300;
+    a_running_dirtier_migrates_live = "mig-live", 300;
+    a_running_dirtier_migrates_live_without_auto_converge = "mig-live-noconverge", 300;
+    a_dirtier_snapshot_restores_in_a_new_process = "mig-snapshot", 300;
+    the_dirtier_ping_pongs_over_three_hops = "mig-pingpong", 400;
+    a_damaged_stream_fails_closed_and_the_source_resumes = "mig-damaged", 300;
+    a_running_linux_guest_migrates_live = "linux-live", 400;
+    a_linux_snapshot_restores_in_a_new_process = "linux-snapshot", 400;
+    map_gpa_range_hypercalls_feed_the_shared_map = "hypercall", 300;
+}
+
+fn main() {
+    common::run_tests(&[(lab_unavailable(), SCENARIOS)]);
+}
