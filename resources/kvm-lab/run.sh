@@ -7,7 +7,8 @@
 # host that QEMU's TCG emulates (-accel tcg,thread=multi, -cpu EPYC with
 # svm and npt); its serial console is printed here as it comes and kept in
 # the log (LAB_TCG_THREAD=single runs both vCPUs on one host thread, for
-# experiments). Exit 0 when every try ended "pass"; 1 when a try failed; 124
+# experiments; LAB_APPEND adds to L1's command line, e.g. lab.thp=never).
+# Exit 0 when every try ended "pass"; 1 when a try failed; 124
 # when the time limit (default 300 s) killed QEMU, after the log's tail.
 set -euo pipefail
 
@@ -31,23 +32,29 @@ done
 [ -f "$here/l1/scenarios/$scenario.sh" ] || { echo "run.sh: no scenario $scenario" >&2; exit 2; }
 [ -f "$lab/l1.cpio" ] || { echo "run.sh: no lab image in $lab: run resources/kvm-lab/build.sh" >&2; exit 2; }
 [ -n "$log" ] || log="$lab/$scenario.log"
+# What a scenario needs of L1 beyond the defaults: its "# lab-append:" line.
+append="$(sed -n 's/^# lab-append: *//p' "$here/l1/scenarios/$scenario.sh" | head -n1)"
 
+# The run is read back from a private copy; the log is kept for people.
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
 set +e
 timeout --kill-after=5 "$limit" qemu-system-x86_64 \
     -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" -smp 2 -m 3G -cpu EPYC,+svm,+npt \
     -kernel "$lab/vmlinuz" -initrd "$lab/l1.cpio" \
-    -append "console=ttyS0 panic=-1 quiet lab.scenario=$scenario lab.repeat=$repeat" \
+    -append "console=ttyS0 panic=-1 quiet lab.scenario=$scenario lab.repeat=$repeat $append ${LAB_APPEND:-}" \
     -nographic -no-reboot -nodefaults -serial stdio -monitor none </dev/null \
     2> >(grep -v "TCG doesn't support requested feature" >&2) |
-    sed -u 's/\r//g' | tee "$log"
+    sed -u 's/\r//g' | tee "$out"
 rc=${PIPESTATUS[0]}
 set -e
+cp "$out" "$log"
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     echo "LAB-TIMEOUT $scenario: killed after ${limit} s; the log's tail:"
-    tail -n 40 "$log"
+    tail -n 40 "$out"
     exit 124
 fi
-ends=$(grep -c "^LAB-SCENARIO-END $scenario " "$log" || true)
-passes=$(grep -c "^LAB-SCENARIO-END $scenario .* pass " "$log" || true)
+ends=$(grep -ac "^LAB-SCENARIO-END $scenario " "$out" || true)
+passes=$(grep -ac "^LAB-SCENARIO-END $scenario .* pass " "$out" || true)
 echo "LAB-SUMMARY $scenario: $passes of $repeat tries passed ($ends ended)"
 [ "$passes" -eq "$repeat" ]

@@ -17,9 +17,16 @@ const APIC_ID_SHIFT: u32 = 24;
 const LOGICAL_COUNT_SHIFT: u32 = 16;
 /// Leaf 1 EDX bit: HTT (the logical-processor count is valid).
 const HTT_BIT: u32 = 1 << 28;
+/// Leaf 1 ECX bit: VMX.
+const VMX_BIT: u32 = 1 << 5;
+/// Leaf 0x80000001 ECX bit: SVM.
+const SVM_BIT: u32 = 1 << 2;
 
 /// Adjusts KVM's supported entries for vCPU `index` of `count`: APIC IDs,
-/// topology counts, the hypervisor bit and the KVM signature leaf.
+/// topology counts, the hypervisor bit and the KVM signature leaf; VMX and
+/// SVM hidden (KVM offers them where nesting is on, as on the real-KVM lab,
+/// but cgsvmm saves no nested state, so a guest that ran its own guests
+/// could not be migrated whole).
 pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32) {
     for e in entries.iter_mut() {
         match e.function {
@@ -27,13 +34,14 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u32) {
                 e.ebx = (e.ebx & 0x0000_ffff)
                     | (index << APIC_ID_SHIFT)
                     | (count.min(255) << LOGICAL_COUNT_SHIFT);
-                e.ecx |= HYPERVISOR_BIT;
+                e.ecx = (e.ecx | HYPERVISOR_BIT) & !VMX_BIT;
                 if count > 1 {
                     e.edx |= HTT_BIT;
                 } else {
                     e.edx &= !HTT_BIT;
                 }
             }
+            0x8000_0001 => e.ecx &= !SVM_BIT,
             // Extended topology: the x2APIC ID of this vCPU.
             0xb | 0x1f => e.edx = index,
             _ => {}
@@ -85,9 +93,16 @@ mod tests {
 
     #[test]
     fn sets_apic_ids_hypervisor_bit_and_signature() {
-        let mut entries = vec![leaf(0, 0), leaf(1, 0), leaf(0xb, 0), leaf(0xb, 1)];
+        let mut ext = leaf(0x8000_0001, 0);
+        ext.ecx = 0xffff_ffff;
+        let mut basic = leaf(1, 0);
+        basic.ecx = 0xffff_ffff;
+        let mut entries = vec![leaf(0, 0), basic, leaf(0xb, 0), leaf(0xb, 1), ext];
         normalize(&mut entries, 3, 4);
         let l1 = entries.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ecx & VMX_BIT, 0, "VMX hidden");
+        let e1 = entries.iter().find(|e| e.function == 0x8000_0001).unwrap();
+        assert_eq!(e1.ecx, !SVM_BIT, "SVM hidden, the rest kept");
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800);
