@@ -196,7 +196,7 @@ main() {
     cp "$(command -v busybox)" "$r/bin/busybox"
     ln -s busybox "$r/bin/sh"
     install -m 0755 "$here/l1/init" "$r/init"
-    cp -r "$here/l1/lib.sh" "$here/l1/scenarios" "$r/lab/"
+    cp -r "$here/l1/lib.sh" "$here/l1/run-one.sh" "$here/l1/scenarios" "$r/lab/"
     local m
     for m in virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd; do
         xz -dc "$kdir/lib/modules/$kver/kernel/$m.ko.xz" >"$r/lib/modules/$(basename "$m").ko"

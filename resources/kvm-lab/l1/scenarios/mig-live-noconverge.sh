@@ -3,6 +3,7 @@
 # (Precopy of the dirtier with L1's nested paging off: QEMU's TCG
 # corrupts L2 state under NPT there; see the lab README.)
 # lab-append: lab.kvm_amd=npt=0
+DIRTIER_MEMORY=${DIRTIER_MEMORY:-128M}
 dirtier src
 check "the source passes" wait_for 60 dirtier_beyond src 2
 dirtier dst --incoming tcp:127.0.0.1:4444

@@ -2,7 +2,7 @@
 # (Precopy of the dirtier with L1's nested paging off: QEMU's TCG
 # corrupts L2 state under NPT there; see the lab README.)
 # lab-append: lab.kvm_amd=npt=0
-DIRTIER_MEMORY=128M
+DIRTIER_MEMORY=${DIRTIER_MEMORY:-64M}
 dirtier a
 check "the first guest passes" wait_for 60 dirtier_beyond a 2
 from=a
