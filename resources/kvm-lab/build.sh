@@ -47,8 +47,10 @@ add_backports() {
     local f
     for f in /etc/apt/sources.list.d/*.sources; do
         [ -e "$f" ] || continue
-        if grep -qE "^Suites:.*\b${codename}\b" "$f" && grep -qE "^URIs:.*debian/?$" "$f"; then
-            sed -i -E "0,/^Suites:(.*\b${codename}\b.*)$/s//Suites:\1 ${codename}-backports/" "$f"
+        # The stanza whose Suites name the release itself (not -security).
+        local suite="^Suites:(.*[[:space:]]${codename}([[:space:]].*)?)$"
+        if grep -qE "$suite" "$f" && grep -qE "^URIs:.*debian/?$" "$f"; then
+            sed -i -E "0,/${suite}/s//Suites:\1 ${codename}-backports/" "$f"
             say "added ${codename}-backports to $f"
             return
         fi

@@ -8,8 +8,9 @@
 # svm and npt); its serial console is printed here as it comes and kept in
 # the log (LAB_TCG_THREAD=single runs both vCPUs on one host thread, for
 # experiments; LAB_APPEND adds to L1's command line, e.g. lab.thp=never).
-# Exit 0 when every try ended "pass"; 1 when a try failed; 124
-# when the time limit (default 300 s) killed QEMU, after the log's tail.
+# Exit 0 when every try ended "pass"; 1 when a try failed; 3 when the
+# nested host itself died (the emulator's fault: no scenario can reset L1);
+# 124 when the time limit (default 300 s) killed QEMU, after the log's tail.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -43,7 +44,8 @@ timeout --kill-after=5 "$limit" qemu-system-x86_64 \
     -accel "tcg,thread=${LAB_TCG_THREAD:-multi}" -smp 2 -m 3G -cpu EPYC,+svm,+npt \
     -kernel "$lab/vmlinuz" -initrd "$lab/l1.cpio" \
     -append "console=ttyS0 panic=-1 quiet lab.scenario=$scenario lab.repeat=$repeat $append ${LAB_APPEND:-}" \
-    -nographic -no-reboot -nodefaults -serial stdio -monitor none </dev/null \
+    -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+    -d cpu_reset,guest_errors -D "$lab/$scenario.qemu.log" </dev/null \
     2> >(grep -v "TCG doesn't support requested feature" >&2) |
     sed -u 's/\r//g' | tee "$out"
 rc=${PIPESTATUS[0]}
@@ -53,6 +55,15 @@ if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     echo "LAB-TIMEOUT $scenario: killed after ${limit} s; the log's tail:"
     tail -n 40 "$out"
     exit 124
+fi
+if ! grep -aq "^LAB-POWEROFF" "$out"; then
+    # QEMU ended by itself before L1 powered off: the nested host's own
+    # kernel died (a reset on a triple fault; -no-reboot ends QEMU). No
+    # process inside can do that, so this is the emulator's, not the
+    # scenario's: exit 3, with what QEMU logged of L1's last CPU state.
+    echo "LAB-L1-DIED $scenario: the nested host itself reset (QEMU exit $rc); QEMU's log:"
+    grep -a -B2 -A12 "CPU Reset\|Triple fault" "$lab/$scenario.qemu.log" | tail -n 30
+    exit 3
 fi
 ends=$(grep -ac "^LAB-SCENARIO-END $scenario " "$out" || true)
 passes=$(grep -ac "^LAB-SCENARIO-END $scenario .* pass " "$out" || true)
