@@ -41,7 +41,7 @@ add_backports() {
     local codename
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
     [ -n "$codename" ] || die "cannot tell the Debian release (/etc/os-release)"
-    if grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if grep -rqsE "^[^#]*${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
         return
     fi
     local f
@@ -72,7 +72,7 @@ install_packages() {
     [ "$(qemu_major)" -ge 10 ] || need+=(qemu)
     command -v busybox >/dev/null && file -L "$(command -v busybox)" 2>/dev/null | grep -q static || need+=(busybox-static)
     [ -f /usr/share/ovmf/OVMF.fd ] || need+=(ovmf)
-    for tool in cpio zstd objcopy file; do command -v "$tool" >/dev/null || need+=("$tool"); done
+    for tool in cpio zstd xz objcopy file; do command -v "$tool" >/dev/null || need+=("$tool"); done
     [ ${#need[@]} -eq 0 ] && return
     [ "$install" -eq 1 ] || die "missing ${need[*]} (run without --no-install, as root)"
     [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}: run as root to install them"
@@ -82,7 +82,7 @@ install_packages() {
     codename="$(. /etc/os-release && echo "$VERSION_CODENAME")"
     apt-get update -q >/dev/null
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends busybox-static ovmf cpio zstd binutils file >/dev/null
+    apt-get install -y -q --no-install-recommends busybox-static ovmf cpio zstd xz-utils binutils file >/dev/null
     apt-get install -y -q --no-install-recommends -t "${codename}-backports" qemu-system-x86 >/dev/null
     [ "$(qemu_major)" -ge 10 ] || die "QEMU >= 10 is needed, $(qemu-system-x86_64 --version | head -n1) is installed"
 }
@@ -96,6 +96,9 @@ fetch_kernel() {
     if ! ls "$debs"/linux-image-6.*-amd64_*.deb >/dev/null 2>&1; then
         [ "$install" -eq 1 ] || die "no kernel package in $debs (run without --no-install)"
         command -v apt-get >/dev/null || die "apt-get is needed to fetch the kernel"
+        if ! apt-cache policy linux-image-amd64 | grep -q "${codename}-backports"; then
+            [ "$(id -u)" -eq 0 ] || die "the ${codename}-backports suite is missing: run as root to add it"
+        fi
         if ! apt-cache policy linux-image-amd64 | grep -q "${codename}-backports"; then
             add_backports
             apt-get update -q >/dev/null

@@ -2,6 +2,7 @@
 # declares its shared blocks with the hypercall; the exits feed the shared
 # map, and a stopped migration carries exactly those pages as plaintext
 # (the same 16384 of 65536 pages the lab port declares on the PVM host).
+DIRTIER_MEMORY=256M
 dirtier src --guest dirtier-ring0
 check "the ring-0 dirtier passes" wait_for 60 dirtier_beyond src 2
 check "it shares its blocks by hypercall" has src "shares blocks through KVM_HC_MAP_GPA_RANGE"

@@ -9,6 +9,7 @@ c1="$(checker_pass src 1)"
 linux dst "" --memory 256M $HELPERS --incoming file:/tmp/linux.snap
 check "the restored guest runs" wait_for 60 is_status dst running
 check "the checkers go on (from $c1)" wait_for 90 sh -c ". /lab/lib.sh; [ \$(checker_pass dst 1) -gt $((c1 + 2)) ]"
+check "the restored guest did not boot anew" sh -c "! grep -q 'userspace up' /tmp/dst.log"
 sleep 3
 check "no kernel trouble" kernel_quiet dst
 kernel_lines dst

@@ -9,7 +9,8 @@
 //! Accepts one connection on 127.0.0.1:LISTEN_PORT, connects to
 //! 127.0.0.1:TARGET_PORT and relays both ways; the byte at OFFSET of the
 //! source-to-target direction is XORed with 0x01. Prints `lab-proxy:
-//! flipped byte OFFSET` when it did, and exits when both directions end.
+//! listening on PORT` once bound and `lab-proxy: flipped byte OFFSET` the
+//! moment it flips, and exits when both directions end.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -34,6 +35,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, flip: Option<u64>, flipped: &At
                 let i = usize::try_from(at - offset).expect("inside the buffer");
                 buf[i] ^= 0x01;
                 flipped.store(true, Ordering::SeqCst);
+                println!("lab-proxy: flipped byte {at}");
             }
             offset = end;
         }
@@ -47,6 +49,7 @@ fn relay(mut from: TcpStream, mut to: TcpStream, flip: Option<u64>, flipped: &At
 
 fn run(listen: u16, target: u16, flip: u64) -> std::io::Result<bool> {
     let listener = TcpListener::bind(("127.0.0.1", listen))?;
+    println!("lab-proxy: listening on {listen}");
     let (client, _) = listener.accept()?;
     let server = TcpStream::connect(("127.0.0.1", target))?;
     let flipped = Arc::new(AtomicBool::new(false));
@@ -75,10 +78,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match run(listen, target, at) {
-        Ok(true) => {
-            println!("lab-proxy: flipped byte {at}");
-            ExitCode::SUCCESS
-        }
+        Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             println!("lab-proxy: the stream ended before byte {at}");
             ExitCode::from(1)
