@@ -57,7 +57,7 @@ if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     exit 124
 fi
 ends=$(grep -ac "^LAB-SCENARIO-END $scenario " "$out" || true)
-if [ "$ends" -lt "$repeat" ] && ! grep -aq "^LAB-POWEROFF" "$out" && grep -aq "^LAB-BOOTED" "$out"; then
+if [ "$ends" -lt "$repeat" ] && ! grep -aq "^LAB-POWEROFF" "$out" && grep -aq "LAB-BOOTED" "$out"; then
     # QEMU ended by itself before L1 powered off: the nested host's own
     # kernel died (a reset on a triple fault; -no-reboot ends QEMU). No
     # process inside can do that, so this is the emulator's, not the

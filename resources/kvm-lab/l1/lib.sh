@@ -100,8 +100,10 @@ checker_pass() {
         awk '{ p = $4 } END { print p + 0 }'
 }
 checkers_beyond() { [ "$(checker_pass "$1" 1)" -gt "$2" ] && [ "$(checker_pass "$1" 2)" -gt "$2" ]; }
-# Kernel complaints a migration must not cause, in VM $1's log.
-KERNEL_TROUBLE='rcu.*(stall|detected)|soft lockup|hard LOCKUP|clocksource|hung_task|BUG:|WARNING:|Call Trace|Oops|MEMORY-ERROR|CLOCK-ERROR'
+# Kernel complaints a migration must not cause, in VM $1's log (a WARN
+# splat prints "WARNING: CPU: ..."; boot notes such as SRSO's "WARNING: See" are
+# not trouble).
+KERNEL_TROUBLE='rcu.*(stall|detected)|soft lockup|hard LOCKUP|clocksource|hung_task|BUG:|WARNING: CPU|cut here|Call Trace|Oops|MEMORY-ERROR|CLOCK-ERROR'
 kernel_quiet() { ! grep -qE "$KERNEL_TROUBLE" "/tmp/$1.log"; }
 
 # linux NAME EXTRA_CMDLINE ARGS...: a Linux guest (bzImage, our initramfs
