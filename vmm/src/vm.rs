@@ -193,13 +193,9 @@ pub fn restore_state(vm: &VmFd, r: &VmRecord) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The KVM hypercall a guest converts pages between private and shared
-/// with (KVM_HC_MAP_GPA_RANGE, Linux's include/uapi/linux/kvm_para.h).
-pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+pub use cgsvmm_fw_abi::{KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_HC_MAP_GPA_RANGE};
 /// Its `attrs` bit for "private" (encrypted).
 pub const KVM_MAP_GPA_RANGE_ENCRYPTED: u64 = 1 << 4;
-/// CPUID 0x40000001 EAX bit telling the guest the hypercall exists.
-pub const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
 /// The KVM paravirtual feature leaf.
 pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 

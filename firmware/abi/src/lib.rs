@@ -45,6 +45,13 @@ pub mod helper;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// The KVM hypercall a guest converts pages between private and shared
+/// with (KVM_HC_MAP_GPA_RANGE, Linux's include/uapi/linux/kvm_para.h): the
+/// VMM answers it, the ring-0 dirtier makes it.
+pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+/// CPUID 0x40000001 EAX bit telling the guest that hypercall is answered.
+pub const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
+
 /// Magic at the start of every embedded image ("CGSVFW01").
 pub const IMAGE_MAGIC: [u8; 8] = *b"CGSVFW01";
 /// Version of [`ImageHeader`] this crate describes.

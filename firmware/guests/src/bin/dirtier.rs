@@ -23,10 +23,8 @@ use cgsvmm_guests::{
 guest_image!(abi::IMAGE_KIND_LAB, main);
 
 const PAGE_SIZE: u64 = 4096;
-/// KVM_HC_MAP_GPA_RANGE and its feature bit (Linux's uapi kvm_para.h);
-/// `attrs` 0 = shared ("decrypted"), 4 KiB page units.
-const KVM_HC_MAP_GPA_RANGE: u64 = 12;
-const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 16;
+/// KVM_HC_MAP_GPA_RANGE's `attrs` for shared ("decrypted") 4 KiB pages.
+const MAP_GPA_SHARED_4K: u64 = 0;
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;
 
 /// Prints a failure and reports it to the VMM; never returns.
@@ -80,7 +78,7 @@ fn visit_page(vcpu: u32, gpa: u64, pass: u64) {
 fn share_some_blocks(params: &abi::LabParams) {
     let block = abi::LAB_SHARE_BLOCK;
     let vcpu = params.vcpu_index;
-    let hypercall = cpl() == 0 && kvm_feature(KVM_FEATURE_HC_MAP_GPA_RANGE);
+    let hypercall = cpl() == 0 && kvm_feature(abi::KVM_FEATURE_HC_MAP_GPA_RANGE);
     // Only the ring-0 way is announced: the default output stays pass lines.
     if vcpu == 0 && hypercall {
         sprint!("dirtier: shares blocks through KVM_HC_MAP_GPA_RANGE\n");
@@ -91,7 +89,12 @@ fn share_some_blocks(params: &abi::LabParams) {
         while start + block <= range.end {
             if n.is_multiple_of(4) {
                 if hypercall {
-                    let ret = kvm_hypercall3(KVM_HC_MAP_GPA_RANGE, start, block / PAGE_SIZE, 0);
+                    let ret = kvm_hypercall3(
+                        abi::KVM_HC_MAP_GPA_RANGE,
+                        start,
+                        block / PAGE_SIZE,
+                        MAP_GPA_SHARED_4K,
+                    );
                     if ret != 0 {
                         sprint!("dirtier: vcpu {vcpu} KVM_HC_MAP_GPA_RANGE failed: {ret:#x}\n");
                         lab_command(abi::LAB_CMD_FAIL);
