@@ -315,6 +315,7 @@ impl Machine {
                 shared: shared.clone(),
                 exit: exit.clone(),
                 throttle: Mutex::new(None),
+                paused_clock: Mutex::new(None),
             })
         });
         if config.incoming.is_some() {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -33,6 +34,7 @@ use crate::exit::{ExitHandle, ExitReason};
 use crate::helper_link::HelperLinks;
 use crate::memory::{slots_of, Memory};
 use crate::vm;
+use crate::x86::tsc::ClockMoment;
 
 /// Bytes of a page.
 const PAGE: u64 = 4096;
@@ -113,6 +115,9 @@ pub struct VmLink {
     pub exit: ExitHandle,
     /// The throttle thread, while there is one.
     pub throttle: Mutex<Option<Throttle>>,
+    /// The KVM clock as the main vCPUs paused for the migration, and its
+    /// moment: what [`MigratableVm::save`] saves.
+    pub paused_clock: Mutex<Option<(kvm_clock_data, ClockMoment)>>,
 }
 
 /// A thread that pauses the main vCPUs part of every period.
@@ -192,10 +197,20 @@ impl MigratableVm for VmLink {
     }
 
     fn pause(&self) -> Result<bool, String> {
-        self.with_controller(|c| c.pause_for_migration().map_err(|e| e.to_string()))
+        let ran = self.with_controller(|c| c.pause_for_migration().map_err(|e| e.to_string()))?;
+        // The guest's time stops here, as QEMU's does: the target's clock
+        // goes on from this value, so the guest sees no jump over the rest
+        // of the downtime.
+        let clock = vm::read_clock(&self.main_vm).map_err(|e| e.to_string())?;
+        *self.paused_clock.lock().expect("clock lock poisoned") = Some(clock);
+        Ok(ran)
     }
 
     fn resume(&self) -> Result<(), String> {
+        self.paused_clock
+            .lock()
+            .expect("clock lock poisoned")
+            .take();
         self.with_controller(|c| c.resume_after_migration().map_err(|e| e.to_string()))
     }
 
@@ -205,14 +220,25 @@ impl MigratableVm for VmLink {
             cmos: self.devices.cmos.state(),
             fw_cfg: self.devices.fw_cfg.state(),
         };
+        // The guest's time as it stopped (or now, for a save without a
+        // pause): each vCPU's TSC is saved as of the same moment.
+        let paused = self
+            .paused_clock
+            .lock()
+            .expect("clock lock poisoned")
+            .take();
+        let (clock, moment) = match paused {
+            Some(c) => c,
+            None => vm::read_clock(&self.main_vm).map_err(|e| e.to_string())?,
+        };
+        let mut vm_state = vm::save_state(&self.main_vm, clock).map_err(|e| e.to_string())?;
         let (vcpus, running) = self.with_controller(|c| {
             let vcpus = c
                 .main_vcpus()
-                .save_state()
+                .save_state(moment)
                 .map_err(|e| format!("Cannot save the vCPUs' state: {e}"))?;
             Ok((vcpus, c.ran_before_migration()))
         })?;
-        let mut vm_state = vm::save_state(&self.main_vm).map_err(|e| e.to_string())?;
         vm_state.running = running;
         Ok(SavedState {
             vm: vm_state,
@@ -231,12 +257,12 @@ impl MigratableVm for VmLink {
         d.fw_cfg
             .restore(&devices.fw_cfg)
             .map_err(|e| e.to_string())?;
-        vm::restore_state(&self.main_vm, &saved.vm).map_err(|e| e.to_string())?;
+        let clock = vm::restore_state(&self.main_vm, &saved.vm).map_err(|e| e.to_string())?;
         let running = saved.vm.running;
         self.with_controller(|c| {
             c.set_source_running(running);
             c.main_vcpus()
-                .restore_state(saved.vcpus)
+                .restore_state(saved.vcpus, clock)
                 .map_err(|e| format!("Cannot restore the vCPUs' state: {e}"))
         })
     }

@@ -33,6 +33,8 @@ use cgsvmm_devices::Bus;
 use cgsvmm_migration::state::{Fpu, VcpuRecord};
 
 use crate::exit::{ExitHandle, ExitReason};
+use crate::x86::msr::index::IA32_TSC;
+use crate::x86::tsc::{self, ClockMoment, TscRestore};
 
 /// How long a handle waits for a vCPU to answer an event. Pausing takes
 /// 20 µs to 3 ms on the lab host; this is the bound for a vCPU stuck in a
@@ -64,11 +66,13 @@ pub enum VcpuEvent {
     Pause,
     /// Run guest code.
     Resume,
-    /// Report the architectural state (only while paused).
-    SaveState,
+    /// Report the architectural state (only while paused), its TSC as of
+    /// the moment the VM's KVM clock was read.
+    SaveState(ClockMoment),
     /// Take this architectural state (only while paused; an incoming VM's
-    /// vCPUs before they ever run).
-    RestoreState(Box<VcpuRecord>),
+    /// vCPUs before they ever run), its TSC against the VM's KVM clock just
+    /// set to the saved value.
+    RestoreState(Box<VcpuRecord>, ClockMoment),
     /// End the thread.
     Finish,
 }
@@ -336,22 +340,22 @@ impl Thread {
                 self.reply(VcpuResponse::Resumed);
                 State::Running
             }
-            (VcpuEvent::SaveState, s) => {
-                let r = match self.save_state() {
+            (VcpuEvent::SaveState(clock_read), s) => {
+                let r = match self.save_state(clock_read) {
                     Ok(st) => VcpuResponse::SavedState(Box::new(st)),
                     Err(e) => VcpuResponse::Error(e),
                 };
                 self.reply(r);
                 s
             }
-            (VcpuEvent::RestoreState(_), State::Stopped(why)) => {
+            (VcpuEvent::RestoreState(..), State::Stopped(why)) => {
                 self.reply(VcpuResponse::NotAllowed(format!(
                     "the vCPU has stopped: {why}"
                 )));
                 State::Stopped(why)
             }
-            (VcpuEvent::RestoreState(record), s) => {
-                self.reply(match self.restore_state(&record) {
+            (VcpuEvent::RestoreState(record, clock_set), s) => {
+                self.reply(match self.restore_state(&record, clock_set) {
                     Ok(()) => VcpuResponse::Restored,
                     Err(e) => VcpuResponse::Error(e),
                 });
@@ -374,7 +378,7 @@ impl Thread {
                     self.reply(VcpuResponse::Paused);
                     return State::Paused;
                 }
-                Ok(VcpuEvent::SaveState | VcpuEvent::RestoreState(_)) => {
+                Ok(VcpuEvent::SaveState(_) | VcpuEvent::RestoreState(..)) => {
                     self.reply(VcpuResponse::NotAllowed(
                         "saving or restoring state needs a paused vCPU".into(),
                     ));
@@ -490,9 +494,19 @@ impl Thread {
 
     /// Everything KVM keeps of this vCPU; any piece it will not give
     /// (an MSR it lists but cannot read) is an error that names it.
-    fn save_state(&self) -> Result<VcpuRecord, String> {
+    ///
+    /// The TSC runs while the vCPU is paused, and so does the KVM clock the
+    /// guest checks it against: the TSC saved is the one of the clock's
+    /// moment, so the pair the target gets agrees (`x86::tsc`).
+    fn save_state(&self, clock: ClockMoment) -> Result<VcpuRecord, String> {
         let fd = &self.vcpu.fd;
         let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
+        let tsc_khz = fd.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?;
+        let mut msrs = read_msrs(fd, &self.vcpu.msr_indices)?;
+        if let Some(read) = tsc::saved(&msrs) {
+            let at_clock = tsc::at_clock(read, tsc::offset(fd), tsc_khz, &clock);
+            tsc::set_saved(&mut msrs, at_clock);
+        }
         Ok(VcpuRecord {
             index: self.vcpu.index as u32,
             regs: fd.get_regs().map_err(e("KVM_GET_REGS"))?,
@@ -500,21 +514,26 @@ impl Thread {
             fpu: Fpu::from(&fd.get_fpu().map_err(e("KVM_GET_FPU"))?),
             xsave: fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
             xcrs: fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
-            msrs: read_msrs(fd, &self.vcpu.msr_indices)?,
+            msrs,
             lapic: fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
             mp_state: fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
             events: fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
             debugregs: fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?,
-            tsc_khz: fd.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?,
+            tsc_khz,
         })
     }
 
     /// Gives KVM a saved state, in the order KVM's dependencies need
     /// (TSC rate before the TSC MSR, sregs before the LAPIC, events last).
-    fn restore_state(&self, r: &VcpuRecord) -> Result<(), String> {
+    /// The saved TSC is the one of the saved KVM clock, which `clock`
+    /// describes just after it was set: the TSC goes back before the other
+    /// MSRs (the TSC deadline is read against it), moved on by as much as
+    /// the clock ran.
+    fn restore_state(&self, r: &VcpuRecord, clock: ClockMoment) -> Result<(), String> {
         let fd = &self.vcpu.fd;
         let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
-        if fd.get_tsc_khz().ok() != Some(r.tsc_khz) {
+        let unscaled = fd.get_tsc_khz().ok() == Some(r.tsc_khz);
+        if !unscaled {
             fd.set_tsc_khz(r.tsc_khz)
                 .map_err(e("KVM_SET_TSC_KHZ (the source's TSC rate)"))?;
         }
@@ -529,7 +548,19 @@ impl Thread {
         fd.set_debug_regs(&r.debugregs)
             .map_err(e("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&r.lapic).map_err(e("KVM_SET_LAPIC"))?;
-        write_msrs(fd, &r.msrs)?;
+        let mut msrs = r.msrs.clone();
+        if let Some(saved) = tsc::saved(&msrs) {
+            msrs.retain(|&(index, _)| index != IA32_TSC);
+            let has_offset = tsc::offset(fd).is_some();
+            match tsc::to_restore(saved, r.tsc_khz, &clock, unscaled, has_offset) {
+                TscRestore::Offset(offset) => {
+                    tsc::set_offset(fd, offset).map_err(e("KVM_SET_DEVICE_ATTR (TSC offset)"))?
+                }
+                // First, before the MSRs read against it.
+                TscRestore::Msr(value) => write_msrs(fd, &[(IA32_TSC, value)])?,
+            }
+        }
+        write_msrs(fd, &msrs)?;
         fd.set_mp_state(r.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
         fd.set_vcpu_events(&r.events)
             .map_err(e("KVM_SET_VCPU_EVENTS"))?;
@@ -681,7 +712,7 @@ impl VcpuGroup {
     /// vCPUs act in parallel.
     fn broadcast(
         &self,
-        event: fn() -> VcpuEvent,
+        event: impl Fn() -> VcpuEvent,
         want: fn(&VcpuResponse) -> bool,
     ) -> Result<Vec<VcpuResponse>, VcpuError> {
         for h in &self.handles {
@@ -712,8 +743,13 @@ impl VcpuGroup {
             .map(drop)
     }
 
-    /// Gives each vCPU its saved state (they must be paused), in parallel.
-    pub fn restore_state(&self, records: Vec<VcpuRecord>) -> Result<(), VcpuError> {
+    /// Gives each vCPU its saved state (they must be paused), in parallel;
+    /// `clock` is the VM's KVM clock just after it took the saved value.
+    pub fn restore_state(
+        &self,
+        records: Vec<VcpuRecord>,
+        clock: ClockMoment,
+    ) -> Result<(), VcpuError> {
         if records.len() != self.handles.len() {
             return Err(VcpuError::Unexpected(
                 "vCPU group".into(),
@@ -721,7 +757,7 @@ impl VcpuGroup {
             ));
         }
         for (h, r) in self.handles.iter().zip(records) {
-            h.send(VcpuEvent::RestoreState(Box::new(r)))?;
+            h.send(VcpuEvent::RestoreState(Box::new(r), clock))?;
         }
         let mut first_err = None;
         for h in &self.handles {
@@ -732,10 +768,11 @@ impl VcpuGroup {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// The state of every vCPU (they must be paused).
-    pub fn save_state(&self) -> Result<Vec<VcpuRecord>, VcpuError> {
+    /// The state of every vCPU (they must be paused), the TSCs as of
+    /// `clock`, the moment the VM's KVM clock was read.
+    pub fn save_state(&self, clock: ClockMoment) -> Result<Vec<VcpuRecord>, VcpuError> {
         let responses = self.broadcast(
-            || VcpuEvent::SaveState,
+            move || VcpuEvent::SaveState(clock),
             |r| matches!(r, VcpuResponse::SavedState(_)),
         )?;
         Ok(responses

@@ -16,6 +16,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::VcpuBoot;
 use crate::memory::{MemSlot, MemoryError};
+use crate::x86::tsc::ClockMoment;
 use crate::x86::vcpu_setup::{self, VcpuSetupError};
 
 /// KVM's identity-map page and real-mode TSS (3 pages after it), as QEMU
@@ -137,9 +138,17 @@ pub fn create_vcpu(
     Ok(fd)
 }
 
-/// The main VM's in-kernel state: both PICs, the IOAPIC, the PIT and the
-/// KVM clock (main vCPUs paused).
-pub fn save_state(vm: &VmFd) -> Result<VmRecord, VmError> {
+/// The main VM's KVM clock, and its moment (`x86::tsc`).
+pub fn read_clock(vm: &VmFd) -> Result<(kvm_clock_data, ClockMoment), VmError> {
+    let clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    Ok((clock, ClockMoment::of(&clock, 0)))
+}
+
+/// The main VM's in-kernel state (main vCPUs paused): both PICs, the
+/// IOAPIC, the PIT, and the KVM `clock` as [`read_clock`] read it (when
+/// the guest's time stops for the migration; the vCPUs' TSCs are saved as
+/// of the same moment).
+pub fn save_state(vm: &VmFd, clock: kvm_clock_data) -> Result<VmRecord, VmError> {
     let chip = |id| {
         let mut c = kvm_irqchip {
             chip_id: id,
@@ -153,14 +162,15 @@ pub fn save_state(vm: &VmFd) -> Result<VmRecord, VmError> {
         pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE).map_err(kvm_err("KVM_GET_IRQCHIP (PIC slave)"))?,
         ioapic: chip(KVM_IRQCHIP_IOAPIC).map_err(kvm_err("KVM_GET_IRQCHIP (IOAPIC)"))?,
         pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
-        clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        clock,
         running: false,
     })
 }
 
 /// Gives the main VM a saved in-kernel state, each chip checked to be the
-/// one it claims to be.
-pub fn restore_state(vm: &VmFd, r: &VmRecord) -> Result<(), VmError> {
+/// one it claims to be; returns the clock's moment just after it was set,
+/// which the vCPUs' saved TSCs are restored against (`x86::tsc`).
+pub fn restore_state(vm: &VmFd, r: &VmRecord) -> Result<ClockMoment, VmError> {
     for (want, chip, what) in [
         (
             KVM_IRQCHIP_PIC_MASTER,
@@ -190,7 +200,11 @@ pub fn restore_state(vm: &VmFd, r: &VmRecord) -> Result<(), VmError> {
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
-    Ok(())
+    let now = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    Ok(ClockMoment::of(
+        &now,
+        now.clock.saturating_sub(r.clock.clock),
+    ))
 }
 
 pub use cgsvmm_fw_abi::{KVM_FEATURE_HC_MAP_GPA_RANGE, KVM_HC_MAP_GPA_RANGE};

@@ -13,6 +13,7 @@ use cgsvmm::control::RunState;
 use cgsvmm::exit::ExitReason;
 use cgsvmm::memory::MIB;
 use cgsvmm::mirror::PROBE_GPA;
+use cgsvmm::x86::tsc::ClockMoment;
 use cgsvmm::Vmm;
 
 // Shared with the end-to-end tests: one VM at a time, KVM detection.
@@ -138,7 +139,11 @@ fn pausing_main_vcpus_leaves_the_mirror_running() {
         .lock()
         .unwrap()
         .main_vcpus()
-        .save_state()
+        .save_state(ClockMoment {
+            at: Instant::now(),
+            host_tsc: None,
+            ran_ns: 0,
+        })
         .expect("save state");
     assert_eq!(states.len(), 2);
     for s in &states {

@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod gdt;
 pub mod msr;
 pub mod paging;
+pub mod tsc;
 pub mod vcpu_setup;
 
 /// CR0 bits.
