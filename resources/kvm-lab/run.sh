@@ -9,7 +9,9 @@
 # the log (LAB_TCG_THREAD=single runs both vCPUs on one host thread, for
 # experiments; LAB_APPEND adds to L1's command line, e.g. lab.thp=never).
 # Exit 0 when every try ended "pass"; 1 when a try failed; 3 when the
-# nested host itself died (the emulator's fault: no scenario can reset L1);
+# emulator failed, not the scenario: the nested host itself died (no
+# scenario can reset L1), or every failed try had a guest die executing
+# L1's own code (LAB-EMULATOR: no guest can reach the host's addresses);
 # 124 when the time limit (default 300 s) killed QEMU, after the log's tail.
 set -euo pipefail
 
@@ -68,4 +70,16 @@ if [ "$ends" -lt "$repeat" ] && ! grep -aq "^LAB-POWEROFF" "$out" && grep -aq "L
 fi
 passes=$(grep -ac "^LAB-SCENARIO-END $scenario .* pass " "$out" || true)
 echo "LAB-SUMMARY $scenario: $passes of $repeat tries passed ($ends ended)"
-[ "$passes" -eq "$repeat" ]
+[ "$passes" -eq "$repeat" ] && exit 0
+# Failed tries in which no guest died running L1's own code (LAB-EMULATOR,
+# l1/lib.sh's dump) are the scenario's.
+own=$(awk -v s="$scenario" '
+    $0 ~ "^LAB-SCENARIO-START " s " " { emu = 0 }
+    /^LAB-EMULATOR / { emu = 1 }
+    $0 ~ "^LAB-SCENARIO-END " s " .* fail " && !emu { n++ }
+    END { print n + 0 }' "$out")
+if [ "$ends" -eq "$repeat" ] && [ "$own" -eq 0 ]; then
+    echo "LAB-EMULATOR-FAULT $scenario: every failed try met the emulator's known fault"
+    exit 3
+fi
+exit 1

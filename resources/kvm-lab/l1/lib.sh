@@ -172,15 +172,25 @@ dump() {
     echo "---- trace (kvm_exit shutdown, kvm_inj_exception)"
     tail -n 30 /sys/kernel/tracing/trace 2>/dev/null | grep -v '^#'
     # A guest RIP that is one of L1's own kernel addresses names the code.
-    local rip
+    # A guest that died executing L1's code (the instruction after VMRUN in
+    # kvm_amd's __svm_vcpu_run, so far) met the emulator's known fault: a
+    # guest cannot reach the host's addresses, whatever its VMM did. run.sh
+    # counts such a try as the emulator's, not the scenario's.
+    local rip sym
     for rip in $(grep -o 'reason shutdown rip 0xffff[0-9a-f]*' /sys/kernel/tracing/trace 2>/dev/null | awk '{print $4}'); do
-        echo "---- $rip in L1's kernel: $(l1_symbol "$rip")"
+        sym="$(l1_symbol "$rip")"
+        echo "---- $rip in L1's kernel: ${sym#? }"
+        case "$sym" in
+            [tT]" "*) echo "LAB-EMULATOR a guest vCPU died at $rip, L1's own code (${sym#? }): the emulator ran the host's instructions as the guest's" ;;
+        esac
     done
 }
 
-# The L1 kernel symbol at or below address $1 (0x...), as symbol+offset.
-# awk's numbers are doubles, so only the low 32 bits are compared, among
-# the symbols that share the address's upper half.
+# The L1 kernel symbol at or below address $1 (0x...), as its kallsyms
+# type letter and symbol+offset ("t __svm_vcpu_run [kvm_amd]+0xa0"), the
+# type "?" when the address lies 64 KiB or more past the symbol (not in
+# it). awk's numbers are doubles, so only the low 32 bits are compared,
+# among the symbols that share the address's upper half.
 l1_symbol() {
     local a="${1#0x}"
     awk -v high="${a%????????}" -v low="${a#????????}" '
@@ -189,8 +199,9 @@ l1_symbol() {
             return n }
         BEGIN { w = hex(low); best = -1 }
         tolower(substr($1, 1, 8)) == tolower(high) {
-            v = hex(substr($1, 9)); if (v <= w && v > best) { best = v; name = $3 " " $4 } }
-        END { if (best < 0) print "?"; else printf "%s+0x%x\n", name, w - best }' /proc/kallsyms
+            v = hex(substr($1, 9)); if (v <= w && v > best) { best = v; type = $2; name = $3 " " $4 } }
+        END { if (best < 0) print "? ?"
+              else printf "%s %s+0x%x\n", (w - best < 65536 ? type : "?"), name, w - best }' /proc/kallsyms
 }
 
 # KVM's tracepoints for what kills guests: shutdown exits (SVM exit code
