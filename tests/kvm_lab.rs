@@ -70,7 +70,8 @@ fn image() -> Result<(), String> {
 }
 
 /// run.sh's exit status when the emulator failed, not the scenario (README):
-/// the nested host itself died, or a guest died executing L1's own code.
+/// the nested host itself died, a guest died executing L1's own code, or
+/// (suspected) a guest died of a #PF under the emulator's nested paging.
 const EMULATOR_FAULT: i32 = 3;
 /// How many boots a scenario gets while the emulator keeps failing it (L1
 /// died in about 1 of 6 Linux runs; a guest ran L1's code in about 1 of 5
@@ -80,9 +81,10 @@ const L1_TRIES: usize = 3;
 /// Runs `scenario` in the lab (killed after `limit_s`) and asserts that it
 /// passed; prints its checks and numbers. A run the emulator failed (the
 /// nested host's own kernel died, or a guest vCPU died at one of L1's own
-/// instructions: nothing a VMM does can cause either) is run again, up to
+/// instructions: nothing a VMM does can cause either; or a guest died of a
+/// #PF with the emulator's nested paging on, suspected) is run again, up to
 /// [`L1_TRIES`] boots, with the evidence printed; a scenario that fails
-/// otherwise never is.
+/// otherwise never is, and one that faults every time still fails.
 fn scenario(name: &str, limit_s: u32) {
     let _one = common::one_vm();
     image().unwrap();
