@@ -739,7 +739,11 @@ fn migrate_cancel_during_the_transfer_then_a_second_migration_succeeds() {
     assert_eq!(info["status"], "cancelled", "{info}");
     // The target gives up (its stream broke) without running the guest.
     let code = dst_vm.wait_exit(Duration::from_secs(30));
-    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the target after the cancel: exit {code:?}; its stderr:\n{}",
+        dst_vm.stderr.lock().unwrap()
+    );
     assert!(!dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")));
     // The guest runs on, then a second migration goes through.
     let before = last_pass(&src_vm.lines(), 1).unwrap();
