@@ -715,11 +715,23 @@ fn migrate_cancel_during_the_transfer_then_a_second_migration_succeeds() {
     let (src_vm, mut src) = source("cancel-src", &key);
     let port = free_port();
     let (mut dst_vm, _dst) = target("cancel-dst", &key, "256M", &format!("tcp:127.0.0.1:{port}"));
-    // 64 MiB/s: the transfer takes 4 s, the cancel comes after 0.5 s.
+    // 64 MiB/s: the transfer takes 4 s; the cancel comes once pages flow
+    // (before the source's configuration is out, a target takes the broken
+    // connection for a stray one and waits on for a real source).
     let via = proxy(port, Damage::Throttle(64 << 20));
     migrate(&mut src, &format!("tcp:127.0.0.1:{via}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let during = src.cmd("query-migrate");
+    let flowing = Instant::now();
+    let during = loop {
+        let q = src.cmd("query-migrate");
+        if q["confidential"]["private-pages"].as_u64().unwrap_or(0) > 0 {
+            break q;
+        }
+        assert!(
+            flowing.elapsed() < Duration::from_secs(10),
+            "no page went in 10 s: {q}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(during["status"], "active", "{during}");
     // Precopy: the guest runs while its pages go.
     assert_eq!(status(&mut src), "running");
