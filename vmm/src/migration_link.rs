@@ -201,8 +201,12 @@ impl MigratableVm for VmLink {
         // The guest's time stops here, as QEMU's does: the target's clock
         // goes on from this value, so the guest sees no jump over the rest
         // of the downtime.
-        let clock = vm::read_clock(&self.main_vm).map_err(|e| e.to_string())?;
-        *self.paused_clock.lock().expect("clock lock poisoned") = Some(clock);
+        // If the clock cannot be read now, `save` reads it then (and fails
+        // the migration, which resumes the guest, if it still cannot).
+        let clock = vm::read_clock(&self.main_vm)
+            .inspect_err(|e| log::warn!("The KVM clock at the pause: {e}"))
+            .ok();
+        *self.paused_clock.lock().expect("clock lock poisoned") = clock;
         Ok(ran)
     }
 

@@ -504,8 +504,14 @@ impl Thread {
         let tsc_khz = fd.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?;
         let mut msrs = read_msrs(fd, &self.vcpu.msr_indices)?;
         if let Some(read) = tsc::saved(&msrs) {
-            let at_clock = tsc::at_clock(read, tsc::offset(fd), tsc_khz, &clock);
-            tsc::set_saved(&mut msrs, at_clock);
+            let offset = tsc::unscaled_offset(fd);
+            let exact = offset.is_some() && clock.host_tsc.is_some();
+            log::debug!(
+                "vcpu {}: TSC saved as of the clock, {}",
+                self.vcpu.index,
+                if exact { "exactly (offset)" } else { "timed" }
+            );
+            tsc::set_saved(&mut msrs, tsc::at_clock(read, offset, tsc_khz, &clock));
         }
         Ok(VcpuRecord {
             index: self.vcpu.index as u32,
@@ -532,8 +538,7 @@ impl Thread {
     fn restore_state(&self, r: &VcpuRecord, clock: ClockMoment) -> Result<(), String> {
         let fd = &self.vcpu.fd;
         let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("{what}: {err}");
-        let unscaled = fd.get_tsc_khz().ok() == Some(r.tsc_khz);
-        if !unscaled {
+        if fd.get_tsc_khz().ok() != Some(r.tsc_khz) {
             fd.set_tsc_khz(r.tsc_khz)
                 .map_err(e("KVM_SET_TSC_KHZ (the source's TSC rate)"))?;
         }
@@ -551,8 +556,12 @@ impl Thread {
         let mut msrs = r.msrs.clone();
         if let Some(saved) = tsc::saved(&msrs) {
             msrs.retain(|&(index, _)| index != IA32_TSC);
-            let has_offset = tsc::offset(fd).is_some();
-            match tsc::to_restore(saved, r.tsc_khz, &clock, unscaled, has_offset) {
+            // Checked after the rate is set: the offset arithmetic holds
+            // only for a TSC KVM does not scale.
+            let unscaled = tsc::unscaled_offset(fd).is_some();
+            let how = tsc::to_restore(saved, r.tsc_khz, &clock, unscaled);
+            log::debug!("vcpu {}: TSC restored as {how:?}", self.vcpu.index);
+            match how {
                 TscRestore::Offset(offset) => {
                     tsc::set_offset(fd, offset).map_err(e("KVM_SET_DEVICE_ATTR (TSC offset)"))?
                 }

@@ -17,14 +17,18 @@
 //!
 //! With KVM's TSC offset attribute (KVM_VCPU_TSC_OFFSET, Linux 5.16) and
 //! the host TSC the clock calls report (KVM_CLOCK_HOST_TSC) this is exact,
-//! with no host thread's timing in it. Where either is missing, or the
-//! guest's TSC is scaled against the host's (offset arithmetic would not
-//! hold), the TSC read or written at another moment is moved by the
-//! monotonic time between the two at the guest's TSC rate.
+//! with no host thread's timing in it, however long the pause. It needs the
+//! guest's TSC to be the host's plus the offset (not scaled to another
+//! rate): [`unscaled_offset`] checks exactly that, by reading the guest's
+//! TSC between two reads of the host's. Where any of it is missing, the
+//! TSC read or written at another moment is moved by the monotonic time
+//! between the two at the guest's TSC rate.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kvm_bindings::{kvm_clock_data, kvm_device_attr, KVMIO, KVM_CLOCK_HOST_TSC};
+use kvm_bindings::{
+    kvm_clock_data, kvm_device_attr, kvm_msr_entry, Msrs, KVMIO, KVM_CLOCK_HOST_TSC,
+};
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
@@ -39,9 +43,10 @@ const KVM_VCPU_TSC_CTRL: u32 = 0;
 /// Its attribute: the offset of the guest's TSC from the host's.
 const KVM_VCPU_TSC_OFFSET: u64 = 0;
 
-/// How long after the clock a source's TSC may be read for the offset
-/// arithmetic to be believed (a scaled TSC lands far outside).
-const PLAUSIBLE_AFTER: Duration = Duration::from_secs(10);
+/// Cycles the guest TSC may lie outside the two host reads around it and
+/// still count as unscaled (RDTSC is not ordered with the ioctl; a scaled
+/// TSC is off by its ratio times the host's uptime, far beyond this).
+const BRACKET_SLACK: u64 = 4096;
 
 /// When the VM's KVM clock was read (source) or set (target), as the
 /// vCPUs' TSCs need it.
@@ -74,34 +79,57 @@ fn cycles(khz: u32, ns: u128) -> u64 {
 }
 
 /// The guest TSC at the clock's moment, from a vCPU's TSC `read` just now
-/// and, where KVM gives it, its TSC offset.
+/// and its [`unscaled_offset`], where it has one.
 pub fn at_clock(read: u64, offset: Option<u64>, khz: u32, clock: &ClockMoment) -> u64 {
-    if let (Some(h), Some(o)) = (clock.host_tsc, offset) {
-        let exact = h.wrapping_add(o);
-        // Unscaled, the TSC read after the clock is a little ahead of it.
-        if read.wrapping_sub(exact) <= cycles(khz, PLAUSIBLE_AFTER.as_nanos()) {
-            return exact;
-        }
+    match (clock.host_tsc, offset) {
+        (Some(h), Some(o)) => h.wrapping_add(o),
+        _ => read.wrapping_sub(cycles(khz, clock.at.elapsed().as_nanos())),
     }
-    read.wrapping_sub(cycles(khz, clock.at.elapsed().as_nanos()))
 }
 
 /// How a target vCPU's saved TSC `saved` (the source clock's moment) goes
-/// back: as a TSC offset where the arithmetic holds (`unscaled`: the vCPU
-/// runs at the host's TSC rate; `has_offset`: KVM has the attribute), or
-/// as the IA32_TSC value to write now.
-pub fn to_restore(
-    saved: u64,
-    khz: u32,
-    clock: &ClockMoment,
-    unscaled: bool,
-    has_offset: bool,
-) -> TscRestore {
+/// back: as a TSC offset where the arithmetic holds (`unscaled`: the
+/// vCPU has an [`unscaled_offset`]), or as the IA32_TSC value to write now.
+pub fn to_restore(saved: u64, khz: u32, clock: &ClockMoment, unscaled: bool) -> TscRestore {
     let at_moment = saved.wrapping_add(cycles(khz, u128::from(clock.ran_ns)));
     match clock.host_tsc {
-        Some(h) if unscaled && has_offset => TscRestore::Offset(at_moment.wrapping_sub(h)),
+        Some(h) if unscaled => TscRestore::Offset(at_moment.wrapping_sub(h)),
         _ => TscRestore::Msr(at_moment.wrapping_add(cycles(khz, clock.at.elapsed().as_nanos()))),
     }
+}
+
+/// Whether `guest`, read between host TSC reads `before` and `after`, is
+/// the host's TSC plus `offset` (with [`BRACKET_SLACK`]).
+fn bracketed(before: u64, guest: u64, after: u64, offset: u64) -> bool {
+    let host = guest.wrapping_sub(offset);
+    let early = before.wrapping_sub(BRACKET_SLACK);
+    // In wrapping terms: early <= host <= after + slack.
+    host.wrapping_sub(early) <= after.wrapping_add(BRACKET_SLACK).wrapping_sub(early)
+}
+
+/// The host's TSC, as KVM reads it for the clock and the offset.
+fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86-64 (CR4.TSD is clear for
+    // user space on Linux hosts, which KVM needs anyway).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The vCPU's TSC offset, when KVM has the attribute and the guest's TSC
+/// is the host's plus it: the guest TSC, read between two host reads, lies
+/// between them once the offset is taken off. A scaled TSC (a VM that came
+/// from a host of another rate) gives `None`.
+pub fn unscaled_offset(fd: &VcpuFd) -> Option<u64> {
+    let offset = offset(fd)?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    let before = host_tsc();
+    let read = fd.get_msrs(&mut msrs).ok()?;
+    let after = host_tsc();
+    let guest = msrs.as_slice().first()?.data;
+    (read == 1 && bracketed(before, guest, after, offset)).then_some(offset)
 }
 
 /// What [`to_restore`] decided.
@@ -130,7 +158,7 @@ fn attr(value: &mut u64) -> kvm_device_attr {
         flags: 0,
         group: KVM_VCPU_TSC_CTRL,
         attr: KVM_VCPU_TSC_OFFSET,
-        addr: value as *mut u64 as u64,
+        addr: core::ptr::addr_of_mut!(*value) as u64,
     }
 }
 
@@ -139,8 +167,9 @@ pub fn offset(fd: &VcpuFd) -> Option<u64> {
     let mut value = 0u64;
     let a = attr(&mut value);
     // SAFETY: KVM_GET_DEVICE_ATTR on a vCPU fd writes one u64 of the TSC
-    // offset to `addr`, which points at `value`, alive and writable for the
-    // call; an unknown group or attribute is an error and writes nothing.
+    // offset to `addr`, which points at `value`, alive, writable and not
+    // otherwise touched during the call; an unknown group or attribute (a
+    // kernel before 5.16) is an error and writes nothing.
     let ret = unsafe { ioctl_with_ref(fd, KVM_GET_DEVICE_ATTR(), &a) };
     (ret == 0).then_some(value)
 }
@@ -149,7 +178,8 @@ pub fn offset(fd: &VcpuFd) -> Option<u64> {
 pub fn set_offset(fd: &VcpuFd, mut value: u64) -> Result<(), kvm_ioctls::Error> {
     let a = attr(&mut value);
     // SAFETY: KVM_SET_DEVICE_ATTR on a vCPU fd reads one u64 from `addr`,
-    // which points at `value`, alive for the call.
+    // which points at `value`, alive and not otherwise touched during the
+    // call.
     let ret = unsafe { ioctl_with_ref(fd, KVM_SET_DEVICE_ATTR(), &a) };
     if ret == 0 {
         Ok(())
@@ -160,6 +190,8 @@ pub fn set_offset(fd: &VcpuFd, mut value: u64) -> Result<(), kvm_ioctls::Error> 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn moment(host_tsc: Option<u64>, ran_ns: u64) -> ClockMoment {
@@ -173,17 +205,53 @@ mod tests {
     #[test]
     fn the_offset_gives_the_tsc_of_the_clocks_own_moment() {
         // Host TSC 1000 at the clock, offset 500: the guest TSC was 1500
-        // then, whenever it was read since.
+        // then, however long ago, whatever was read since.
         let m = moment(Some(1000), 0);
         assert_eq!(at_clock(1_700, Some(500), 2_000_000, &m), 1_500);
-        // A scaled TSC (the read far from host + offset) is not believed:
-        // the read is taken back by the (tiny) time since, instead.
-        let far = 1_500 + 11 * 2_000_000_000;
-        let got = at_clock(far, Some(500), 2_000_000, &m);
-        assert!(got <= far && far - got < 2_000_000, "{got}");
-        // Without the host TSC or the offset, likewise.
+        assert_eq!(at_clock(u64::MAX, Some(500), 2_000_000, &m), 1_500);
+        // Without the host TSC or an unscaled offset the read is taken
+        // back by the (tiny) time since.
         let got = at_clock(5_000_000, None, 2_000_000, &m);
         assert!((3_000_001..=5_000_000).contains(&got), "{got}");
+        let got = at_clock(5_000_000, Some(500), 2_000_000, &moment(None, 0));
+        assert!((3_000_001..=5_000_000).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn a_guest_tsc_between_the_host_reads_is_unscaled_and_a_scaled_one_is_not() {
+        let offset = 7_000_000;
+        // Host read 1,000,000 before and 1,000,500 after the guest's.
+        assert!(bracketed(1_000_000, 1_000_200 + offset, 1_000_500, offset));
+        // RDTSC's reordering is allowed for, a little either side.
+        assert!(bracketed(1_000_000, 999_000 + offset, 1_000_500, offset));
+        assert!(bracketed(1_000_000, 1_002_000 + offset, 1_000_500, offset));
+        // Scaled by 1.0005 after 10^12 host cycles: 5*10^8 cycles off.
+        let host = 1_000_000_000_000u64;
+        assert!(!bracketed(
+            host,
+            host + host / 2000 + offset,
+            host + 500,
+            offset
+        ));
+        assert!(!bracketed(
+            host,
+            host - host / 2000 + offset,
+            host + 500,
+            offset
+        ));
+        // Across the counter's wrap.
+        assert!(bracketed(
+            u64::MAX - 10,
+            5u64.wrapping_add(offset),
+            20,
+            offset
+        ));
+        assert!(!bracketed(
+            u64::MAX - 10,
+            1_000_000u64.wrapping_add(offset),
+            20,
+            offset
+        ));
     }
 
     #[test]
@@ -204,20 +272,20 @@ mod tests {
         // TSC 10,000; at 2 GHz the TSC is 2,000,000 cycles past the saved.
         let m = moment(Some(10_000), 1_000_000);
         assert_eq!(
-            to_restore(50_000, 2_000_000, &m, true, true),
+            to_restore(50_000, 2_000_000, &m, true),
             TscRestore::Offset(50_000 + 2_000_000 - 10_000)
         );
-        // Scaled, or without the attribute: the MSR, moved on by at least
-        // the clock's run.
-        for (unscaled, has) in [(false, true), (true, false)] {
-            match to_restore(50_000, 2_000_000, &m, unscaled, has) {
+        // Scaled (or without the attribute), or without the host TSC: the
+        // MSR, moved on by at least the clock's run.
+        for (unscaled, m) in [(false, m), (true, moment(None, 1_000_000))] {
+            match to_restore(50_000, 2_000_000, &m, unscaled) {
                 TscRestore::Msr(v) => assert!((2_050_000..4_050_000).contains(&v), "{v}"),
                 other => panic!("{other:?}"),
             }
         }
         // The counter wraps as the hardware's does.
         assert_eq!(
-            to_restore(5, 1_000_000, &moment(Some(10), 0), true, true),
+            to_restore(5, 1_000_000, &moment(Some(10), 0), true),
             TscRestore::Offset(u64::MAX - 4)
         );
     }
