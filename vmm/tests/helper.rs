@@ -718,33 +718,54 @@ fn begin_racing_encrypt_on_another_helper_never_repeats_a_nonce() {
         HelperStatus::SessionOpen
     );
 
-    // Helper 0 ends and begins sessions as fast as it can while helper 1
-    // encrypts: every nonce of the run must be new (counters are never
-    // reset within a boot, and reserved under the session lock).
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Helper 0 ends and begins sessions while helper 1 encrypts: every
+    // nonce of the run must be new (counters are never reset within a
+    // boot, and reserved under the session lock). Every other session
+    // ends as soon as it is complete, racing an encrypt in flight; the
+    // others stay open until a batch got through (or 2 ms passed), so the
+    // race runs on however loaded a host: the loop ends once both sides
+    // have done enough, or at its deadline.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+    const ENOUGH: u64 = 20;
+    let stop = AtomicBool::new(false);
+    let batches = AtomicU64::new(0);
+    let sessions = AtomicU64::new(0);
     let pages: Vec<(u64, u64)> = (0..64).map(|i| (0x50_0000 + i * PAGE as u64, 1)).collect();
     let mut seen = std::collections::HashSet::new();
-    let (mut batches, mut sessions) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
     std::thread::scope(|s| {
         let churn = s.spawn(|| {
             let mut n = 0u8;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 s0.end().unwrap();
                 s0.begin_source().unwrap();
                 s0.complete_source([n; 32]).unwrap();
+                if n % 2 == 1 {
+                    let before = batches.load(Ordering::Relaxed);
+                    let until = Instant::now() + Duration::from_millis(2);
+                    while batches.load(Ordering::Relaxed) == before && Instant::now() < until {
+                        std::thread::yield_now();
+                    }
+                }
                 n = n.wrapping_add(1);
+                sessions.fetch_add(1, Ordering::Relaxed);
             }
-            n
         });
         let mut failure = None;
-        for round in 1..=300u64 {
+        let mut round = 0u64;
+        while Instant::now() < deadline
+            && (batches.load(Ordering::Relaxed) < ENOUGH
+                || sessions.load(Ordering::Relaxed) < ENOUGH)
+        {
             // A new generation each round: the source seals a page only
             // at ever newer generations within a session.
+            round += 1;
             let batch: Vec<(u64, u64)> = pages.iter().map(|&(gpa, _)| (gpa, round)).collect();
             let mut out = Vec::new();
             match s1.encrypt(&batch, &mut out) {
                 Ok(()) => {
-                    batches += 1;
+                    batches.fetch_add(1, Ordering::Relaxed);
                     for i in 0..pages.len() {
                         let nonce = record_header(&out, i).unwrap().nonce;
                         if !seen.insert(nonce) {
@@ -762,15 +783,19 @@ fn begin_racing_encrypt_on_another_helper_never_repeats_a_nonce() {
                 break;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        sessions = churn.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
         assert_eq!(failure, None);
     });
+    let (batches, sessions) = (batches.into_inner(), sessions.into_inner());
     println!(
         "{batches} batches in {sessions} sessions, {} nonces, none twice",
         seen.len()
     );
-    assert!(batches >= 3 && sessions >= 3, "the race did not happen");
+    assert!(
+        batches >= ENOUGH && sessions >= ENOUGH,
+        "the race did not happen in 30 s: {batches} batches, {sessions} sessions"
+    );
     a.shutdown();
     b.shutdown();
 }
