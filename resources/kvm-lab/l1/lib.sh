@@ -3,7 +3,7 @@
 # A scenario is a shell script that starts cgsvmm processes with `vm`,
 # waits with `wait_for`, asks them with `q`, and states what must hold with
 # `check`. What the host sees are the serial lines:
-#   LAB-CHECK ok|FAIL <what>      one per check
+#   LAB-CHECK ok|FAIL <what>      one per check (the first FAIL ends it)
 #   LAB-NOTE <key>=<value> ...    a measured number
 #   LAB-SCENARIO-END <name> <try> pass|fail seconds=<s>
 # Every VM's serial log is /tmp/NAME.log, its stderr /tmp/NAME.err and its
@@ -25,17 +25,24 @@ now() { cut -d' ' -f1 /proc/uptime; }
 # Seconds (two decimals) since $1 (an uptime reading).
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
+# check WHAT COMMAND...: COMMAND must succeed. The first check that fails
+# ends the scenario there (with the dump): what follows it depends on it,
+# and waiting for it would only spend the scenario's time limit and lose
+# the evidence.
 check() {
     local what="$1"
     shift
     if "$@"; then
         echo "LAB-CHECK ok $what"
     else
-        echo "LAB-CHECK FAIL $what"
-        FAILED=1
+        fail "$what"
     fi
 }
-fail() { echo "LAB-CHECK FAIL $*"; FAILED=1; }
+fail() {
+    echo "LAB-CHECK FAIL $*"
+    FAILED=1
+    end_scenario
+}
 note() { echo "LAB-NOTE $*"; }
 
 # vm NAME ARGS...: `cgsvmm run ARGS` in the background with its serial log,
