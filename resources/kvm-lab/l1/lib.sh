@@ -76,12 +76,18 @@ jget() { sed -n "s/^ *\"$1\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\1/p" | h
 
 status() { q "$1" query-status | jget status; }
 
-# wait_for SECONDS CMD...: polls CMD every 0.2 s until it holds.
+# wait_for SECONDS CMD...: polls CMD every 0.2 s until it holds (exit 0);
+# gives up at the limit, or at once when CMD exits 2 (it never will).
 wait_for() {
     local limit="$1" start
     shift
     start="$(now)"
-    while ! "$@"; do
+    while :; do
+        "$@"
+        case $? in
+        0) return 0 ;;
+        2) return 1 ;; # it can no longer hold
+        esac
         if awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { exit !(b - a > l) }'; then
             return 1
         fi
@@ -89,8 +95,17 @@ wait_for() {
     done
 }
 
-# has NAME PATTERN: the VM's serial log has a line matching PATTERN.
-has() { grep -qE "$2" "/tmp/$1.log" 2>/dev/null; }
+# has NAME PATTERN: the VM's serial log has a line matching PATTERN; 1 if
+# not yet, 2 if never (the VM has exited), which ends a `wait_for` at once.
+has() {
+    file_has "/tmp/$1.log" "$2" && return 0
+    kill -0 "$(cat "/tmp/$1.pid" 2>/dev/null)" 2>/dev/null && return 1
+    file_has "/tmp/$1.log" "$2" && return 0
+    return 2
+}
+# file_has FILE PATTERN: FILE has a line matching PATTERN (1 if it does
+# not, or does not exist yet).
+file_has() { grep -qE "$2" "$1" 2>/dev/null || return 1; }
 
 # The dirtier's last pass on vCPU $2 in VM $1's log (0 if none).
 pass_of() {

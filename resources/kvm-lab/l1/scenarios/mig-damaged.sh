@@ -8,9 +8,9 @@ dirtier src
 check "the source passes" wait_for 60 dirtier_beyond src 2
 dirtier dst --incoming tcp:127.0.0.1:4445
 lab-proxy 4444 4445 --flip-at 8000000 >/tmp/proxy.out 2>&1 &
-check "the proxy listens" wait_for 20 grep -q "listening" /tmp/proxy.out
+check "the proxy listens" wait_for 20 file_has /tmp/proxy.out listening
 if migrate src tcp:127.0.0.1:4444; then fail "a damaged stream was accepted"; else echo "LAB-CHECK ok the migration fails"; fi
-check "the proxy flipped its byte" wait_for 20 grep -q "flipped byte" /tmp/proxy.out
+check "the proxy flipped its byte" wait_for 20 file_has /tmp/proxy.out "flipped byte"
 check "the source runs again" wait_for 20 is_status src running
 check "the target exits" wait_exit dst 30
 check "the target's exit is a failure (got $EXIT)" [ "$EXIT" != 0 ]
