@@ -32,7 +32,7 @@ pub enum ExitReason {
 
 impl ExitReason {
     /// The process exit code.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             ExitReason::PowerOff
             | ExitReason::Reset

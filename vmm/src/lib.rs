@@ -10,24 +10,20 @@
 //! (how the VM and its first instructions are set up) → `mirror`, `lab`
 //! (what the mirror and lab guests are given) → `vcpu` (threads) →
 //! `helper_link` (the helper's doorbells and faults) → `control` + `qmp`
-//! (control API) → `vmm` (assembly and event loop); `bench` measures the
-//! migration helper.
+//! (control API) → `vmm` (assembly and event loop).
 //! Devices live in the `cgsvmm-devices` crate, migration in
 //! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
 
-pub mod bench;
 pub mod boot;
 mod builder;
 pub mod confidential;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod device_manager;
 pub mod exit;
 pub mod helper_link;
 pub mod lab;
 pub mod memory;
-pub mod migrate_cmd;
 pub mod migration_link;
 pub mod mirror;
 pub mod qmp;

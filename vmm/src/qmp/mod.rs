@@ -25,7 +25,6 @@
 //! the connection stays usable. Sockets, per-client output queues and flow
 //! control are [`QmpServer`]'s.
 
-pub mod client;
 pub mod commands;
 pub mod framing;
 mod server;

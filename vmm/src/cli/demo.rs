@@ -10,8 +10,59 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::migrate_cmd::{self, MigrateRequest};
-use crate::qmp::client::Session;
+use super::migrate::{self as migrate_cmd, MigrateRequest};
+use super::qmp::Session;
+
+/// `cgsvmm demo`'s arguments.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = cgsvmm::config::parse_memory)]
+    memory: u64,
+    /// Guest vCPUs (1-8).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+    cpus: u8,
+    /// Migration helpers on each side (1-4).
+    #[arg(long = "mirror-cpus", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4))]
+    mirror_cpus: u8,
+    /// Longest pause the guest should see, in milliseconds.
+    #[arg(long = "downtime-limit", default_value_t = 300)]
+    downtime_limit: u64,
+    /// Seconds the guest verifies itself on the target (1-60).
+    #[arg(long = "verify-seconds", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    verify_seconds: u64,
+    /// No progress bar.
+    #[arg(long = "no-progress")]
+    no_progress: bool,
+}
+
+/// `cgsvmm demo`: the same checks `run` makes on the memory size, before
+/// anything starts; then the demo and its verdict.
+pub fn exec(a: DemoArgs) -> std::process::ExitCode {
+    let probe = cgsvmm::VmmConfig {
+        memory: a.memory,
+        ..Default::default()
+    };
+    if let Err(e) = probe.validate() {
+        super::report(&e);
+        return std::process::ExitCode::from(2);
+    }
+    let config = DemoConfig {
+        memory: format!("{}M", a.memory >> 20),
+        cpus: usize::from(a.cpus),
+        helpers: usize::from(a.mirror_cpus),
+        downtime_limit_ms: a.downtime_limit,
+        verify_for: Duration::from_secs(a.verify_seconds),
+        progress: !a.no_progress,
+    };
+    match run(&config) {
+        Ok(report) => {
+            print!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => super::report(&e),
+    }
+}
 
 /// How the demo runs.
 #[derive(Debug, Clone)]

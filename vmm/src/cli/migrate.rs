@@ -3,13 +3,77 @@
 //! `query-migrate` ten times a second), with a progress bar (round,
 //! throughput, what is left) and a one-screen summary at the end.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 
-use crate::qmp::client::{QmpClientError, Session};
+use super::qmp::{QmpClientError, Session};
+
+/// `cgsvmm migrate`'s arguments.
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// The source's QMP socket: unix:PATH, as given to `run --qmp`.
+    #[arg(long, value_parser = super::parse_qmp_socket)]
+    qmp: PathBuf,
+    /// Where the guest goes: tcp:HOST:PORT or unix:PATH (a target started
+    /// with --incoming), or file:PATH (a snapshot).
+    #[arg(value_parser = parse_migration_uri)]
+    uri: String,
+    /// Longest pause the guest should see, in milliseconds (QEMU's
+    /// downtime-limit; default 300).
+    #[arg(long = "downtime-limit")]
+    downtime_limit: Option<u64>,
+    /// Bytes per second at most on the wire, with K/M/G for KiB/MiB/GiB
+    /// (QEMU's max-bandwidth; 0, the default, for no limit).
+    #[arg(long = "max-bandwidth", value_parser = parse_bandwidth)]
+    max_bandwidth: Option<u64>,
+    /// Migration helpers to use (default: all the VM has).
+    #[arg(long)]
+    helpers: Option<u64>,
+    /// No progress bar (only the summary).
+    #[arg(long = "no-progress")]
+    no_progress: bool,
+}
+
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("expected bytes per second, e.g. 50000000 or 50M, got '{s}'"))
+}
+
+fn parse_migration_uri(s: &str) -> Result<String, String> {
+    s.parse::<cgsvmm_migration::transport::Uri>()
+        .map(|u| u.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// `cgsvmm migrate`: the migration with its progress, then the summary.
+pub fn exec(a: MigrateArgs) -> std::process::ExitCode {
+    let request = MigrateRequest {
+        uri: a.uri.clone(),
+        downtime_limit_ms: a.downtime_limit,
+        max_bandwidth: a.max_bandwidth,
+        helpers: a.helpers,
+        progress: !a.no_progress,
+    };
+    match migrate(&a.qmp, &request) {
+        Ok(summary) => {
+            print!("{}", summary.render(&a.uri));
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => super::report(&e),
+    }
+}
 
 /// How often the progress is asked for.
 const POLL: Duration = Duration::from_millis(100);

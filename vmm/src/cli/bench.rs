@@ -30,9 +30,53 @@ use aes_gcm::Aes256Gcm;
 
 use cgsvmm_migration::helper::{HelperClient, HelperError, RECORD_STRIDE};
 
-use crate::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use crate::memory::MIB;
-use crate::vmm::{Vmm, VmmError};
+use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm::memory::MIB;
+use cgsvmm::{Vmm, VmmError};
+
+/// What `cgsvmm bench` measures.
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Migration helper throughput: seed vs batched protocol, 1 and 2
+    /// helpers, against the host's own AES-256-GCM rate.
+    Helper {
+        /// Pages per measurement.
+        #[arg(long, default_value_t = 32768)]
+        pages: usize,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds per host AES-GCM implementation (0.05 to 60).
+        #[arg(
+            long,
+            default_value = "1.0",
+            allow_negative_numbers = true,
+            value_parser = cgsvmm::config::parse_seconds
+        )]
+        host_seconds: std::time::Duration,
+    },
+}
+
+/// `cgsvmm bench`: the measurement, then its report.
+pub fn exec(what: BenchCommand) -> std::process::ExitCode {
+    let BenchCommand::Helper {
+        pages,
+        reps,
+        host_seconds,
+    } = what;
+    let config = BenchConfig {
+        pages,
+        reps,
+        host_time: host_seconds,
+    };
+    match run(config) {
+        Ok(report) => {
+            print!("{}", report.render());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => super::report(&e),
+    }
+}
 
 const PAGE: usize = 4096;
 const SEED: &str = "seed (1 page/round trip)";
@@ -209,7 +253,7 @@ impl Placement {
         if let Some(cpu) = self.client(i) {
             // A failed pin only costs stability of the numbers, not their
             // truth: carry on unpinned.
-            let _ = crate::vcpu::pin_thread(0, cpu);
+            let _ = cgsvmm::vcpu::pin_thread(0, cpu);
         }
     }
 
@@ -424,7 +468,7 @@ impl HostAead {
         std::thread::scope(|s| {
             s.spawn(move || {
                 if let Some(cpu) = cpu {
-                    let _ = crate::vcpu::pin_thread(0, cpu);
+                    let _ = cgsvmm::vcpu::pin_thread(0, cpu);
                 }
                 self.rate_here(time, pages)
             })

@@ -13,6 +13,51 @@ use serde_json::{json, Map, Value};
 /// How long the socket may take to appear (a VMM just started).
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
+/// `cgsvmm qmp`'s arguments.
+#[derive(clap::Args)]
+pub struct QmpArgs {
+    /// The VMM's QMP socket: unix:PATH, as given to `run --qmp` (or just
+    /// the path).
+    #[arg(value_parser = super::parse_qmp_socket)]
+    socket: PathBuf,
+    /// The command, e.g. query-status, stop, cont, quit.
+    command: String,
+    /// Its arguments, as a JSON object.
+    #[arg(value_parser = parse_json_object)]
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Seconds to wait for the socket to appear (at most 2) and for the
+    /// reply (0.05 to 60).
+    #[arg(
+        long,
+        default_value = "10",
+        allow_negative_numbers = true,
+        value_parser = cgsvmm::config::parse_seconds
+    )]
+    timeout: std::time::Duration,
+}
+
+fn parse_json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err("arguments must be a JSON object, e.g. '{\"name\": \"value\"}'".into()),
+        Err(e) => Err(format!("not JSON ({e})")),
+    }
+}
+
+/// `cgsvmm qmp`: one command, its reply pretty-printed.
+pub fn exec(a: QmpArgs) -> std::process::ExitCode {
+    match call(&a.socket, &a.command, a.arguments, a.timeout) {
+        Ok(reply) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).unwrap_or_else(|_| reply.to_string())
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => super::report(&e),
+    }
+}
+
 /// Errors of a QMP call.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpClientError {
