@@ -48,7 +48,38 @@ pub struct SavedState {
     pub devices: Vec<u8>,
 }
 
-/// What migration needs from a VM. Errors are the VMM's words, passed on.
+/// A step of the VM that failed (what the VMM was doing), and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}{}", cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default())]
+pub struct VmError {
+    what: std::borrow::Cow<'static, str>,
+    #[source]
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl VmError {
+    /// `what` failed because of `cause`.
+    pub fn new(
+        what: impl Into<std::borrow::Cow<'static, str>>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what: what.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// `what` cannot be done (nothing failed beneath it).
+    pub fn refused(what: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        Self {
+            what: what.into(),
+            cause: None,
+        }
+    }
+}
+
+/// What migration needs from a VM. A failed step is a [`VmError`]: the
+/// VMM's words for the step, with its cause kept as the error's source.
 pub trait MigratableVm: Send + Sync {
     /// What the target checks first.
     fn config(&self, mode: StreamMode) -> ConfigRecord;
@@ -61,23 +92,23 @@ pub trait MigratableVm: Send + Sync {
     /// Replaces the shared map (the target, from the stream).
     fn set_shared_map(&self, map: SharedMap);
     /// One client per migration helper, each having answered HELLO.
-    fn helpers(&self) -> Result<Vec<HelperClient>, String>;
+    fn helpers(&self) -> Result<Vec<HelperClient>, VmError>;
     /// Pauses the main vCPUs (the mirror runs on); whether they ran.
-    fn pause(&self) -> Result<bool, String>;
+    fn pause(&self) -> Result<bool, VmError>;
     /// Resumes the main vCPUs after a failed or cancelled migration.
-    fn resume(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), VmError>;
     /// Saves vCPU, VM and device state (main vCPUs paused).
-    fn save(&self) -> Result<SavedState, String>;
+    fn save(&self) -> Result<SavedState, VmError>;
     /// Restores what [`MigratableVm::save`] saved (main vCPUs never run).
-    fn restore(&self, state: SavedState) -> Result<(), String>;
+    fn restore(&self, state: SavedState) -> Result<(), VmError>;
     /// Lets the guest run here (or leaves it paused, as asked).
-    fn start(&self) -> Result<(), String>;
+    fn start(&self) -> Result<(), VmError>;
     /// Starts logging the guest's writes to RAM (precopy).
-    fn start_dirty_log(&self) -> Result<(), String>;
+    fn start_dirty_log(&self) -> Result<(), VmError>;
     /// The pages written, or converted between shared and private, since
     /// the log started or this was last called: page GPAs, ascending, each
     /// once.
-    fn dirty_pages(&self) -> Result<Vec<u64>, String>;
+    fn dirty_pages(&self) -> Result<Vec<u64>, VmError>;
     /// Stops logging.
     fn stop_dirty_log(&self);
     /// Keeps the main vCPUs paused `percent` of the time (0: not at all),
@@ -192,8 +223,8 @@ pub enum MigrationError {
     #[error("Unexpected migration frame: {0}")]
     Sequence(String),
     /// The VMM failed a step.
-    #[error("{0}")]
-    Vm(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
     /// `migrate_cancel`.
     #[error("Migration cancelled")]
     Cancelled,

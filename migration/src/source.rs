@@ -18,7 +18,7 @@
 //! running; a partly written snapshot file is removed.
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, TryRecvError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,8 +31,9 @@ use crate::policy::{self, Decision, Limits, LowWater, RoundStats};
 use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::ranges::SharedMap;
 use crate::state::{self, StreamMode};
+pub use crate::transport::Cancel;
 use crate::transport::{self, Channel, Uri};
-use crate::{MigratableVm, MigrationError, Progress, SavedState};
+use crate::{MigratableVm, MigrationError, Progress, SavedState, VmError};
 
 /// Why two sides' session ids differ.
 pub const KEY_MISMATCH: &str = "the two sides' migration helpers derived different session keys: \
@@ -45,46 +46,6 @@ pub const SHARED_PAGE_STRIDE: usize = 8 + PAGE;
 /// Bytes buffered before the socket is written.
 const WRITE_BUFFER: usize = 1 << 20;
 const PAGE: usize = 4096;
-
-/// Cancels a migration from another thread.
-#[derive(Default)]
-pub struct Cancel {
-    flag: AtomicBool,
-    channel: Mutex<Option<Channel>>,
-}
-
-impl Cancel {
-    /// Asks the migration to stop: it notices between frames, and a
-    /// connection it waits on is shut down at once.
-    pub fn cancel(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        if let Some(c) = self.channel.lock().expect("cancel lock poisoned").as_ref() {
-            c.shutdown();
-        }
-    }
-
-    /// Whether [`Cancel::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    fn attach(&self, channel: &Channel) {
-        if let Ok(c) = channel.try_clone() {
-            *self.channel.lock().expect("cancel lock poisoned") = Some(c);
-        }
-        if self.is_cancelled() {
-            channel.shutdown();
-        }
-    }
-
-    fn check(&self) -> Result<(), MigrationError> {
-        if self.is_cancelled() {
-            Err(MigrationError::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
 
 /// Migrates `vm` to `uri`; on success the guest stays paused here. The
 /// guest is paused only once the target has answered the handshake (it
@@ -298,10 +259,9 @@ impl Sender<'_> {
 
     /// The way back from the target, waiting at most `limit` per read.
     fn reader(&mut self, limit: Duration) -> Result<&mut Channel, MigrationError> {
-        let reader = self
-            .reader
-            .as_mut()
-            .ok_or_else(|| MigrationError::Vm("no way to read the target's answer".into()))?;
+        let reader = self.reader.as_mut().ok_or_else(|| {
+            MigrationError::Vm(VmError::refused("no way to read the target's answer"))
+        })?;
         reader
             .set_read_timeout(Some(limit))
             .map_err(ProtocolError::Io)?;
@@ -395,10 +355,10 @@ impl Sender<'_> {
         } else {
             StreamMode::Snapshot
         };
-        *helpers = vm.helpers().map_err(MigrationError::Vm)?;
-        let lead = helpers
-            .first_mut()
-            .ok_or_else(|| MigrationError::Vm("this VM runs no migration helper".into()))?;
+        *helpers = vm.helpers()?;
+        let lead = helpers.first_mut().ok_or_else(|| {
+            MigrationError::Vm(VmError::refused("this VM runs no migration helper"))
+        })?;
         // A live target speaks first: something else at that address (a
         // QMP socket, another program) is caught before anything is sent.
         if self.live {
@@ -442,7 +402,7 @@ impl Sender<'_> {
         if precopy {
             // Set first: a start that fails half way is undone too.
             self.logging = true;
-            vm.start_dirty_log().map_err(MigrationError::Vm)?;
+            vm.start_dirty_log()?;
         } else {
             self.pause()?;
         }
@@ -480,7 +440,7 @@ impl Sender<'_> {
             // Switchover: the main vCPUs stop, the mirror runs on, and the
             // helpers seal what is still dirty.
             self.pause()?;
-            dirty.extend(vm.dirty_pages().map_err(MigrationError::Vm)?);
+            dirty.extend(vm.dirty_pages()?);
             dirty.sort_unstable();
             dirty.dedup();
             generation += 1;
@@ -494,7 +454,7 @@ impl Sender<'_> {
             self.logging = false;
         }
 
-        let saved = vm.save().map_err(MigrationError::Vm)?;
+        let saved = vm.save()?;
         self.state(&saved)?;
         let sealed = helpers[0].seal_stream(&map.ranges(), self.hash.value())?;
         self.frame(FrameKind::Seal, sealed.record.as_bytes())?;
@@ -517,7 +477,7 @@ impl Sender<'_> {
     /// Pauses the main vCPUs (the mirror runs on) and notes when.
     fn pause(&mut self) -> Result<(), MigrationError> {
         self.vm.throttle(0);
-        let was_running = self.vm.pause().map_err(MigrationError::Vm)?;
+        let was_running = self.vm.pause()?;
         self.paused = Some((Instant::now(), was_running));
         Ok(())
     }
@@ -558,7 +518,7 @@ impl Sender<'_> {
             limits.downtime_limit =
                 Duration::from_millis(Progress::get(&self.progress.downtime_limit_ms));
             let harvest = Instant::now();
-            let dirty = self.vm.dirty_pages().map_err(MigrationError::Vm)?;
+            let dirty = self.vm.dirty_pages()?;
             let harvest = harvest.elapsed();
             let bandwidth = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
             let dirty_bytes = dirty.len() as u64 * PAGE as u64;
@@ -785,7 +745,7 @@ pub(crate) fn read_page(
 ) -> Result<(), MigrationError> {
     use vm_memory::{Bytes, GuestAddress};
     ram.read_slice(dst, GuestAddress(gpa))
-        .map_err(|e| MigrationError::Vm(format!("Cannot read guest page {gpa:#x}: {e}")))
+        .map_err(|e| VmError::new(format!("Cannot read guest page {gpa:#x}"), e).into())
 }
 
 /// A SessionAnswer's payload: the target's nonce and session id.

@@ -35,7 +35,7 @@ use crate::ranges::SharedMap;
 use crate::source::SHARED_PAGE_STRIDE;
 use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
 use crate::transport::Channel;
-use crate::{MigratableVm, MigrationError, Progress, SavedState};
+use crate::{MigratableVm, MigrationError, Progress, SavedState, VmError};
 
 const PAGE: u64 = 4096;
 /// Bytes read ahead from the channel.
@@ -228,11 +228,11 @@ impl Receiver<'_> {
             )));
         }
         let source_nonce: [u8; 32] = self.buf[..32].try_into().expect("32 bytes");
-        *helpers = vm.helpers().map_err(MigrationError::Vm)?;
+        *helpers = vm.helpers()?;
         if helpers.is_empty() {
-            return Err(MigrationError::Vm(
-                "this VM runs no migration helper".into(),
-            ));
+            return Err(MigrationError::Vm(VmError::refused(
+                "this VM runs no migration helper",
+            )));
         }
         match self.mode {
             StreamMode::Live => {
@@ -327,7 +327,9 @@ impl Receiver<'_> {
             e => e.into(),
         })?;
         let ack = ack.ok_or_else(|| {
-            MigrationError::Vm("the helpers verified the seal but gave no token".into())
+            MigrationError::Vm(VmError::refused(
+                "the helpers verified the seal but gave no token",
+            ))
         })?;
         let saved = SavedState {
             vm: vm_state,
@@ -335,8 +337,8 @@ impl Receiver<'_> {
             devices,
         };
         vm.set_shared_map(map);
-        vm.restore(saved).map_err(MigrationError::Vm)?;
-        vm.start().map_err(MigrationError::Vm)?;
+        vm.restore(saved)?;
+        vm.start()?;
         log::debug!(
             "State, seal verification, restore and start in {:?}",
             t.elapsed()
@@ -508,7 +510,7 @@ impl Receiver<'_> {
             self.vm
                 .ram()
                 .write_slice(&page[8..], GuestAddress(gpa))
-                .map_err(|e| MigrationError::Vm(format!("Cannot write page {gpa:#x}: {e}")))?;
+                .map_err(|e| VmError::new(format!("Cannot write page {gpa:#x}"), e))?;
         }
         let n = (self.buf.len() / SHARED_PAGE_STRIDE) as u64;
         Progress::add(&self.progress.shared_pages, n);

@@ -7,8 +7,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// A migration URI.
@@ -43,6 +46,9 @@ pub enum TransportError {
         /// Why.
         source: std::io::Error,
     },
+    /// The wait for a peer was cancelled.
+    #[error("Stopped waiting on {0}")]
+    Cancelled(Uri),
 }
 
 impl std::str::FromStr for Uri {
@@ -210,6 +216,52 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
     }
 }
 
+/// Cancels a migration (or a wait for one) from another thread.
+#[derive(Default)]
+pub struct Cancel {
+    flag: AtomicBool,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl Cancel {
+    /// Asks the migration to stop: it notices between frames, and a
+    /// connection it waits on is shut down at once.
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(c) = self.channel.lock().expect("cancel lock poisoned").as_ref() {
+            c.shutdown();
+        }
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Shuts `channel` down at [`Cancel::cancel`] (at once if that came
+    /// already).
+    pub fn attach(&self, channel: &Channel) {
+        if let Ok(c) = channel.try_clone() {
+            *self.channel.lock().expect("cancel lock poisoned") = Some(c);
+        }
+        if self.is_cancelled() {
+            channel.shutdown();
+        }
+    }
+
+    /// [`MigrationError::Cancelled`] once cancelled.
+    pub(crate) fn check(&self) -> Result<(), crate::MigrationError> {
+        if self.is_cancelled() {
+            Err(crate::MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How often a waiting [`Listener::accept_unless`] looks at its cancel.
+pub const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
 /// The target's side, before the source comes.
 pub struct Listener {
     uri: Uri,
@@ -263,7 +315,43 @@ impl Listener {
 
     /// Waits for the source (or opens the snapshot).
     pub fn accept(&self) -> Result<Channel, TransportError> {
+        self.accept_unless(&Cancel::default())
+    }
+
+    /// [`Listener::accept`], given up with [`TransportError::Cancelled`]
+    /// within [`ACCEPT_POLL`] of `cancel` (a VMM that quits while it waits).
+    pub fn accept_unless(&self, cancel: &Cancel) -> Result<Channel, TransportError> {
         let uri = &self.uri;
+        let fd = match &self.bound {
+            Bound::Tcp(l) => Some(l.as_raw_fd()),
+            Bound::Unix(l) => Some(l.as_raw_fd()),
+            Bound::File(_) => None,
+        };
+        if let Some(fd) = fd {
+            loop {
+                if cancel.is_cancelled() {
+                    return Err(TransportError::Cancelled(uri.clone()));
+                }
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = libc::c_int::try_from(ACCEPT_POLL.as_millis()).unwrap_or(100);
+                // SAFETY: one pollfd, live for the call, over a listening
+                // socket this listener owns.
+                let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if n > 0 {
+                    break;
+                }
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(uri.failed("Cannot accept on")(e));
+                    }
+                }
+            }
+        }
         match &self.bound {
             Bound::Tcp(l) => {
                 let (stream, _) = l.accept().map_err(uri.failed("Cannot accept on"))?;

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use crate::boot::linux::LinuxConfig;
 use crate::boot::mptable;
 use crate::confidential::Confidential;
-use crate::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
-pub use crate::mirror::HelperLaunch;
+use crate::machine::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
+pub use crate::machine::mirror::HelperLaunch;
 
 /// Where the guest's serial port goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -15,20 +15,12 @@
 //! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
 
 pub mod boot;
-mod builder;
 pub mod confidential;
 pub mod config;
 pub mod control;
-pub mod device_manager;
-pub mod exit;
-pub mod helper_link;
-pub mod lab;
-pub mod memory;
-pub mod migration_link;
-pub mod mirror;
+pub mod machine;
+pub mod migration;
 pub mod qmp;
-pub mod vcpu;
-pub mod vm;
 pub mod vmm;
 pub mod x86;
 

@@ -10,9 +10,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use cgsvmm::config::{BootConfig, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::control::RunState;
-use cgsvmm::exit::ExitReason;
-use cgsvmm::memory::MIB;
-use cgsvmm::mirror::PROBE_GPA;
+use cgsvmm::machine::exit::ExitReason;
+use cgsvmm::machine::memory::MIB;
+use cgsvmm::machine::mirror::PROBE_GPA;
 use cgsvmm::x86::tsc::ClockMoment;
 use cgsvmm::Vmm;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
-use crate::memory::map_ranges;
+use crate::machine::memory::map_ranges;
 
 /// The image ends here.
 pub const FIRMWARE_END: u64 = 1 << 32;

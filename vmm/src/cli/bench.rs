@@ -31,7 +31,7 @@ use aes_gcm::Aes256Gcm;
 use cgsvmm_migration::helper::{HelperClient, HelperError, RECORD_STRIDE};
 
 use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::memory::MIB;
+use cgsvmm::machine::memory::MIB;
 use cgsvmm::{Vmm, VmmError};
 
 /// What `cgsvmm bench` measures.
@@ -253,7 +253,7 @@ impl Placement {
         if let Some(cpu) = self.client(i) {
             // A failed pin only costs stability of the numbers, not their
             // truth: carry on unpinned.
-            let _ = cgsvmm::vcpu::pin_thread(0, cpu);
+            let _ = cgsvmm::machine::vcpu::pin_thread(0, cpu);
         }
     }
 
@@ -468,7 +468,7 @@ impl HostAead {
         std::thread::scope(|s| {
             s.spawn(move || {
                 if let Some(cpu) = cpu {
-                    let _ = cgsvmm::vcpu::pin_thread(0, cpu);
+                    let _ = cgsvmm::machine::vcpu::pin_thread(0, cpu);
                 }
                 self.rate_here(time, pages)
             })

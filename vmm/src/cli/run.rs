@@ -11,7 +11,7 @@ use cgsvmm::boot::linux::LinuxConfig;
 use cgsvmm::confidential::sev::{self, LaunchSecret, SevConfig};
 use cgsvmm::confidential::Confidential;
 use cgsvmm::config::{self, BootConfig, HelperLaunch, Incoming, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::exit::ExitReason;
+use cgsvmm::machine::exit::ExitReason;
 use cgsvmm::{Vmm, VmmError};
 
 /// The kernel command line when `--cmdline` is not given.

@@ -1,13 +1,24 @@
 //! What the control API can do to a running VM: the run state (QEMU's
-//! names: running, paused, inmigrate, finish-migrate, postmigrate), pausing
-//! and resuming the main vCPUs while the mirror vCPUs keep running,
-//! quitting, migrating (the work runs in a worker, `migration_link.rs`; the
-//! controller only starts, cancels and reports it), and the queries. It
-//! executes typed [`Command`]s and answers typed [`Reply`]s and [`Event`]s;
-//! QMP (`qmp::commands`) translates JSON to and from them, and tests drive
-//! it directly.
+//! names, owned by [`lifecycle`]), pausing and resuming the main vCPUs
+//! while the mirror vCPUs keep running, quitting, migrating (the work runs
+//! in a worker of `crate::migration`, started through [`Migrator`]; the
+//! controller keeps the [`job::MigrationJob`] and the worker's thread),
+//! and the queries. It executes typed [`Command`]s and answers typed
+//! [`Reply`]s and [`Event`]s; QMP (`qmp::commands`) translates JSON to and
+//! from them, and tests drive it directly.
+//!
+//! Locks, in the order they are taken: the controller (one `Mutex`, held
+//! by the QMP server, the event loop and a migration worker for each step
+//! it takes on the VM, a vCPU pause included: up to the vCPUs' response
+//! timeout), then a vCPU's channels. Nothing holding the controller waits
+//! for a migration worker or the throttle thread: they take it
+//! themselves, so they are joined outside it ([`Controller::take_workers`]).
+
+pub mod job;
+pub mod lifecycle;
 
 use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -18,12 +29,32 @@ use cgsvmm_migration::source::Params;
 use cgsvmm_migration::transport::Uri;
 
 use crate::config::Incoming;
-use crate::exit::{ExitHandle, ExitReason};
-use crate::helper_link::HelperLinks;
-use crate::memory::Memory;
-use crate::migration_link::{self, MigrationInfo, MigrationJob, MigrationStatus, VmLink};
-use crate::mirror;
-use crate::vcpu::{VcpuError, VcpuGroup};
+use crate::machine::exit::{ExitHandle, ExitReason};
+use crate::machine::helper_link::HelperLinks;
+use crate::machine::memory::Memory;
+use crate::machine::mirror;
+use crate::machine::vcpu::{VcpuError, VcpuGroup};
+use job::{MigrationInfo, MigrationJob, MigrationStatus, StartError};
+pub use lifecycle::RunState;
+use lifecycle::{Lifecycle, Transition, Vcpus};
+
+/// What starts migration workers, as the controller sees them (the
+/// `migration` module implements it; the controller holds it weakly).
+pub trait Migrator: Send + Sync {
+    /// Starts sending the VM to `uri`.
+    fn outgoing(self: Arc<Self>, uri: Uri, params: Params) -> Worker;
+    /// Listens at `uri` now and receives the VM in a worker.
+    fn incoming(self: Arc<Self>, uri: &Uri, helpers: usize) -> Result<Worker, StartError>;
+}
+
+/// A migration under way: its job and its thread (None if the thread
+/// could not start; the job then says why).
+pub struct Worker {
+    /// What `query-migrate` reports.
+    pub job: Arc<MigrationJob>,
+    /// The worker's thread.
+    pub thread: Option<JoinHandle<()>>,
+}
 
 /// What the control API can be asked (QMP's commands, typed; `qmp` turns
 /// JSON into these).
@@ -117,13 +148,53 @@ pub enum Reply {
 }
 
 /// A command that could not be done, and why (for the operator).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ControlError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Not in the VM's present state.
+    #[error("{0}")]
+    WrongState(String),
+    /// A migration is under way.
+    #[error("There's a migration process in progress")]
+    MigrationInProgress,
+    /// A migration is under way and this cannot change while it runs.
+    #[error(
+        "A migration is in progress: only downtime-limit and max-bandwidth change while it \
+         runs (cancel it to change the others)"
+    )]
+    FixedWhileMigrating,
+    /// A parameter out of its range.
+    #[error("Parameter '{name}' expects {expects}")]
+    InvalidParameter {
+        /// Its QMP name.
+        name: &'static str,
+        /// What it takes.
+        expects: String,
+    },
+    /// A capability cgsvmm does not have.
+    #[error("Capability '{0}' is not supported by cgsvmm")]
+    UnknownCapability(String),
+    /// Not for this VM (no SEV, no helper, SEV keeps its memory).
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// `migrate` to a snapshot file that exists.
+    #[error(
+        "{} exists: cgsvmm never overwrites a snapshot; remove it or choose another name",
+        .0.display()
+    )]
+    SnapshotExists(std::path::PathBuf),
+    /// The migration worker could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The vCPUs did not do what was asked.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
 
-impl From<VcpuError> for ControlError {
-    fn from(e: VcpuError) -> Self {
-        ControlError(e.to_string())
+impl ControlError {
+    /// The QMP error class QEMU gives such a failure.
+    pub fn qmp_class(&self) -> &'static str {
+        // QEMU reports every one of these as a GenericError.
+        "GenericError"
     }
 }
 
@@ -150,39 +221,6 @@ pub enum Event {
 /// An event and when it was raised.
 pub type TimedEvent = (Event, SystemTime);
 
-/// The VM's run state, as `query-status` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// Main vCPUs run.
-    Running,
-    /// Main vCPUs are paused (`stop`).
-    Paused,
-    /// Waiting for (or receiving) an incoming migration; the main vCPUs
-    /// have never run.
-    InMigrate,
-    /// Paused to be migrated.
-    FinishMigrate,
-    /// Migrated away: the guest runs on the target now.
-    PostMigrate,
-    /// Built, never run: waits for `cont` (`--paused` without
-    /// `--incoming`, QEMU's `-S`).
-    Prelaunch,
-}
-
-impl RunState {
-    /// QEMU's RunState name.
-    pub fn name(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-            RunState::InMigrate => "inmigrate",
-            RunState::FinishMigrate => "finish-migrate",
-            RunState::PostMigrate => "postmigrate",
-            RunState::Prelaunch => "prelaunch",
-        }
-    }
-}
-
 /// One mirror vCPU, as the debug query reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorInfo {
@@ -207,7 +245,7 @@ pub struct Controller {
     mirror: VcpuGroup,
     memory: Arc<Memory>,
     exit: ExitHandle,
-    state: RunState,
+    life: Lifecycle,
     mirror_started: bool,
     /// Events raised, with the time they were.
     events: Vec<TimedEvent>,
@@ -216,21 +254,15 @@ pub struct Controller {
     sev_measurement: Option<Vec<u8>>,
     /// Woken whenever an event is raised (the QMP server sends it then).
     event_wake: Option<EventFd>,
-    /// What migration reaches the VM through.
-    link: Weak<VmLink>,
+    /// What starts migrations (None: this VM cannot be migrated).
+    migrator: Option<Weak<dyn Migrator>>,
     /// The last (or current) outgoing or incoming migration.
     migration: Option<Arc<MigrationJob>>,
+    /// Migration worker threads not yet joined (the last one, and any
+    /// still finishing its report).
+    workers: Vec<JoinHandle<()>>,
     /// How this VM was built to receive a migration, if it was.
     incoming: Option<Incoming>,
-    /// Run the guest once it arrives (cleared by `--paused` or `stop`).
-    autostart: bool,
-    /// The state before an outgoing migration paused the guest.
-    before_migration: RunState,
-    /// Whether the incoming guest ran on its source (it runs on here only
-    /// then, as in QEMU).
-    source_running: bool,
-    /// The last outgoing migration was a snapshot (the guest may go on).
-    snapshotted: bool,
     /// How the next migration goes.
     params: Params,
 }
@@ -250,42 +282,34 @@ impl Controller {
             mirror,
             memory,
             exit,
-            state: RunState::Paused,
+            life: Lifecycle::new(false, true),
             mirror_started: false,
             events: Vec::new(),
             helper,
             links,
             sev_measurement: None,
             event_wake: None,
-            link: Weak::new(),
+            migrator: None,
             migration: None,
+            workers: Vec::new(),
             incoming: None,
-            autostart: true,
-            before_migration: RunState::Paused,
-            source_running: true,
-            snapshotted: false,
             params: Params::default(),
         }
     }
 
-    /// Wires the controller to migration: the VM link, how the VM was
-    /// built (for incoming), whether the guest starts on its own, and the
-    /// eventfd to write when events are raised.
+    /// Wires the controller to migration: what starts workers, how the VM
+    /// was built (for incoming), whether the guest starts on its own, and
+    /// the eventfd to write when events are raised.
     pub fn configure(
         &mut self,
-        link: Option<&Arc<VmLink>>,
+        migrator: Option<Weak<dyn Migrator>>,
         incoming: Option<Incoming>,
         autostart: bool,
         event_wake: Option<EventFd>,
     ) {
-        if let Some(link) = link {
-            self.link = Arc::downgrade(link);
-        }
-        if incoming.is_some() {
-            self.state = RunState::InMigrate;
-        }
+        self.migrator = migrator;
+        self.life = Lifecycle::new(incoming.is_some(), autostart);
         self.incoming = incoming;
-        self.autostart = autostart;
         self.event_wake = event_wake;
     }
 
@@ -297,61 +321,99 @@ impl Controller {
         }
     }
 
-    /// Sets the run state (migration steps).
-    pub fn set_state(&mut self, state: RunState) {
-        self.state = state;
+    /// Takes transition `t`: the main vCPUs do what it needs, then the run
+    /// state changes and its event is raised; a refusal or a vCPU failure
+    /// changes nothing.
+    fn go(&mut self, t: Transition) -> Result<(), ControlError> {
+        let step = self.life.plan(t)?;
+        let began = std::time::Instant::now();
+        match step.vcpus {
+            Vcpus::Stay => {}
+            Vcpus::Pause => self.main.pause()?,
+            Vcpus::Resume => self.main.resume()?,
+        }
+        match step.vcpus {
+            Vcpus::Stay => {}
+            Vcpus::Pause => log::debug!(
+                "Paused the main vCPUs in {:?} (the mirror runs on; {t:?})",
+                began.elapsed()
+            ),
+            Vcpus::Resume => log::debug!("Resumed the main vCPUs in {:?} ({t:?})", began.elapsed()),
+        }
+        if let Some(event) = self.life.commit(step) {
+            self.raise(event);
+        }
+        Ok(())
     }
 
     /// Pauses the main vCPUs for an outgoing migration; whether they ran.
-    pub fn pause_for_migration(&mut self) -> Result<bool, VcpuError> {
-        let was = self.state;
-        if was == RunState::Running {
-            self.main.pause()?;
-            self.raise(Event::Stop);
-        }
-        self.before_migration = was;
-        self.state = RunState::FinishMigrate;
-        Ok(was == RunState::Running)
+    pub fn pause_for_migration(&mut self) -> Result<bool, ControlError> {
+        self.go(Transition::PauseForMigration)?;
+        Ok(self.life.ran_before_migration())
     }
 
     /// Whether the guest ran when the current outgoing migration paused it.
     pub fn ran_before_migration(&self) -> bool {
-        self.before_migration == RunState::Running
+        self.life.ran_before_migration()
     }
 
-    /// Records whether the arriving guest ran on its source.
-    pub fn set_source_running(&mut self, running: bool) {
-        self.source_running = running;
+    /// The arriving guest's state is restored: `running` on its source or
+    /// not (it runs on here only then, as in QEMU).
+    pub fn restored(&mut self, running: bool) -> Result<(), ControlError> {
+        self.go(Transition::Restored {
+            source_running: running,
+        })
     }
 
     /// An outgoing migration completed: the guest runs elsewhere now
     /// (`postmigrate`); after a snapshot it may also go on here.
     pub fn finish_outgoing(&mut self, snapshot: bool) {
-        self.state = RunState::PostMigrate;
-        self.snapshotted = snapshot;
+        if let Err(e) = self.go(Transition::MigrationDone { snapshot }) {
+            log::error!("The completed migration: {e}");
+        }
     }
 
     /// Undoes [`Controller::pause_for_migration`] after a failure.
-    pub fn resume_after_migration(&mut self) -> Result<(), VcpuError> {
-        if self.before_migration == RunState::Running {
-            self.main.resume()?;
-            self.raise(Event::Resume);
+    pub fn resume_after_migration(&mut self) -> Result<(), ControlError> {
+        self.go(Transition::MigrationFailed)
+    }
+
+    /// The migration worker died: whatever it paused runs again.
+    pub fn worker_failed(&mut self) -> Result<(), ControlError> {
+        if self.life.state() == RunState::FinishMigrate {
+            self.resume_after_migration()?;
         }
-        self.state = self.before_migration;
         Ok(())
+    }
+
+    /// Everything was sent but no authenticated answer came: the guest
+    /// stays paused here (`cont` resumes it).
+    pub fn outcome_unknown(&mut self) {
+        if let Err(e) = self.go(Transition::OutcomeUnknown) {
+            log::error!("The migration's unknown outcome: {e}");
+        }
     }
 
     /// An incoming migration arrived and verified: the guest runs, or
     /// stays paused if it was told to.
-    pub fn finish_incoming(&mut self) -> Result<(), VcpuError> {
-        if self.autostart && self.source_running {
-            self.main.resume()?;
-            self.state = RunState::Running;
-            self.raise(Event::Resume);
-        } else {
-            self.state = RunState::Paused;
+    pub fn finish_incoming(&mut self) -> Result<(), ControlError> {
+        self.go(Transition::Arrived)
+    }
+
+    /// Auto-converge's pause: only a running guest's main vCPUs, and the
+    /// run state stays `running` (a throttled guest still runs).
+    pub fn throttle_pause(&self) {
+        if self.life.state() == RunState::Running {
+            let _ = self.main.pause();
         }
-        Ok(())
+    }
+
+    /// The end of auto-converge's pause: only while the guest is meant to
+    /// run (a `stop` meanwhile wins).
+    pub fn throttle_resume(&self) {
+        if self.life.state() == RunState::Running {
+            let _ = self.main.resume();
+        }
     }
 
     /// Records the SEV launch measurement (for `query-sev-launch-measure`).
@@ -378,58 +440,40 @@ impl Controller {
 
     /// Starts both groups for the first time (only the mirror for an
     /// incoming VM, and only the mirror if the guest is to wait for `cont`).
-    pub fn start(&mut self) -> Result<(), VcpuError> {
+    pub fn start(&mut self) -> Result<(), ControlError> {
         let began = std::time::Instant::now();
         self.start_mirror()?;
-        if self.state == RunState::InMigrate {
-            log::debug!("Started the mirror vCPUs; the guest waits for its migration");
-            return Ok(());
+        self.go(Transition::Start)?;
+        match self.life.state() {
+            RunState::InMigrate => {
+                log::debug!("Started the mirror vCPUs; the guest waits for its migration")
+            }
+            RunState::Prelaunch => {
+                log::debug!("Started the mirror vCPUs; the guest waits for cont")
+            }
+            _ => log::debug!(
+                "Started {} main and {} mirror vCPUs in {:?}",
+                self.main.handles().len(),
+                self.mirror.handles().len(),
+                began.elapsed()
+            ),
         }
-        if !self.autostart {
-            self.state = RunState::Prelaunch;
-            return Ok(());
-        }
-        self.main.resume()?;
-        self.state = RunState::Running;
-        log::debug!(
-            "Started {} main and {} mirror vCPUs in {:?}",
-            self.main.handles().len(),
-            self.mirror.handles().len(),
-            began.elapsed()
-        );
         Ok(())
     }
 
     /// The run state.
     pub fn state(&self) -> RunState {
-        self.state
+        self.life.state()
     }
 
     /// Pauses the main vCPUs only; the mirror keeps running.
-    pub fn stop(&mut self) -> Result<(), VcpuError> {
-        if self.state == RunState::Running {
-            let began = std::time::Instant::now();
-            self.main.pause()?;
-            log::debug!(
-                "Paused the main vCPUs in {:?} (the mirror runs on)",
-                began.elapsed()
-            );
-            self.state = RunState::Paused;
-            self.raise(Event::Stop);
-        }
-        Ok(())
+    pub fn stop(&mut self) -> Result<(), ControlError> {
+        self.go(Transition::Stop)
     }
 
     /// Resumes the main vCPUs (starts them, from `prelaunch`).
-    pub fn cont(&mut self) -> Result<(), VcpuError> {
-        if matches!(self.state, RunState::Paused | RunState::Prelaunch) {
-            let began = std::time::Instant::now();
-            self.main.resume()?;
-            log::debug!("Resumed the main vCPUs in {:?}", began.elapsed());
-            self.state = RunState::Running;
-            self.raise(Event::Resume);
-        }
-        Ok(())
+    pub fn cont(&mut self) -> Result<(), ControlError> {
+        self.go(Transition::Cont)
     }
 
     /// The main vCPU group.
@@ -469,6 +513,18 @@ impl Controller {
             .collect()
     }
 
+    /// The migration under way (if any) asked to stop, and the worker
+    /// threads to join: the caller joins them without holding the
+    /// controller, which a worker takes to finish.
+    pub fn take_workers(&mut self) -> Vec<JoinHandle<()>> {
+        if let Some(job) = &self.migration {
+            if job.is_active() {
+                job.stop();
+            }
+        }
+        std::mem::take(&mut self.workers)
+    }
+
     /// Ends every vCPU thread (mirror last, so it outlives the guest).
     pub fn shutdown(&mut self) {
         std::mem::take(&mut self.main).finish();
@@ -490,9 +546,9 @@ impl Controller {
     /// Runs one command of the control API.
     pub fn execute(&mut self, command: Command) -> Result<Reply, ControlError> {
         match command {
-            Command::QueryStatus => Ok(Reply::Status(self.state)),
-            Command::Stop => self.stop_command(),
-            Command::Cont => self.cont_command(),
+            Command::QueryStatus => Ok(Reply::Status(self.life.state())),
+            Command::Stop => self.stop().map(|()| Reply::Done),
+            Command::Cont => self.cont().map(|()| Reply::Done),
             Command::Quit => {
                 self.exit.request(ExitReason::Quit);
                 Ok(Reply::Done)
@@ -506,7 +562,7 @@ impl Controller {
             Command::QueryMirror => Ok(Reply::Mirror(self.mirror_info())),
             Command::QuerySevLaunchMeasure => match &self.sev_measurement {
                 Some(m) => Ok(Reply::SevMeasurement(m.clone())),
-                None => Err(ControlError("SEV is not enabled for this VM".into())),
+                None => Err(ControlError::Unavailable("SEV is not enabled for this VM")),
             },
             Command::Migrate { uri } => self.migrate(uri),
             Command::MigrateIncoming { uri } => self.migrate_incoming(&uri),
@@ -521,15 +577,11 @@ impl Controller {
             Command::MigrateSetParameters(change) => self.set_params(change),
             Command::MigrateSetCapabilities(caps) => {
                 if self.migration_running() {
-                    return Err(ControlError(
-                        "There's a migration process in progress".into(),
-                    ));
+                    return Err(ControlError::MigrationInProgress);
                 }
                 for (name, on) in &caps {
                     if *on && !CAPABILITIES.contains(&name.as_str()) {
-                        return Err(ControlError(format!(
-                            "Capability '{name}' is not supported by cgsvmm"
-                        )));
+                        return Err(ControlError::UnknownCapability(name.clone()));
                     }
                 }
                 for (name, on) in caps {
@@ -555,16 +607,10 @@ impl Controller {
     fn set_params(&mut self, change: ParamsChange) -> Result<Reply, ControlError> {
         let running = self.migration_running();
         if running && (change.helpers.is_some() || change.batch.is_some()) {
-            return Err(ControlError(
-                "A migration is in progress: only downtime-limit and max-bandwidth change \
-                 while it runs (cancel it to change the others)"
-                    .into(),
-            ));
+            return Err(ControlError::FixedWhileMigrating);
         }
-        let helpers = self.mirror.handles().len() as u64;
-        let bad = |name: &str, range: String| {
-            Err(ControlError(format!("Parameter '{name}' expects {range}")))
-        };
+        let helpers = self.mirror.handles().len();
+        let bad = |name, expects| Err(ControlError::InvalidParameter { name, expects });
         let mut next = self.params;
         if let Some(ms) = change.downtime_limit_ms {
             if ms > MAX_DOWNTIME_LIMIT_MS {
@@ -579,17 +625,17 @@ impl Controller {
             next.max_bandwidth = b;
         }
         if let Some(h) = change.helpers {
-            if !(1..=helpers).contains(&h) {
-                return bad("x-helpers", format!("1 to {helpers} (this VM's helpers)"));
+            match usize::try_from(h) {
+                Ok(h) if (1..=helpers).contains(&h) => next.helpers = h,
+                _ => return bad("x-helpers", format!("1 to {helpers} (this VM's helpers)")),
             }
-            next.helpers = h as usize;
         }
         if let Some(b) = change.batch {
-            let max = cgsvmm_migration::source::PAGES_PER_FRAME as u64;
-            if !(1..=max).contains(&b) {
-                return bad("x-batch", format!("1 to {max} pages"));
+            let max = cgsvmm_migration::source::PAGES_PER_FRAME;
+            match usize::try_from(b) {
+                Ok(b) if (1..=max).contains(&b) => next.batch = b,
+                _ => return bad("x-batch", format!("1 to {max} pages")),
             }
-            next.batch = b as usize;
         }
         if let Some(on) = change.auto_converge {
             next.auto_converge = on;
@@ -597,10 +643,10 @@ impl Controller {
         self.params = next;
         // The migration under way takes the new limits at its next round.
         if let (true, Some(job)) = (running, &self.migration) {
-            job.progress.downtime_limit_ms.store(
-                next.downtime_limit.as_millis() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            let ms = u64::try_from(next.downtime_limit.as_millis()).unwrap_or(u64::MAX);
+            job.progress
+                .downtime_limit_ms
+                .store(ms, std::sync::atomic::Ordering::Relaxed);
             job.progress
                 .max_bandwidth
                 .store(next.max_bandwidth, std::sync::atomic::Ordering::Relaxed);
@@ -613,87 +659,50 @@ impl Controller {
         std::mem::take(&mut self.events)
     }
 
-    /// `stop`: pauses a running guest; a guest still arriving will wait for
-    /// `cont` once it is here.
-    fn stop_command(&mut self) -> Result<Reply, ControlError> {
-        match self.state {
-            RunState::InMigrate => self.autostart = false,
-            RunState::FinishMigrate => {
-                return Err(ControlError("The guest is being migrated".into()))
-            }
-            _ => self.stop()?,
-        }
-        Ok(Reply::Done)
-    }
-
-    /// `cont`: resumes a paused guest; refused while it is migrated away.
-    fn cont_command(&mut self) -> Result<Reply, ControlError> {
-        match self.state {
-            RunState::InMigrate => self.autostart = true,
-            RunState::FinishMigrate => {
-                return Err(ControlError(
-                    "The guest is being migrated; it resumes here if the migration fails".into(),
-                ))
-            }
-            // A snapshot leaves no other copy running: the guest may go on.
-            RunState::PostMigrate if self.snapshotted => {
-                self.state = RunState::Paused;
-                self.cont()?;
-            }
-            RunState::PostMigrate => {
-                return Err(ControlError(
-                    "The guest was migrated and runs on the target; it cannot resume here".into(),
-                ))
-            }
-            _ => self.cont()?,
-        }
-        Ok(Reply::Done)
-    }
-
-    fn link(&self) -> Result<Arc<VmLink>, ControlError> {
-        self.link
-            .upgrade()
-            .ok_or_else(|| ControlError("This VM cannot be migrated".into()))
+    fn migrator(&self) -> Result<Arc<dyn Migrator>, ControlError> {
+        self.migrator
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .ok_or(ControlError::Unavailable("This VM cannot be migrated"))
     }
 
     fn migration_running(&self) -> bool {
         self.migration.as_ref().is_some_and(|m| m.is_active())
     }
 
+    /// Keeps a new worker. Earlier ones whose threads have ended are
+    /// joined now; one still reporting its end (it takes this controller's
+    /// lock to do so) is kept for [`Controller::take_workers`].
+    fn keep(&mut self, worker: Worker) {
+        let (ended, finishing): (Vec<_>, Vec<_>) = std::mem::take(&mut self.workers)
+            .into_iter()
+            .partition(JoinHandle::is_finished);
+        for t in ended {
+            let _ = t.join();
+        }
+        self.workers = finishing;
+        self.workers.extend(worker.thread);
+        self.migration = Some(worker.job);
+    }
+
     fn migrate(&mut self, uri: Uri) -> Result<Reply, ControlError> {
         if self.helper.is_none() {
-            return Err(ControlError(
+            return Err(ControlError::Unavailable(
                 "This VM runs no migration helper, so its private pages cannot leave it: \
-                 start it with --transport-key-file (or --confidential sev)"
-                    .into(),
+                 start it with --transport-key-file (or --confidential sev)",
             ));
         }
         if self.migration_running() {
-            return Err(ControlError(
-                "There's a migration process in progress".into(),
-            ));
+            return Err(ControlError::MigrationInProgress);
         }
-        match self.state {
-            RunState::Running | RunState::Paused | RunState::Prelaunch => {}
-            RunState::PostMigrate if self.snapshotted => {}
-            s => {
-                return Err(ControlError(format!(
-                    "The VM cannot be migrated while it is {}",
-                    s.name()
-                )))
-            }
-        }
+        self.life.may_migrate()?;
         if let Uri::File(path) = &uri {
             if path.exists() {
-                return Err(ControlError(format!(
-                    "{} exists: cgsvmm never overwrites a snapshot; remove it or choose \
-                     another name",
-                    path.display()
-                )));
+                return Err(ControlError::SnapshotExists(path.clone()));
             }
         }
-        let job = migration_link::start_outgoing(self.link()?, uri, self.params);
-        self.migration = Some(job);
+        let worker = self.migrator()?.outgoing(uri, self.params);
+        self.keep(worker);
         Ok(Reply::Done)
     }
 
@@ -701,12 +710,12 @@ impl Controller {
         match &self.incoming {
             Some(Incoming::Defer) => {}
             Some(Incoming::Uri(u)) => {
-                return Err(ControlError(format!(
+                return Err(ControlError::WrongState(format!(
                     "migrate-incoming is for use with '--incoming defer'; this VM waits on {u}"
                 )))
             }
             None => {
-                return Err(ControlError(
+                return Err(ControlError::WrongState(
                     "migrate-incoming is for use with '--incoming defer'; this VM was not \
                      started to receive a migration"
                         .into(),
@@ -714,27 +723,24 @@ impl Controller {
             }
         }
         if self.migration.is_some() {
-            return Err(ControlError(
+            return Err(ControlError::WrongState(
                 "The incoming migration has already been started".into(),
             ));
         }
-        self.start_incoming(uri)
-            .map_err(|e| ControlError(e.to_string()))?;
+        self.start_incoming(uri)?;
         Ok(Reply::Done)
     }
 
     /// Starts listening for the migration `--incoming URI` (or
     /// `migrate-incoming`) named.
-    pub fn start_incoming(&mut self, uri: &Uri) -> Result<(), migration_link::LinkError> {
-        let link = self
-            .link
-            .upgrade()
-            .ok_or(migration_link::LinkError::NoLink)?;
-        self.migration = Some(migration_link::start_incoming(
-            link,
-            uri,
-            self.mirror.handles().len(),
-        )?);
+    pub fn start_incoming(&mut self, uri: &Uri) -> Result<(), StartError> {
+        let migrator = self
+            .migrator
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .ok_or(StartError::NoLink)?;
+        let worker = migrator.incoming(uri, self.mirror.handles().len())?;
+        self.keep(worker);
         Ok(())
     }
 
@@ -750,10 +756,10 @@ impl Controller {
 
     fn ram_digest(&self) -> Result<Reply, ControlError> {
         if self.sev_measurement.is_some() {
-            return Err(ControlError(
-                "x-query-ram-digest reads guest memory, which SEV keeps from the host".into(),
+            return Err(ControlError::Unavailable(
+                "x-query-ram-digest reads guest memory, which SEV keeps from the host",
             ));
         }
-        Ok(Reply::RamDigest(migration_link::ram_digest(&self.memory)))
+        Ok(Reply::RamDigest(self.memory.ram_digest()))
     }
 }

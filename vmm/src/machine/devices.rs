@@ -23,9 +23,9 @@ use cgsvmm_migration::ranges::SharedMap;
 
 use crate::boot::linux::{split_bzimage, LinuxConfig};
 use crate::config::{BootConfig, SerialConfig, VmmConfig};
-use crate::exit::{ExitHandle, ExitReason};
-use crate::helper_link::{HelperLinks, WAIT_TIMEOUT};
-use crate::memory::Memory;
+use crate::machine::exit::{ExitHandle, ExitReason};
+use crate::machine::helper_link::{HelperLinks, WAIT_TIMEOUT};
+use crate::machine::memory::Memory;
 
 /// How long an idle vCPU (lab `YIELD`) stays out of KVM_RUN. Short enough
 /// that pausing it stays quick, long enough that an idle mirror costs

@@ -16,7 +16,7 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use cgsvmm_fw_abi as abi;
 
@@ -237,6 +237,31 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// SHA-256 over guest RAM, region after region, as hex (tests compare
+    /// a source's and a target's).
+    pub fn ram_digest(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        for region in self.ram.iter() {
+            let start = region.start_addr().0;
+            let len = region.len();
+            let mut at = 0;
+            while at < len {
+                let n = usize::try_from(len - at).map_or(buf.len(), |left| left.min(buf.len()));
+                if self
+                    .ram
+                    .read_slice(&mut buf[..n], GuestAddress(start + at))
+                    .is_err()
+                {
+                    break;
+                }
+                ctx.update(&buf[..n]);
+                at += n as u64;
+            }
+        }
+        hex::encode(ctx.finish().as_ref())
+    }
+
     /// Maps `size` bytes of RAM and the mirror region.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         let layout = MemoryLayout::new(size);

@@ -25,7 +25,7 @@ use cgsvmm_fw_abi::helper::{self, HelperConfig, HelperHeader, HelperSecret};
 
 use crate::boot::images::{Image, HELPER, MIRROR};
 use crate::boot::{BootError, VcpuBoot};
-use crate::memory::Memory;
+use crate::machine::memory::Memory;
 use crate::x86::paging::{Mapping, PTE_USER};
 
 /// Mapping granule of the mirror's page tables.
@@ -258,7 +258,7 @@ pub fn read_status(memory: &Memory, i: usize) -> MirrorStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MIB;
+    use crate::machine::memory::MIB;
 
     #[test]
     fn helper_config_names_ram_and_the_key() {

@@ -32,7 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use cgsvmm_devices::Bus;
 use cgsvmm_migration::state::{Fpu, VcpuRecord};
 
-use crate::exit::{ExitHandle, ExitReason};
+use crate::machine::exit::{ExitHandle, ExitReason};
 use crate::x86::msr::index::IA32_TSC;
 use crate::x86::tsc::{self, ClockMoment, TscRestore};
 
@@ -453,9 +453,9 @@ impl Thread {
             }
             Ok(VcpuExit::Hypercall(call)) => {
                 *call.ret = match (call.nr, map_gpa.as_ref()) {
-                    (crate::vm::KVM_HC_MAP_GPA_RANGE, Some(map)) => {
+                    (crate::machine::vm::KVM_HC_MAP_GPA_RANGE, Some(map)) => {
                         let [gpa, pages, attrs, ..] = call.args;
-                        let shared = attrs & crate::vm::KVM_MAP_GPA_RANGE_ENCRYPTED == 0;
+                        let shared = attrs & crate::machine::vm::KVM_MAP_GPA_RANGE_ENCRYPTED == 0;
                         if map(gpa, pages, shared) {
                             0
                         } else {
@@ -686,17 +686,41 @@ impl VcpuHandle {
 
     /// Ends the thread and joins it (bounded by [`RESPONSE_TIMEOUT`]).
     pub fn finish(mut self) -> Result<(), VcpuError> {
-        self.send(VcpuEvent::Finish)?;
-        loop {
+        self.end()
+    }
+
+    /// [`VcpuHandle::finish`] in place (a dropped handle does it too). A
+    /// thread that does not answer within the timeout is not joined: it is
+    /// stuck in KVM and the process is going away.
+    fn end(&mut self) -> Result<(), VcpuError> {
+        if self.thread.is_none() {
+            return Ok(());
+        }
+        let answered = self.send(VcpuEvent::Finish).and_then(|()| loop {
             match self.wait(RESPONSE_TIMEOUT)? {
-                VcpuResponse::Finished => break,
+                VcpuResponse::Finished => break Ok(()),
                 other => log::debug!("{}: {other:?} while finishing", self.label),
             }
+        });
+        let thread = self.thread.take();
+        match answered {
+            // Finished, or already gone (its channels closed as it ended).
+            Ok(()) | Err(VcpuError::Gone(_)) => {
+                if let Some(t) = thread {
+                    let _ = t.join();
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.end() {
+            log::warn!("{}: {e}", self.label);
         }
-        Ok(())
     }
 }
 

@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 
 use cgsvmm_migration::transport::{TransportError, Uri};
 
+use crate::control::job::{MigrationInfo, MigrationStatus};
 use crate::control::{Command, Controller, CpuInfo, Event, ParamsChange, Reply};
-use crate::migration_link::{MigrationInfo, MigrationStatus};
 
 use super::{event_message_at, no_args, QmpBackend, QmpError};
 
@@ -246,10 +246,10 @@ pub fn event_json(event: &Event, at: std::time::SystemTime) -> Value {
 impl QmpBackend for Controller {
     fn execute(&mut self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
         match parse(command, args)? {
-            Some(c) => self
-                .execute(c)
-                .map(reply_json)
-                .map_err(|e| QmpError::generic(e.0)),
+            Some(c) => self.execute(c).map(reply_json).map_err(|e| QmpError {
+                class: e.qmp_class(),
+                desc: e.to_string(),
+            }),
             None if command == "query-version" => Ok(super::greeting()["QMP"]["version"].clone()),
             None => Ok(Value::Array(
                 COMMANDS.iter().map(|c| json!({ "name": c })).collect(),

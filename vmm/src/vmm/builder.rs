@@ -11,7 +11,7 @@
 //!                     threads (paused), controller, migration link (both)
 //! ```
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,23 +22,24 @@ use cgsvmm_fw_abi::helper::HelperHeader;
 use cgsvmm_migration::ranges::SharedMap;
 use cgsvmm_migration::state::CpuidEntry;
 
+use super::{Vmm, VmmError};
 use crate::boot::cpl3::{self, LAB_LAYOUT};
 use crate::boot::firmware::{self, Firmware};
 use crate::boot::{images, linux, BootError, VcpuBoot};
 use crate::confidential::sev::{self, SevConfig, SevLaunch};
 use crate::confidential::Confidential;
 use crate::config::{BootConfig, VmmConfig};
-use crate::control::Controller;
-use crate::device_manager::{self, MainDevices};
-use crate::exit::ExitHandle;
-use crate::helper_link::HelperLinks;
-use crate::memory::{slots_of, MemSlot, Memory};
-use crate::migration_link::{MigratableDevices, VmLink};
-use crate::vcpu::{msr_index_list, FaultSink, MapGpa, Vcpu, VcpuGroup, VcpuRole};
-use crate::vm::{self, VcpuSetup};
-use crate::vmm::{Vmm, VmmError};
+use crate::control::{Controller, Migrator};
+use crate::machine::devices::{self, MainDevices};
+use crate::machine::exit::ExitHandle;
+use crate::machine::helper_link::HelperLinks;
+use crate::machine::memory::{slots_of, MemSlot, Memory};
+use crate::machine::vcpu::{msr_index_list, FaultSink, MapGpa, Vcpu, VcpuGroup, VcpuRole};
+use crate::machine::vm::{self, VcpuSetup};
+use crate::machine::{lab, mirror};
+use crate::migration::throttle::Throttle;
+use crate::migration::{MigratableDevices, VmLink};
 use crate::x86::paging::PTE_USER;
-use crate::{lab, mirror};
 
 /// TSC rate the lab guests assume when KVM cannot tell (only their print
 /// cadence depends on it).
@@ -113,13 +114,13 @@ impl Machine {
             if config.incoming.is_some() { "; built for an incoming migration" } else { "" }
         );
         let shared = Arc::new(Mutex::new(SharedMap::default()));
-        let devices = device_manager::main_devices(&main_vm, &config, &memory, &exit, &shared)?;
+        let devices = devices::main_devices(&main_vm, &config, &memory, &exit, &shared)?;
         log::debug!(
             "Devices: COM1 ({:?}), i8042, CMOS/RTC, debug port, fw_cfg, lab port",
             config.serial
         );
         let links = Arc::new(HelperLinks::new(config.mirror_cpus));
-        let mirror_bus = device_manager::mirror_devices(&links)?;
+        let mirror_bus = devices::mirror_devices(&links)?;
         Ok(Self {
             config,
             sev,
@@ -196,7 +197,7 @@ impl Machine {
         let map_gpa: Option<MapGpa> = vm::enable_map_gpa_exits(&main_vm, &mut cpuid).then(|| {
             let (shared, ram) = (shared.clone(), memory.layout.ram_ranges());
             Arc::new(move |gpa, pages, to_shared| {
-                device_manager::map_gpa_range(&shared, &ram, gpa, pages, to_shared)
+                devices::map_gpa_range(&shared, &ram, gpa, pages, to_shared)
             }) as MapGpa
         });
         let msrs = Arc::new(msr_index_list(&kvm));
@@ -314,10 +315,11 @@ impl Machine {
                 },
                 shared: shared.clone(),
                 exit: exit.clone(),
-                throttle: Mutex::new(None),
+                throttle: Throttle::default(),
                 paused_clock: Mutex::new(None),
             })
         });
+        let mut prefault = None;
         if config.incoming.is_some() {
             let memory = memory.clone();
             let spawned = std::thread::Builder::new()
@@ -326,8 +328,9 @@ impl Machine {
                     let took = memory.prefault();
                     log::debug!("Guest RAM backed in {took:?}, ready for the incoming pages");
                 });
-            if let Err(e) = spawned {
-                log::debug!("Not prefaulting guest RAM: {e}");
+            match spawned {
+                Ok(t) => prefault = Some(t),
+                Err(e) => log::debug!("Not prefaulting guest RAM: {e}"),
             }
         }
         let event_wake =
@@ -339,13 +342,15 @@ impl Machine {
             .lock()
             .expect("controller lock poisoned")
             .configure(
-                link.as_ref(),
+                link.as_ref()
+                    .map(|l| Arc::downgrade(l) as Weak<dyn Migrator>),
                 config.incoming.clone(),
                 !config.paused,
                 Some(wake),
             );
         Ok(Vmm {
             config,
+            prefault: Mutex::new(prefault),
             controller,
             link,
             event_wake,

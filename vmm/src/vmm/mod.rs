@@ -7,6 +7,8 @@
 //! serves the event loop (QMP, serial input, signals) until something asks
 //! the VM to stop, then tears the vCPUs down and returns why it stopped.
 
+mod builder;
+
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -25,22 +27,22 @@ use cgsvmm_migration::helper::{HelperClient, HelperLink};
 
 use crate::boot::firmware::Firmware;
 use crate::boot::BootError;
-use crate::builder::Machine;
 use crate::confidential::sev::SevError;
 use crate::config::{ConfigError, Incoming, SerialConfig, VmmConfig};
 use crate::control::Controller;
-use crate::device_manager::DeviceError;
-use crate::exit::{ExitHandle, ExitReason};
-use crate::helper_link::HelperLinks;
-use crate::memory::{Memory, MemoryError};
-use crate::migration_link::VmLink;
+use crate::machine::devices::DeviceError;
+use crate::machine::exit::{ExitHandle, ExitReason};
+use crate::machine::helper_link::HelperLinks;
+use crate::machine::memory::{Memory, MemoryError};
+use crate::migration::VmLink;
 use crate::qmp::{QmpServer, QmpServerError};
+use builder::Machine;
 
 /// How long queued QMP output (the SHUTDOWN event) may take to leave at
 /// exit.
 const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
-use crate::vcpu::VcpuError;
-use crate::vm::VmError;
+use crate::machine::vcpu::VcpuError;
+use crate::machine::vm::VmError;
 
 /// How often the event loop wakes up without events (to notice a stop).
 const LOOP_TIMEOUT_MS: i32 = 100;
@@ -78,9 +80,12 @@ pub enum VmmError {
     /// The SEV backend failed.
     #[error(transparent)]
     Sev(#[from] SevError),
+    /// The control API refused or failed.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     /// The incoming migration could not start.
     #[error(transparent)]
-    Incoming(#[from] crate::migration_link::LinkError),
+    Incoming(#[from] crate::control::job::StartError),
 }
 
 /// A built VM, vCPUs created and paused.
@@ -97,6 +102,8 @@ pub struct Vmm {
     pub(crate) link: Option<Arc<VmLink>>,
     /// Written when the controller raises an event (QMP sends it then).
     pub(crate) event_wake: EventFd,
+    /// The thread backing an incoming guest's RAM, until joined.
+    pub(crate) prefault: Mutex<Option<std::thread::JoinHandle<()>>>,
     // Kept alive for as long as the vCPUs run.
     pub(crate) _main_vm: Arc<VmFd>,
     pub(crate) _mirror_vm: VmFd,
@@ -121,6 +128,12 @@ impl TryFrom<VmmConfig> for Vmm {
             let boots = machine.load_boot_payload()?;
             machine.finish(boots, true)
         }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -266,12 +279,29 @@ impl Vmm {
             .start()?)
     }
 
-    /// Stops and joins every vCPU thread.
+    /// Stops and joins every thread the VM runs: the migration workers
+    /// (asked to stop, and joined without the controller's lock, which
+    /// they take to finish), the vCPUs, the prefault. Idempotent; dropping
+    /// the `Vmm` does it too.
     pub fn shutdown(&self) {
+        let workers = self
+            .controller
+            .lock()
+            .expect("controller lock poisoned")
+            .take_workers();
+        for worker in workers {
+            if worker.join().is_err() {
+                log::error!("A migration worker panicked");
+            }
+        }
         self.controller
             .lock()
             .expect("controller lock poisoned")
             .shutdown();
+        let prefault = self.prefault.lock().expect("prefault lock poisoned").take();
+        if let Some(t) = prefault {
+            let _ = t.join();
+        }
     }
 
     /// Starts the VM and serves the event loop until it stops; returns why.
