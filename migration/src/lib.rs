@@ -193,6 +193,24 @@ pub(crate) fn buffers(n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A side of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The sender.
+    Source,
+    /// The receiver.
+    Target,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        })
+    }
+}
+
 /// Why a migration failed, in one sentence for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -214,8 +232,8 @@ pub enum MigrationError {
     /// The peer gave up and said why.
     #[error("The {side} reported: {why}")]
     Peer {
-        /// "target" or "source".
-        side: &'static str,
+        /// Which side said it.
+        side: Side,
         /// Its message.
         why: String,
     },

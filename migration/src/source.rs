@@ -33,7 +33,7 @@ use crate::ranges::SharedMap;
 use crate::state::{self, StreamMode};
 pub use crate::transport::Cancel;
 use crate::transport::{self, Channel, Uri};
-use crate::{MigratableVm, MigrationError, Progress, SavedState, VmError};
+use crate::{MigratableVm, MigrationError, Progress, SavedState, Side, VmError};
 
 /// Why two sides' session ids differ.
 pub const KEY_MISMATCH: &str = "the two sides' migration helpers derived different session keys: \
@@ -208,7 +208,7 @@ impl Sender<'_> {
         if let Some((at, _)) = self.paused {
             if self.live && at.elapsed() > SWITCHOVER_LIMIT && kind != FrameKind::End {
                 return Err(MigrationError::Peer {
-                    side: "target",
+                    side: Side::Target,
                     why: format!(
                         "the switchover took over {SWITCHOVER_LIMIT:?}: the target reads too slowly"
                     ),
@@ -219,7 +219,7 @@ impl Sender<'_> {
         self.throttle(payload.len());
         protocol::write_frame(&mut self.out, kind, payload).map_err(|e| match e {
             ProtocolError::Io(io) if protocol::timed_out(&io) => MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: format!("it stopped reading: nothing went out for {WRITE_TIMEOUT:?}"),
             },
             e => e.into(),
@@ -274,7 +274,7 @@ impl Sender<'_> {
         let reader = self.reader(limit)?;
         let frame = protocol::read_frame(reader).map_err(|e| match e {
             ProtocolError::Io(io) if protocol::timed_out(&io) => MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: format!("no {want:?} within {limit:?}"),
             },
             e => e.into(),
@@ -282,7 +282,7 @@ impl Sender<'_> {
         match frame {
             Some(f) if f.kind == want => Ok(f.payload),
             Some(f) if f.kind == FrameKind::Error => Err(MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: String::from_utf8_lossy(&f.payload).into_owned(),
             }),
             Some(f) => Err(MigrationError::Sequence(format!(
@@ -290,7 +290,7 @@ impl Sender<'_> {
                 f.kind
             ))),
             None => Err(MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: "it closed the connection".into(),
             }),
         }
@@ -308,7 +308,7 @@ impl Sender<'_> {
         let _ = reader.set_read_timeout(Some(std::time::Duration::from_millis(200)));
         match protocol::read_frame(reader) {
             Ok(Some(f)) if f.kind == FrameKind::Error => MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: String::from_utf8_lossy(&f.payload).into_owned(),
             },
             _ => e,
@@ -597,7 +597,7 @@ impl Sender<'_> {
     fn outcome(&mut self, sealed: &Sealed) -> Result<(), MigrationError> {
         let frame = protocol::read_frame(self.reader(ACK_TIMEOUT)?)?.ok_or_else(|| {
             MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: "it closed the connection without an answer".into(),
             }
         })?;
@@ -610,12 +610,12 @@ impl Sender<'_> {
             (FrameKind::Nack, Some(t)) if token_matches(&t, &sealed.nack_commitment) => {
                 self.nacked = true;
                 Err(MigrationError::Peer {
-                    side: "target",
+                    side: Side::Target,
                     why: String::from_utf8_lossy(&frame.payload[16..]).into_owned(),
                 })
             }
             (FrameKind::Error, _) => Err(MigrationError::Peer {
-                side: "target",
+                side: Side::Target,
                 why: String::from_utf8_lossy(&frame.payload).into_owned(),
             }),
             (kind, _) => Err(MigrationError::Sequence(format!(

@@ -35,7 +35,7 @@ use crate::ranges::SharedMap;
 use crate::source::SHARED_PAGE_STRIDE;
 use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
 use crate::transport::Channel;
-use crate::{MigratableVm, MigrationError, Progress, SavedState, VmError};
+use crate::{MigratableVm, MigrationError, Progress, SavedState, Side, VmError};
 
 const PAGE: u64 = 4096;
 /// Bytes read ahead from the channel.
@@ -165,7 +165,7 @@ impl Receiver<'_> {
         self.hash.frame(kind, &self.buf);
         if kind == FrameKind::Error {
             return Err(MigrationError::Peer {
-                side: "source",
+                side: Side::Source,
                 why: String::from_utf8_lossy(&self.buf).into_owned(),
             });
         }

@@ -9,8 +9,27 @@ use std::path::PathBuf;
 use crate::boot::linux::LinuxConfig;
 use crate::boot::mptable;
 use crate::confidential::Confidential;
-use crate::machine::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
-pub use crate::machine::mirror::HelperLaunch;
+use crate::memory::{MEMORY_GRANULE, MIB, MIN_MEMORY};
+
+/// How the migration helper is launched.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HelperLaunch {
+    /// The transport key (none: the helper refuses sessions).
+    pub key: Option<[u8; 32]>,
+    /// Allow the debug commands (hang, fault): tests only.
+    pub debug: bool,
+    /// Seal pages the general way even where the VAES page path could
+    /// run: tests of the path CPUs without VAES take.
+    pub generic_seal: bool,
+    /// The VM's identity (`--uuid`), bound into every session key.
+    pub vm_id: [u8; 16],
+    /// Make the helper behave as on a CPU without RDSEED and RDRAND, which
+    /// refuses every session: tests of that refusal.
+    pub no_hw_entropy: bool,
+    /// The VM is launched to receive a migration: its helper takes target
+    /// sessions (until one verified); a VM launched to boot never does.
+    pub incoming: bool,
+}
 
 /// Where the guest's serial port goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -121,14 +140,29 @@ pub enum Incoming {
     Defer,
 }
 
+/// A flag's value that does not parse (clap shows it after the flag).
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    /// Not a migration URI.
+    #[error(transparent)]
+    Uri(#[from] cgsvmm_migration::transport::TransportError),
+    /// A number of seconds out of its range.
+    #[error("must be a number of seconds between 0.05 and 60")]
+    SecondsRange,
+    /// Not a number.
+    #[error("not a number ({0})")]
+    NotANumber(#[from] std::num::ParseFloatError),
+    /// Not a UUID.
+    #[error("not a UUID ({0}); expected e.g. 6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42")]
+    Uuid(#[from] uuid::Error),
+}
+
 /// Parses `--incoming`: a migration URI or `defer`.
-pub fn parse_incoming(s: &str) -> Result<Incoming, String> {
+pub fn parse_incoming(s: &str) -> Result<Incoming, ValueError> {
     if s == "defer" {
         return Ok(Incoming::Defer);
     }
-    s.parse()
-        .map(Incoming::Uri)
-        .map_err(|e: cgsvmm_migration::transport::TransportError| e.to_string())
+    Ok(Incoming::Uri(s.parse()?))
 }
 
 impl Default for VmmConfig {
@@ -277,21 +311,16 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
 }
 
 /// Seconds between 0.05 and 60 (`bench helper --host-seconds`).
-pub fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.05..=60.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
-        Ok(_) => Err("must be a number of seconds between 0.05 and 60".into()),
-        Err(e) => Err(format!("not a number ({e})")),
+pub fn parse_seconds(s: &str) -> Result<std::time::Duration, ValueError> {
+    match s.parse::<f64>()? {
+        v if (0.05..=60.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(ValueError::SecondsRange),
     }
 }
 
 /// A UUID in its usual text form (`--uuid`), as 16 bytes in that order.
-pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
-    uuid::Uuid::try_parse(s)
-        .map(|u| *u.as_bytes())
-        .map_err(|e| {
-            format!("not a UUID ({e}); expected e.g. 6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42")
-        })
+pub fn parse_uuid(s: &str) -> Result<[u8; 16], ValueError> {
+    Ok(*uuid::Uuid::try_parse(s)?.as_bytes())
 }
 
 /// Reads a transport key file: 64 hex digits (256 bits), surrounding

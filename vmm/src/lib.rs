@@ -19,6 +19,7 @@ pub mod confidential;
 pub mod config;
 pub mod control;
 pub mod machine;
+pub mod memory;
 pub mod migration;
 pub mod qmp;
 pub mod vmm;

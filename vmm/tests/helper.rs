@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use cgsvmm::boot::cpl3::MIRROR_LAYOUT;
 use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::machine::memory::MIB;
+use cgsvmm::memory::MIB;
 use cgsvmm::Vmm;
 use cgsvmm_fw_abi::helper::{caps, cmd};
 use cgsvmm_migration::helper::{

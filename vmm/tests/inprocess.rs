@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use cgsvmm::config::{BootConfig, LabGuest, SerialConfig, VmmConfig};
 use cgsvmm::control::RunState;
 use cgsvmm::machine::exit::ExitReason;
-use cgsvmm::machine::memory::MIB;
 use cgsvmm::machine::mirror::PROBE_GPA;
+use cgsvmm::memory::MIB;
 use cgsvmm::x86::tsc::ClockMoment;
 use cgsvmm::Vmm;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::BootError;
-use crate::machine::memory::map_ranges;
+use crate::memory::map_ranges;
 
 /// The image ends here.
 pub const FIRMWARE_END: u64 = 1 << 32;
@@ -26,7 +26,7 @@ pub struct Firmware {
 }
 
 /// Where an image of `size` bytes starts, or why it cannot be used.
-pub fn placement(size: u64) -> Result<u64, String> {
+fn placement(size: u64) -> Result<u64, String> {
     if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
         return Err(format!("size {size} is not a non-zero multiple of 4 KiB"));
     }

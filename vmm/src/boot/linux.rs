@@ -33,7 +33,7 @@ use linux_loader::loader::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{mptable, BootError, VcpuBoot};
-use crate::machine::memory::{MemoryLayout, EBDA_START};
+use crate::memory::{MemoryLayout, EBDA_START};
 use crate::x86::gdt::{self, flags};
 use crate::x86::paging;
 use crate::x86::{cr0, cr4, efer};
@@ -379,7 +379,7 @@ pub fn split_bzimage(image: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::memory::MIB;
+    use crate::memory::MIB;
 
     #[test]
     fn zero_page_fields() {

@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn fits_below_the_bios_area() {
-        let t = build(crate::machine::memory::EBDA_START, MAX_CPUS);
-        assert!(crate::machine::memory::EBDA_START + t.len() as u64 <= 0xa_0000);
+        let t = build(crate::memory::EBDA_START, MAX_CPUS);
+        assert!(crate::memory::EBDA_START + t.len() as u64 <= 0xa_0000);
     }
 }

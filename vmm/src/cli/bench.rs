@@ -31,7 +31,7 @@ use aes_gcm::Aes256Gcm;
 use cgsvmm_migration::helper::{HelperClient, HelperError, RECORD_STRIDE};
 
 use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::machine::memory::MIB;
+use cgsvmm::memory::MIB;
 use cgsvmm::{Vmm, VmmError};
 
 /// What `cgsvmm bench` measures.

@@ -226,10 +226,8 @@ pub fn exec(args: RunArgs) -> ExitCode {
     match result {
         Ok(reason) => {
             match &reason {
-                ExitReason::IncomingFailed(why) => {
-                    eprintln!("cgsvmm: error: incoming migration {why}")
-                }
-                r if r.exit_code() != 0 => eprintln!("cgsvmm: stopped: {r:?}"),
+                ExitReason::IncomingFailed(_) => eprintln!("cgsvmm: error: {reason}"),
+                r if r.exit_code() != 0 => eprintln!("cgsvmm: stopped: {r}"),
                 _ => {}
             }
             ExitCode::from(reason.exit_code())

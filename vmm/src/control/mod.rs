@@ -31,9 +31,9 @@ use cgsvmm_migration::transport::Uri;
 use crate::config::Incoming;
 use crate::machine::exit::{ExitHandle, ExitReason};
 use crate::machine::helper_link::HelperLinks;
-use crate::machine::memory::Memory;
 use crate::machine::mirror;
 use crate::machine::vcpu::{VcpuError, VcpuGroup};
+use crate::memory::Memory;
 use job::{MigrationInfo, MigrationJob, MigrationStatus, StartError};
 pub use lifecycle::RunState;
 use lifecycle::{Lifecycle, Transition, Vcpus};
@@ -96,15 +96,55 @@ pub enum Command {
     MigrateSetParameters(ParamsChange),
     /// How the next migration goes.
     QueryMigrateParameters,
-    /// QEMU's migration capabilities: (name, on).
-    MigrateSetCapabilities(Vec<(String, bool)>),
+    /// QEMU's migration capabilities, on or off.
+    MigrateSetCapabilities(Vec<(CapabilityName, bool)>),
     /// Their states.
     QueryMigrateCapabilities,
 }
 
-/// The capabilities `migrate-set-capabilities` knows; any other may only be
-/// turned off (it is not there to turn on).
-pub const CAPABILITIES: [&str; 2] = ["auto-converge", "events"];
+/// The migration capabilities cgsvmm has (QEMU's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability {
+    /// Throttle a guest whose precopy does not converge.
+    AutoConverge,
+    /// MIGRATION events (always sent).
+    Events,
+}
+
+impl Capability {
+    /// Every one, as `query-migrate-capabilities` lists them.
+    pub const ALL: [Capability; 2] = [Capability::AutoConverge, Capability::Events];
+
+    /// QEMU's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::AutoConverge => "auto-converge",
+            Capability::Events => "events",
+        }
+    }
+}
+
+/// A capability `migrate-set-capabilities` names: one cgsvmm has, or one
+/// of QEMU's it does not (which may only be turned off).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapabilityName {
+    /// One cgsvmm has.
+    Known(Capability),
+    /// Any other name.
+    Other(String),
+}
+
+impl From<&str> for CapabilityName {
+    fn from(name: &str) -> Self {
+        Capability::ALL
+            .into_iter()
+            .find(|c| c.name() == name)
+            .map_or_else(
+                || CapabilityName::Other(name.to_string()),
+                CapabilityName::Known,
+            )
+    }
+}
 
 /// The parameters `migrate-set-parameters` changes (None: unchanged).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -144,7 +184,7 @@ pub enum Reply {
     /// The migration parameters.
     MigrationParameters(Params),
     /// The capabilities and their states.
-    Capabilities(Vec<(&'static str, bool)>),
+    Capabilities(Vec<(Capability, bool)>),
 }
 
 /// A command that could not be done, and why (for the operator).
@@ -221,13 +261,32 @@ pub enum Event {
 /// An event and when it was raised.
 pub type TimedEvent = (Event, SystemTime);
 
+/// What runs on the mirror vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorPayload {
+    /// The counting payload (no helper configured).
+    Counter,
+    /// The migration helper.
+    Helper,
+}
+
+impl MirrorPayload {
+    /// Its name in `x-query-mirror`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorPayload::Counter => "counter",
+            MirrorPayload::Helper => "helper",
+        }
+    }
+}
+
 /// One mirror vCPU, as the debug query reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MirrorInfo {
     /// Mirror vCPU index.
     pub index: usize,
-    /// What runs there: "counter" or "helper".
-    pub payload: &'static str,
+    /// What runs there.
+    pub payload: MirrorPayload,
     /// The counting payload's loop counter, or the helper's idle wake-ups:
     /// increases while the vCPU runs.
     pub counter: u64,
@@ -500,9 +559,9 @@ impl Controller {
                 MirrorInfo {
                     index: i,
                     payload: if self.helper.is_some() {
-                        "helper"
+                        MirrorPayload::Helper
                     } else {
-                        "counter"
+                        MirrorPayload::Counter
                     },
                     counter,
                     probe,
@@ -580,12 +639,12 @@ impl Controller {
                     return Err(ControlError::MigrationInProgress);
                 }
                 for (name, on) in &caps {
-                    if *on && !CAPABILITIES.contains(&name.as_str()) {
+                    if let (CapabilityName::Other(name), true) = (name, on) {
                         return Err(ControlError::UnknownCapability(name.clone()));
                     }
                 }
                 for (name, on) in caps {
-                    if name == "auto-converge" {
+                    if name == CapabilityName::Known(Capability::AutoConverge) {
                         self.params.auto_converge = on;
                     }
                 }
@@ -593,8 +652,8 @@ impl Controller {
             }
             // Events are always sent.
             Command::QueryMigrateCapabilities => Ok(Reply::Capabilities(vec![
-                ("auto-converge", self.params.auto_converge),
-                ("events", true),
+                (Capability::AutoConverge, self.params.auto_converge),
+                (Capability::Events, true),
             ])),
             Command::QueryMigrateParameters => Ok(Reply::MigrationParameters(Params {
                 helpers: self.params.helpers.min(self.mirror.handles().len()),

@@ -25,7 +25,7 @@ use crate::boot::linux::{split_bzimage, LinuxConfig};
 use crate::config::{BootConfig, SerialConfig, VmmConfig};
 use crate::machine::exit::{ExitHandle, ExitReason};
 use crate::machine::helper_link::{HelperLinks, WAIT_TIMEOUT};
-use crate::machine::memory::Memory;
+use crate::memory::Memory;
 
 /// How long an idle vCPU (lab `YIELD`) stays out of KVM_RUN. Short enough
 /// that pausing it stays quick, long enough that an idle mirror costs

@@ -8,6 +8,31 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Why a vCPU stopped for good (KVM's exit, or its failure).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VcpuFault {
+    /// The guest triple-faulted.
+    #[error("triple fault (KVM_EXIT_SHUTDOWN)")]
+    TripleFault,
+    /// KVM could not emulate what the guest did.
+    #[error("KVM internal error (emulation failure)")]
+    InternalError,
+    /// VM entry failed (the hardware's reason).
+    #[error("VM entry failed: reason {reason:#x} on cpu {cpu}")]
+    FailEntry {
+        /// The hardware's failure reason.
+        reason: u64,
+        /// The host CPU.
+        cpu: u32,
+    },
+    /// KVM_RUN returned an error.
+    #[error("KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))]
+    Run {
+        /// Its errno.
+        errno: i32,
+    },
+}
+
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -25,9 +50,29 @@ pub enum ExitReason {
     /// A lab guest reported a failure on its serial port.
     GuestFailure,
     /// A vCPU faulted or KVM failed.
-    Fault(String),
+    Fault {
+        /// Which vCPU ("vcpu 0", "mirror 1").
+        vcpu: String,
+        /// What happened.
+        fault: VcpuFault,
+    },
     /// The incoming migration failed (the guest never ran here).
     IncomingFailed(String),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => f.write_str("the guest powered off"),
+            ExitReason::Reset => f.write_str("the guest reset the machine"),
+            ExitReason::Quit => f.write_str("quit"),
+            ExitReason::HostPowerdown => f.write_str("system_powerdown"),
+            ExitReason::Signal(n) => write!(f, "signal {n}"),
+            ExitReason::GuestFailure => f.write_str("the lab guest reported a failure"),
+            ExitReason::Fault { vcpu, fault } => write!(f, "{vcpu}: {fault}"),
+            ExitReason::IncomingFailed(why) => write!(f, "incoming migration {why}"),
+        }
+    }
 }
 
 impl ExitReason {
@@ -39,7 +84,7 @@ impl ExitReason {
             | ExitReason::Quit
             | ExitReason::HostPowerdown
             | ExitReason::Signal(_) => 0,
-            ExitReason::Fault(_) | ExitReason::IncomingFailed(_) => 1,
+            ExitReason::Fault { .. } | ExitReason::IncomingFailed(_) => 1,
             ExitReason::GuestFailure => 2,
         }
     }
@@ -53,7 +98,7 @@ impl ExitReason {
             ExitReason::HostPowerdown => "host-qmp-system-powerdown",
             ExitReason::Signal(_) => "host-signal",
             ExitReason::GuestFailure => "guest-panic",
-            ExitReason::Fault(_) | ExitReason::IncomingFailed(_) => "host-error",
+            ExitReason::Fault { .. } | ExitReason::IncomingFailed(_) => "host-error",
         }
     }
 
@@ -118,12 +163,26 @@ mod tests {
         let exit = ExitHandle::new().unwrap();
         assert_eq!(exit.reason(), None);
         exit.clone().request(ExitReason::PowerOff);
-        exit.request(ExitReason::Fault("late".into()));
+        exit.request(ExitReason::Fault {
+            vcpu: "vcpu 0".into(),
+            fault: VcpuFault::TripleFault,
+        });
         assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
         assert_eq!(exit.event().read().unwrap(), 1);
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
         assert_eq!(ExitReason::GuestFailure.exit_code(), 2);
-        assert_eq!(ExitReason::Fault(String::new()).exit_code(), 1);
+        let fault = ExitReason::Fault {
+            vcpu: "vcpu 1".into(),
+            fault: VcpuFault::FailEntry {
+                reason: 0x21,
+                cpu: 1,
+            },
+        };
+        assert_eq!(fault.exit_code(), 1);
+        assert_eq!(
+            fault.to_string(),
+            "vcpu 1: VM entry failed: reason 0x21 on cpu 1"
+        );
         assert!(ExitReason::Reset.guest_initiated());
         assert!(!ExitReason::Quit.guest_initiated());
     }

@@ -8,7 +8,7 @@ use cgsvmm_fw_abi::{self as abi, GpaRange, LabParams};
 
 use crate::boot::cpl3::LAB_LAYOUT;
 use crate::boot::BootError;
-use crate::machine::memory::MemoryLayout;
+use crate::memory::MemoryLayout;
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -81,7 +81,7 @@ pub fn write_params(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::memory::{GIB, MIB};
+    use crate::memory::{GIB, MIB};
 
     fn check(layout: MemoryLayout, vcpus: usize) -> Vec<Vec<GpaRange>> {
         let slices = data_slices(&layout, vcpus);

@@ -25,7 +25,8 @@ use cgsvmm_fw_abi::helper::{self, HelperConfig, HelperHeader, HelperSecret};
 
 use crate::boot::images::{Image, HELPER, MIRROR};
 use crate::boot::{BootError, VcpuBoot};
-use crate::machine::memory::Memory;
+use crate::config::HelperLaunch;
+use crate::memory::Memory;
 use crate::x86::paging::{Mapping, PTE_USER};
 
 /// Mapping granule of the mirror's page tables.
@@ -38,26 +39,6 @@ pub const PROBE_GPA: u64 = abi::LAB_DATA_GPA;
 /// Where mirror vCPU `i` publishes its status.
 pub fn status_gpa(i: usize) -> u64 {
     abi::MIRROR_STATUS_GPA + (i * size_of::<MirrorStatus>()) as u64
-}
-
-/// How the migration helper is launched.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HelperLaunch {
-    /// The transport key (none: the helper refuses sessions).
-    pub key: Option<[u8; 32]>,
-    /// Allow the debug commands (hang, fault): tests only.
-    pub debug: bool,
-    /// Seal pages the general way even where the VAES page path could
-    /// run: tests of the path CPUs without VAES take.
-    pub generic_seal: bool,
-    /// The VM's identity (`--uuid`), bound into every session key.
-    pub vm_id: [u8; 16],
-    /// Make the helper behave as on a CPU without RDSEED and RDRAND, which
-    /// refuses every session: tests of that refusal.
-    pub no_hw_entropy: bool,
-    /// The VM is launched to receive a migration: its helper takes target
-    /// sessions (until one verified); a VM launched to boot never does.
-    pub incoming: bool,
 }
 
 /// The image that runs on the mirror vCPUs.
@@ -258,7 +239,7 @@ pub fn read_status(memory: &Memory, i: usize) -> MirrorStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::machine::memory::MIB;
+    use crate::memory::MIB;
 
     #[test]
     fn helper_config_names_ram_and_the_key() {

@@ -32,7 +32,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use cgsvmm_devices::Bus;
 use cgsvmm_migration::state::{Fpu, VcpuRecord};
 
-use crate::machine::exit::{ExitHandle, ExitReason};
+use crate::machine::exit::{ExitHandle, ExitReason, VcpuFault};
 use crate::x86::msr::index::IA32_TSC;
 use crate::x86::tsc::{self, ClockMoment, TscRestore};
 
@@ -422,10 +422,14 @@ impl Thread {
         } = &mut self.vcpu;
         let result = fd.run();
         let on_fault = on_fault.as_ref();
-        let fatal = |exit: &ExitHandle, why: String| {
+        let fatal = |exit: &ExitHandle, fault: VcpuFault| {
+            let why = fault.to_string();
             match on_fault {
                 Some(sink) => sink(*index, why.clone()),
-                None => exit.request(ExitReason::Fault(format!("{} {index}: {why}", role.name()))),
+                None => exit.request(ExitReason::Fault {
+                    vcpu: format!("{} {index}", role.name()),
+                    fault,
+                }),
             }
             Some(why)
         };
@@ -467,7 +471,7 @@ impl Thread {
                 None
             }
             Ok(VcpuExit::Hlt) => Some("halted".into()),
-            Ok(VcpuExit::Shutdown) => fatal(exit, "triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            Ok(VcpuExit::Shutdown) => fatal(exit, VcpuFault::TripleFault),
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 exit.request(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
                     ExitReason::Reset
@@ -476,19 +480,16 @@ impl Thread {
                 });
                 Some(format!("system event {kind}"))
             }
-            Ok(VcpuExit::InternalError) => {
-                fatal(exit, "KVM internal error (emulation failure)".into())
+            Ok(VcpuExit::InternalError) => fatal(exit, VcpuFault::InternalError),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                fatal(exit, VcpuFault::FailEntry { reason, cpu })
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => fatal(
-                exit,
-                format!("VM entry failed: reason {reason:#x} on cpu {cpu}"),
-            ),
             Ok(other) => {
                 log::debug!("{} {index}: ignored exit {other:?}", role.name());
                 None
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => fatal(exit, format!("KVM_RUN failed: {e}")),
+            Err(e) => fatal(exit, VcpuFault::Run { errno: e.errno() }),
         }
     }
 

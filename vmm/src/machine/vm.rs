@@ -15,7 +15,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::boot::VcpuBoot;
-use crate::machine::memory::{MemSlot, MemoryError};
+use crate::memory::{MemSlot, MemoryError};
 use crate::x86::tsc::ClockMoment;
 use crate::x86::vcpu_setup::{self, VcpuSetupError};
 

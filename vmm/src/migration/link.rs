@@ -23,8 +23,8 @@ use crate::control::job::MigrationStatus;
 use crate::control::{Controller, Event};
 use crate::machine::exit::ExitHandle;
 use crate::machine::helper_link::HelperLinks;
-use crate::machine::memory::{slots_of, Memory};
 use crate::machine::vm;
+use crate::memory::{slots_of, Memory};
 use crate::x86::tsc::ClockMoment;
 
 /// Bytes of a page.

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use cgsvmm_migration::transport::{TransportError, Uri};
 
 use crate::control::job::{MigrationInfo, MigrationStatus};
-use crate::control::{Command, Controller, CpuInfo, Event, ParamsChange, Reply};
+use crate::control::{CapabilityName, Command, Controller, CpuInfo, Event, ParamsChange, Reply};
 
 use super::{event_message_at, no_args, QmpBackend, QmpError};
 
@@ -92,7 +92,7 @@ fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError>
 }
 
 /// `migrate-set-capabilities`' `capabilities`: [{"capability", "state"}].
-fn caps_arg(args: &Map<String, Value>) -> Result<Vec<(String, bool)>, QmpError> {
+fn caps_arg(args: &Map<String, Value>) -> Result<Vec<(CapabilityName, bool)>, QmpError> {
     if let Some(k) = args.keys().find(|k| *k != "capabilities") {
         return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
     }
@@ -102,7 +102,7 @@ fn caps_arg(args: &Map<String, Value>) -> Result<Vec<(String, bool)>, QmpError> 
         .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing or not a list"))?;
     list.iter()
         .map(|c| match (c["capability"].as_str(), c["state"].as_bool()) {
-            (Some(name), Some(state)) => Ok((name.to_string(), state)),
+            (Some(name), Some(state)) => Ok((CapabilityName::from(name), state)),
             _ => Err(QmpError::generic(
                 "Each capability is {\"capability\": NAME, \"state\": true|false}",
             )),
@@ -152,7 +152,7 @@ pub fn reply_json(reply: Reply) -> Value {
             mirrors
                 .iter()
                 .map(|m| {
-                    json!({"cpu-index": m.index, "payload": m.payload, "counter": m.counter,
+                    json!({"cpu-index": m.index, "payload": m.payload.name(), "counter": m.counter,
                            "probe": m.probe, "thread-id": m.thread_id, "fault": m.fault})
                 })
                 .collect(),
@@ -172,7 +172,7 @@ pub fn reply_json(reply: Reply) -> Value {
         }),
         Reply::Capabilities(caps) => Value::Array(
             caps.iter()
-                .map(|(name, state)| json!({"capability": name, "state": state}))
+                .map(|(c, state)| json!({"capability": c.name(), "state": state}))
                 .collect(),
         ),
     }

@@ -33,7 +33,7 @@ use crate::control::Controller;
 use crate::machine::devices::DeviceError;
 use crate::machine::exit::{ExitHandle, ExitReason};
 use crate::machine::helper_link::HelperLinks;
-use crate::machine::memory::{Memory, MemoryError};
+use crate::memory::{Memory, MemoryError};
 use crate::migration::VmLink;
 use crate::qmp::{QmpServer, QmpServerError};
 use builder::Machine;
