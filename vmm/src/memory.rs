@@ -146,6 +146,8 @@ const _: () = assert!(
 pub const EBDA_START: u64 = 0x9_fc00;
 
 /// One memslot, registered identically in every VM over the same memory.
+/// Only [`slots_of`] makes one, from a live mapping: its host address is
+/// that mapping's and never leaves it except to KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemSlot {
     /// KVM slot number.
@@ -155,14 +157,28 @@ pub struct MemSlot {
     /// Length in bytes.
     pub size: u64,
     /// Host virtual address of the first byte.
-    pub host_addr: u64,
+    host_addr: u64,
     /// The guest may not write it (firmware ROM).
     pub read_only: bool,
 }
 
 impl MemSlot {
+    /// The host address of `len` bytes at `gpa`, if they lie in this slot
+    /// (for KVM commands over guest memory, such as SEV's launch).
+    pub fn host_range(&self, gpa: u64, len: u64) -> Option<u64> {
+        let offset = gpa.checked_sub(self.gpa)?;
+        (offset.checked_add(len)? <= self.size).then(|| self.host_addr + offset)
+    }
+
     /// Registers the slot in `vm`, with dirty logging when asked.
-    pub fn register(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
+    ///
+    /// # Safety
+    ///
+    /// The mapping the slot was made from ([`slots_of`]) must stay mapped
+    /// for as long as `vm` exists (or until the slot is registered
+    /// again over the same memory): KVM reads and writes it on the
+    /// guest's behalf meanwhile.
+    pub unsafe fn register(&self, vm: &VmFd, log_dirty: bool) -> Result<(), MemoryError> {
         let mut flags = 0;
         if self.read_only {
             flags |= KVM_MEM_READONLY;
@@ -177,8 +193,8 @@ impl MemSlot {
             memory_size: self.size,
             userspace_addr: self.host_addr,
         };
-        // SAFETY: host_addr..host_addr+size is a live mapping owned by a
-        // GuestMemoryMmap that the VMM keeps alive for as long as the VM.
+        // SAFETY: host_addr..host_addr+size is the mapping the slot was
+        // made from, which the caller keeps alive as long as the VM.
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Memslot {
             slot: self.slot,
             gpa: self.gpa,
@@ -352,6 +368,19 @@ mod tests {
                 assert!(start + len <= MMIO_HOLE_START || start >= HIGH_RAM_START);
             }
         }
+    }
+
+    #[test]
+    fn a_slot_gives_host_addresses_only_inside_itself() {
+        let mem = map_ranges(&[(0x10_0000, 2 * MIB)]).unwrap();
+        let slot = slots_of(&mem, 0, false)[0];
+        let base = slot.host_range(0x10_0000, 0).unwrap();
+        assert_eq!(slot.host_range(0x10_1000, 4096), Some(base + 0x1000));
+        assert_eq!(slot.host_range(0x10_0000, 2 * MIB), Some(base));
+        assert_eq!(slot.host_range(0x10_0000, 2 * MIB + 1), None);
+        assert_eq!(slot.host_range(0xf_f000, 4096), None);
+        assert_eq!(slot.host_range(0x10_0000 + 2 * MIB, 1), None);
+        assert_eq!(slot.host_range(u64::MAX, 2), None);
     }
 
     #[test]

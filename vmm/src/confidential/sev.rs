@@ -40,6 +40,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
+use crate::memory::MemSlot;
+
 /// The SEV device.
 const SEV_DEVICE: &str = "/dev/sev";
 /// Bytes of a LAUNCH_SECRET packet header (flags, IV, MAC).
@@ -78,6 +80,16 @@ pub enum SevError {
         path: PathBuf,
         /// What is wrong.
         why: String,
+    },
+    /// A launch command over guest memory outside its memslot.
+    #[error("SEV {command}: {len:#x} bytes at {gpa:#x} are not in one memslot")]
+    Range {
+        /// Which command.
+        command: &'static str,
+        /// Where.
+        gpa: u64,
+        /// How many bytes.
+        len: u64,
     },
     /// A file that could not be read.
     #[error("{path}: {why}")]
@@ -240,12 +252,12 @@ impl SevLaunch {
         self.command(vm, "INIT", sev_cmd_id_KVM_SEV_INIT, 0)
     }
 
-    /// Pins `len` bytes of host memory at `host_addr` as encrypted memory of
-    /// the VM.
-    pub fn register(&self, vm: &VmFd, host_addr: u64, len: u64) -> Result<(), SevError> {
+    /// Pins the memory of `slot` as encrypted memory of the VM.
+    pub fn register(&self, vm: &VmFd, slot: &MemSlot) -> Result<(), SevError> {
+        let addr = host_range("memory region registration", slot, slot.gpa, slot.size)?;
         vm.register_enc_memory_region(&kvm_enc_region {
-            addr: host_addr,
-            size: len,
+            addr,
+            size: slot.size,
         })
         .map_err(|errno| SevError::Setup {
             what: "memory region registration",
@@ -286,11 +298,12 @@ impl SevLaunch {
         )
     }
 
-    /// LAUNCH_UPDATE_DATA: encrypts `len` bytes at `host_addr` in place and
-    /// adds them to the measurement.
-    pub fn update(&self, vm: &VmFd, host_addr: u64, len: u32) -> Result<(), SevError> {
+    /// LAUNCH_UPDATE_DATA: encrypts `len` bytes of guest memory at `gpa`
+    /// (in `slot`) in place and adds them to the measurement.
+    pub fn update(&self, vm: &VmFd, slot: &MemSlot, gpa: u64, len: u32) -> Result<(), SevError> {
+        let uaddr = host_range("LAUNCH_UPDATE_DATA", slot, gpa, u64::from(len))?;
         let mut update = kvm_sev_launch_update_data {
-            uaddr: host_addr,
+            uaddr,
             len,
             ..Default::default()
         };
@@ -329,8 +342,16 @@ impl SevLaunch {
     }
 
     /// LAUNCH_SECRET: the PSP decrypts `secret` into the guest memory at
-    /// `host_addr` (the helper's secret page).
-    pub fn inject(&self, vm: &VmFd, secret: &LaunchSecret, host_addr: u64) -> Result<(), SevError> {
+    /// `gpa` in `slot` (the helper's secret page).
+    pub fn inject(
+        &self,
+        vm: &VmFd,
+        secret: &LaunchSecret,
+        slot: &MemSlot,
+        gpa: u64,
+    ) -> Result<(), SevError> {
+        let len = secret.secret.len() as u64;
+        let host_addr = host_range("LAUNCH_SECRET", slot, gpa, len)?;
         let mut launch = secret_command(secret, host_addr);
         self.command(
             vm,
@@ -346,29 +367,47 @@ impl SevLaunch {
     }
 }
 
+/// Guest memory an SEV launch command works on: `len` bytes at `gpa`, in
+/// `slot`.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRange<'a> {
+    /// The memslot that holds them.
+    pub slot: &'a MemSlot,
+    /// Where they start.
+    pub gpa: u64,
+    /// How many bytes.
+    pub len: u64,
+}
+
+/// The host address of `len` bytes at `gpa`, which must lie in `slot`.
+fn host_range(command: &'static str, slot: &MemSlot, gpa: u64, len: u64) -> Result<u64, SevError> {
+    slot.host_range(gpa, len)
+        .ok_or(SevError::Range { command, gpa, len })
+}
+
 /// Runs an SEV launch from LAUNCH_START to LAUNCH_FINISH: `measured` are
-/// the (host address, length) ranges to encrypt and measure, `secret_page`
-/// the host address of the helper's secret page. Returns the measurement.
+/// the guest memory ranges to encrypt and measure, `secret_page` the
+/// helper's secret page. Returns the measurement.
 pub fn launch(
     sev: &SevLaunch,
     vm: &VmFd,
     config: &SevConfig,
-    measured: &[(u64, u64)],
-    secret_page: Option<u64>,
+    measured: &[GuestRange<'_>],
+    secret_page: Option<GuestRange<'_>>,
 ) -> Result<Vec<u8>, SevError> {
     sev.start(vm, config)?;
-    for &(host_addr, len) in measured {
+    for r in measured {
         // LAUNCH_UPDATE_DATA takes a 32-bit length.
         let mut done = 0;
-        while done < len {
-            let n = (len - done).min(1 << 30);
-            sev.update(vm, host_addr + done, n as u32)?;
+        while done < r.len {
+            let n = (r.len - done).min(1 << 30);
+            sev.update(vm, r.slot, r.gpa + done, n as u32)?;
             done += n;
         }
     }
     let measurement = sev.measure(vm)?;
     if let (Some(secret), Some(page)) = (&config.secret, secret_page) {
-        sev.inject(vm, secret, page)?;
+        sev.inject(vm, secret, page.slot, page.gpa)?;
     }
     sev.finish(vm)?;
     Ok(measurement)

@@ -63,7 +63,12 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
 }
 
 /// Creates the main VM: irqchip, PIT, and the memslots.
-pub fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
+///
+/// # Safety
+///
+/// The mappings `slots` were made from must outlive the VM (see
+/// [`MemSlot::register`]).
+pub unsafe fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_identity_map_address(IDENTITY_MAP_ADDR)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -77,20 +82,28 @@ pub fn create_main_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     for slot in slots {
-        slot.register(&vm, false)?;
+        // SAFETY: the caller keeps the slots' mappings alive as long as
+        // the VM.
+        unsafe { slot.register(&vm, false) }?;
     }
     Ok(vm)
 }
 
 /// Creates the mirror VM over the same memslots.
-pub fn create_mirror_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
+///
+/// # Safety
+///
+/// As for [`create_main_vm`].
+pub unsafe fn create_mirror_vm(kvm: &Kvm, slots: &[MemSlot]) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM (mirror)"))?;
     vm.set_identity_map_address(IDENTITY_MAP_ADDR)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.set_tss_address(TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     for slot in slots {
-        slot.register(&vm, false)?;
+        // SAFETY: the caller keeps the slots' mappings alive as long as
+        // the VM.
+        unsafe { slot.register(&vm, false) }?;
     }
     Ok(vm)
 }

@@ -228,7 +228,9 @@ impl MigratableVm for VmLink {
             .take_converted();
         let _ = self.devices.fw_cfg.take_written();
         for slot in slots_of(&self.memory.ram, 0, false) {
-            slot.register(&self.main_vm, true)
+            // SAFETY: the same RAM mapping the VM was created over, which
+            // `self.memory` keeps alive as long as the VM.
+            unsafe { slot.register(&self.main_vm, true) }
                 .map_err(|e| VmError::new("Cannot start dirty logging", e))?;
         }
         Ok(())
@@ -283,7 +285,8 @@ impl MigratableVm for VmLink {
 
     fn stop_dirty_log(&self) {
         for slot in slots_of(&self.memory.ram, 0, false) {
-            if let Err(e) = slot.register(&self.main_vm, false) {
+            // SAFETY: as in `start_dirty_log`.
+            if let Err(e) = unsafe { slot.register(&self.main_vm, false) } {
                 log::warn!("Cannot stop dirty logging: {e}");
             }
         }

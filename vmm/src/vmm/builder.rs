@@ -26,7 +26,7 @@ use super::{Vmm, VmmError};
 use crate::boot::cpl3::{self, LAB_LAYOUT};
 use crate::boot::firmware::{self, Firmware};
 use crate::boot::{images, linux, BootError, VcpuBoot};
-use crate::confidential::sev::{self, SevConfig, SevLaunch};
+use crate::confidential::sev::{self, GuestRange, SevConfig, SevLaunch};
 use crate::confidential::Confidential;
 use crate::config::{BootConfig, VmmConfig};
 use crate::control::{Controller, Migrator};
@@ -85,14 +85,17 @@ impl Machine {
             slots.extend(slots_of(&fw.memory, next, true));
         }
         let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
-        let main_vm = Arc::new(vm::create_main_vm(&kvm, &slots)?);
+        // SAFETY: the slots are over `memory` and the firmware's mapping,
+        // which the `Vmm` owns and drops after both VMs (its field order).
+        let main_vm = Arc::new(unsafe { vm::create_main_vm(&kvm, &slots) }?);
         if let Some(launch) = &sev {
             launch.init(&main_vm)?;
             for slot in &slots {
-                launch.register(&main_vm, slot.host_addr, slot.size)?;
+                launch.register(&main_vm, slot)?;
             }
         }
-        let mirror_vm = vm::create_mirror_vm(&kvm, &slots)?;
+        // SAFETY: as for the main VM.
+        let mirror_vm = unsafe { vm::create_mirror_vm(&kvm, &slots) }?;
         if sev.is_some() {
             SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
         }
@@ -391,12 +394,24 @@ fn sev_launch(
         .find(|s| s.gpa == region)
         .ok_or_else(|| BootError::DoesNotFit("no mirror region memslot".into()))?;
     let private_end = helper.map_or(region + abi::MIRROR_REGION_SIZE, |h| h.mailbox_gpa);
-    let mut measured: Vec<(u64, u64)> = slots
+    let mut measured: Vec<GuestRange<'_>> = slots
         .iter()
         .filter(|s| s.read_only)
-        .map(|s| (s.host_addr, s.size))
+        .map(|slot| GuestRange {
+            slot,
+            gpa: slot.gpa,
+            len: slot.size,
+        })
         .collect();
-    measured.push((mirror.host_addr, private_end - region));
-    let secret_page = helper.map(|h| mirror.host_addr + (h.secret_gpa - region));
+    measured.push(GuestRange {
+        slot: mirror,
+        gpa: region,
+        len: private_end - region,
+    });
+    let secret_page = helper.map(|h| GuestRange {
+        slot: mirror,
+        gpa: h.secret_gpa,
+        len: abi::helper::PAGE_SIZE as u64,
+    });
     Ok(sev::launch(launch, vm, config, &measured, secret_page)?)
 }

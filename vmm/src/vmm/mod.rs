@@ -90,23 +90,24 @@ pub enum VmmError {
 
 /// A built VM, vCPUs created and paused.
 pub struct Vmm {
-    pub(crate) config: VmmConfig,
+    // Fields drop in this order, after `Drop` joined every thread: the
+    // VMs (and what holds them) before the memory they were created over.
     pub(crate) controller: Arc<Mutex<Controller>>,
+    /// What migration reaches this VM through (with a helper only).
+    pub(crate) link: Option<Arc<VmLink>>,
+    pub(crate) _main_vm: Arc<VmFd>,
+    pub(crate) _mirror_vm: VmFd,
+    pub(crate) config: VmmConfig,
     pub(crate) memory: Arc<Memory>,
     pub(crate) exit: ExitHandle,
     pub(crate) serial: Arc<SerialDevice>,
     pub(crate) links: Arc<HelperLinks>,
     pub(crate) helper_header: Option<HelperHeader>,
     pub(crate) tsc_khz: u64,
-    /// What migration reaches this VM through (with a helper only).
-    pub(crate) link: Option<Arc<VmLink>>,
     /// Written when the controller raises an event (QMP sends it then).
     pub(crate) event_wake: EventFd,
     /// The thread backing an incoming guest's RAM, until joined.
     pub(crate) prefault: Mutex<Option<std::thread::JoinHandle<()>>>,
-    // Kept alive for as long as the vCPUs run.
-    pub(crate) _main_vm: Arc<VmFd>,
-    pub(crate) _mirror_vm: VmFd,
     pub(crate) _firmware: Option<Firmware>,
     pub(crate) _kvm: Kvm,
 }
