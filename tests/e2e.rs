@@ -2,12 +2,11 @@
 //! line, serial output, signals and QMP socket, as a user would.
 //!
 //! Those that need /dev/kvm are reported as ignored, with the reason, on a
-//! host without it (`common::run_tests`).
+//! host without it (`support::run_tests`).
 //! Tests that need hardware this host lacks live in `hardware.rs`.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use cgsvmm_test_support::{self as support, named};
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -17,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{last_pass, one_vm, tmp_path, Qmp, Vm};
+use cgsvmm::machine::lab::last_pass;
+use support::{one_vm, tmp_path, Qmp, Vm};
 
 fn dirtier_runs_on_both_vcpus_until_quit() {
     let _one = one_vm();
@@ -134,8 +134,8 @@ fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
     );
 
     let before = (
-        last_pass(&vm.lines(), 0).unwrap(),
-        last_pass(&vm.lines(), 1).unwrap(),
+        last_pass(vm.lines(), 0).unwrap(),
+        last_pass(vm.lines(), 1).unwrap(),
     );
     qmp.cmd("cont");
     assert_eq!(
@@ -210,7 +210,7 @@ fn qmp_survives_malformed_input() {
 }
 
 fn sev_on_a_host_without_it_fails_with_the_reason() {
-    let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let out = Command::new(support::binary())
         .args(["run", "--confidential", "sev", "--guest", "hello"])
         .stdin(Stdio::null())
         .output()
@@ -327,7 +327,7 @@ fn bad_arguments_fail_with_one_clear_message() {
     cases.push((&signed_key_args, "expected 64 hex digits"));
     cases.push((&prefixed_key_args, "expected 64 hex digits"));
     for (args, want) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        let out = Command::new(support::binary())
             .arg("run")
             .args(args)
             .stdin(Stdio::null())
@@ -363,7 +363,7 @@ fn bad_arguments_fail_with_one_clear_message() {
             "must be a JSON object",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        let out = Command::new(support::binary())
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -382,7 +382,7 @@ fn bad_arguments_fail_with_one_clear_message() {
 /// on, and Ctrl-C still ends it cleanly.
 fn a_closed_serial_pipe_is_reported_once() {
     let _one = one_vm();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let mut child = Command::new(support::binary())
         .args(["run", "--cpus", "2", "--memory", "64M"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -411,7 +411,7 @@ fn a_closed_serial_pipe_is_reported_once() {
 fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
     let _one = one_vm();
     let sock = tmp_path("debug.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let child = Command::new(support::binary())
         .args(["run", "--memory", "64M", "--serial", "null"])
         .arg("--qmp")
         .arg(format!("unix:{}", sock.display()))
@@ -444,14 +444,17 @@ fn debug_logging_shows_layout_vcpus_and_qmp_commands() {
 /// a socket of the test's own): every command succeeds and the VMM ends.
 fn the_readme_qmp_example_runs_as_pasted() {
     let _one = one_vm();
-    let block = common::readme_block("Pasted into a shell:");
+    let block = support::readme_block("Pasted into a shell:");
     let sock = tmp_path("readme.sock");
     let script: String = block
         .lines()
         .filter(|l| !l.starts_with("cargo build"))
         .map(|l| {
-            l.replace("./target/release/cgsvmm", env!("CARGO_BIN_EXE_cgsvmm"))
-                .replace("/tmp/cgsvmm.sock", sock.to_str().unwrap())
+            l.replace(
+                "./target/release/cgsvmm",
+                support::binary().to_str().unwrap(),
+            )
+            .replace("/tmp/cgsvmm.sock", sock.to_str().unwrap())
         })
         .collect::<Vec<_>>()
         .join("\n");
@@ -485,7 +488,7 @@ fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
         &format!("unix:{}", sock.display()),
     ]);
     let qmp = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+        Command::new(support::binary())
             .arg("qmp")
             .arg(format!("unix:{}", sock.display()))
             .args(args)
@@ -502,7 +505,7 @@ fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["status"], "paused");
     // A second VMM cannot take the socket over.
-    let second = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let second = Command::new(support::binary())
         .args(["run", "--serial", "null", "--qmp"])
         .arg(format!("unix:{}", sock.display()))
         .output()
@@ -564,26 +567,16 @@ fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
 
 fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
     let _one = one_vm();
-    let out = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
-        .args([
-            "bench",
-            "helper",
-            "--pages",
-            "1024",
-            "--reps",
-            "1",
-            "--host-seconds",
-            "0.05",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = support::run_ok([
+        "bench",
+        "helper",
+        "--pages",
+        "1024",
+        "--reps",
+        "1",
+        "--host-seconds",
+        "0.05",
+    ]);
     for row in [
         "seed (1 page/round trip)",
         "batched, 1 helper",
@@ -608,7 +601,7 @@ fn bench_helper_prints_its_numbers_and_the_two_ratio_lines() {
 
 /// The README's usage block names every flag `cgsvmm run --help` lists.
 fn the_readme_usage_block_matches_the_help() {
-    let help = Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let help = Command::new(support::binary())
         .args(["run", "--help"])
         .output()
         .unwrap();
@@ -643,9 +636,9 @@ fn main() {
     let sev = std::path::Path::new("/dev/sev").exists().then(|| {
         "this host has /dev/sev: the refusal on hosts without SEV cannot be seen".to_string()
     });
-    common::run_tests(&[
+    support::run_tests(&[
         (
-            common::kvm_missing(),
+            support::kvm_missing(),
             &named!(
                 dirtier_runs_on_both_vcpus_until_quit,
                 ctrl_c_exits_cleanly,

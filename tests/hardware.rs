@@ -1,24 +1,16 @@
 //! End-to-end tests that need hardware this lab host lacks: Linux and OVMF
 //! guests need native ring 0 (any VMX/SVM host), which the PVM flavour of
-//! KVM here does not give; the SEV backend needs an AMD host with SEV. A custom harness, so that a skip is reported as a
-//! skip, with its reason, and never as a pass.
+//! KVM here does not give; the SEV backend needs an AMD host with SEV.
+//! Each test is ignored, with its reason printed, where its hardware or
+//! image is missing, so a skip is counted as a skip and never as a pass.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cgsvmm_test_support::{self as support, named};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{kvm_available, Vm};
-
-/// A test of this binary.
-type HardwareTest = fn() -> Outcome;
-
-/// What a test did.
-enum Outcome {
-    Passed,
-    Skipped(String),
-}
+use support::{kvm_missing, Vm};
 
 /// Why this host cannot boot Linux or OVMF guests, if it cannot.
 fn ring0_unavailable() -> Option<String> {
@@ -39,15 +31,17 @@ fn guest_image(name: &str) -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-fn linux_boots_to_its_banner() -> Outcome {
-    if let Some(why) = ring0_unavailable() {
-        return Outcome::Skipped(why);
-    }
-    let Some(kernel) = guest_image("vmlinuz") else {
-        return Outcome::Skipped(
-            "no kernel image; run resources/fetch-guest-images.sh first".into(),
-        );
-    };
+/// Why the Linux boot cannot run here, if it cannot.
+fn linux_missing() -> Option<String> {
+    ring0_unavailable().or_else(|| {
+        guest_image("vmlinuz")
+            .is_none()
+            .then(|| "no kernel image; run resources/fetch-guest-images.sh first".into())
+    })
+}
+
+fn linux_boots_to_its_banner() {
+    let kernel = guest_image("vmlinuz").unwrap();
     let vm = Vm::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -58,16 +52,19 @@ fn linux_boots_to_its_banner() -> Outcome {
     ]);
     let banner = vm.wait_for_line(Duration::from_secs(50), |l| l.contains("Linux version"));
     assert!(banner.is_some(), "no kernel banner: {:?}", vm.lines());
-    Outcome::Passed
 }
 
-fn ovmf_reaches_its_boot_manager() -> Outcome {
-    if let Some(why) = ring0_unavailable() {
-        return Outcome::Skipped(why);
-    }
-    let Some(firmware) = guest_image("OVMF.fd") else {
-        return Outcome::Skipped("no OVMF image; run resources/fetch-guest-images.sh first".into());
-    };
+/// Why the OVMF boot cannot run here, if it cannot.
+fn ovmf_missing() -> Option<String> {
+    ring0_unavailable().or_else(|| {
+        guest_image("OVMF.fd")
+            .is_none()
+            .then(|| "no OVMF image; run resources/fetch-guest-images.sh first".into())
+    })
+}
+
+fn ovmf_reaches_its_boot_manager() {
+    let firmware = guest_image("OVMF.fd").unwrap();
     let vm = Vm::start(&["--firmware", firmware.to_str().unwrap(), "--memory", "512M"]);
     // OVMF's boot manager reports on the serial console once DXE is up.
     let bds = vm.wait_for_line(Duration::from_secs(50), |l| l.contains("BdsDxe"));
@@ -77,7 +74,6 @@ fn ovmf_reaches_its_boot_manager() -> Outcome {
         vm.lines(),
         vm.stderr.lock().unwrap()
     );
-    Outcome::Passed
 }
 
 /// Why this host cannot launch SEV guests, if it cannot.
@@ -94,10 +90,7 @@ fn sev_unavailable() -> Option<String> {
 
 /// An SEV launch: the VM starts, the helper runs on the encrypted mirror
 /// (its heartbeat grows) and QMP hands out the launch measurement.
-fn sev_launch_runs_the_helper_and_reports_the_measurement() -> Outcome {
-    if let Some(why) = sev_unavailable() {
-        return Outcome::Skipped(why);
-    }
+fn sev_launch_runs_the_helper_and_reports_the_measurement() {
     let sock = std::env::temp_dir().join(format!("cgsvmm-sev-{}.sock", std::process::id()));
     let mut vm = Vm::start(&[
         "--confidential",
@@ -107,64 +100,32 @@ fn sev_launch_runs_the_helper_and_reports_the_measurement() -> Outcome {
         "--qmp",
         &format!("unix:{}", sock.display()),
     ]);
-    let mut qmp = common::Qmp::negotiate(&sock);
+    let mut qmp = support::Qmp::negotiate(&sock);
     let measure = qmp.cmd("query-sev-launch-measure");
     assert!(
         measure["data"].as_str().is_some_and(|d| d.len() >= 64),
         "{measure}"
     );
-    let beats = |q: &mut common::Qmp| q.cmd("x-query-mirror")[0]["counter"].as_u64().unwrap();
+    let beats = |q: &mut support::Qmp| q.cmd("x-query-mirror")[0]["counter"].as_u64().unwrap();
     let before = beats(&mut qmp);
     std::thread::sleep(Duration::from_millis(300));
     assert!(beats(&mut qmp) > before, "the helper does not run");
     qmp.cmd("quit");
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), Some(0));
-    Outcome::Passed
 }
 
 fn main() {
-    let tests: [(&str, HardwareTest); 3] = [
-        ("linux_boots_to_its_banner", linux_boots_to_its_banner),
+    let kvm = kvm_missing();
+    let or_kvm = |why: Option<String>| kvm.clone().or(why);
+    support::run_tests(&[
+        (or_kvm(linux_missing()), &named!(linux_boots_to_its_banner)),
         (
-            "ovmf_reaches_its_boot_manager",
-            ovmf_reaches_its_boot_manager,
+            or_kvm(ovmf_missing()),
+            &named!(ovmf_reaches_its_boot_manager),
         ),
         (
-            "sev_launch_runs_the_helper_and_reports_the_measurement",
-            sev_launch_runs_the_helper_and_reports_the_measurement,
+            or_kvm(sev_unavailable()),
+            &named!(sev_launch_runs_the_helper_and_reports_the_measurement),
         ),
-    ];
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            continue;
-        }
-        let outcome = if kvm_available() {
-            std::panic::catch_unwind(test)
-        } else {
-            Ok(Outcome::Skipped("/dev/kvm is not usable here".into()))
-        };
-        match outcome {
-            Ok(Outcome::Passed) => {
-                passed += 1;
-                println!("test {name} ... ok");
-            }
-            Ok(Outcome::Skipped(why)) => {
-                skipped += 1;
-                println!("test {name} ... SKIPPED: {why}");
-            }
-            Err(_) => {
-                failed += 1;
-                println!("test {name} ... FAILED");
-            }
-        }
-    }
-    println!("hardware: {passed} passed, {failed} failed, {skipped} skipped");
-    if failed > 0 {
-        std::process::exit(101);
-    }
+    ]);
 }

@@ -9,7 +9,7 @@
 //! purpose.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use cgsvmm_test_support as support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,7 +86,7 @@ const L1_TRIES: usize = 3;
 /// [`L1_TRIES`] boots, with the evidence printed; a scenario that fails
 /// otherwise never is, and one that faults every time still fails.
 fn scenario(name: &str, limit_s: u32) {
-    let _one = common::one_vm();
+    let _one = support::one_vm();
     image().unwrap();
     let started = Instant::now();
     let run = || {
@@ -144,7 +144,7 @@ fn scenario(name: &str, limit_s: u32) {
 macro_rules! scenarios {
     ($($test:ident = $name:literal, $limit:literal;)*) => {
         $(fn $test() { scenario($name, $limit) })*
-        const SCENARIOS: &[common::NamedTest] = &[$((stringify!($test), $test as fn())),*];
+        const SCENARIOS: &[support::NamedTest] = &[$((stringify!($test), $test as fn())),*];
     };
 }
 
@@ -167,5 +167,5 @@ scenarios! {
 }
 
 fn main() {
-    common::run_tests(&[(lab_unavailable(), SCENARIOS)]);
+    support::run_tests(&[(lab_unavailable(), SCENARIOS)]);
 }

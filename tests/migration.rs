@@ -7,8 +7,7 @@
 //! guest and the source must run on.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use cgsvmm_test_support::{self as support, named};
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,26 +16,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use cgsvmm::machine::lab::last_pass;
 use cgsvmm_migration::protocol::{self, FrameKind};
-use common::{last_pass, one_vm, tmp_path, Qmp, Vm};
+use support::{free_port, one_vm, tmp_path, wait_until, Qmp, Vm};
 
 const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
 const OTHER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const RAM_PAGES: u64 = 256 * 256;
 
 fn key_file(name: &str, key: &str) -> PathBuf {
-    let path = tmp_path(name);
+    let path = tmp_path(name).path().to_path_buf();
     std::fs::write(&path, key).unwrap();
     path
-}
-
-/// A free loopback port (taken back at once; the target binds it next).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `cgsvmm run` with a helper and a QMP socket, plus `extra`.
@@ -57,8 +48,9 @@ fn start(name: &str, key: &Path, memory: &str, extra: &[&str]) -> (Vm, Qmp, Path
         &qmp,
     ];
     args.extend_from_slice(extra);
-    let vm = Vm::start(&args);
+    let mut vm = Vm::start(&args);
     let q = Qmp::negotiate(&sock);
+    let sock = vm.own(sock);
     (vm, q, sock)
 }
 
@@ -80,14 +72,9 @@ fn source(name: &str, key: &Path) -> (Vm, Qmp) {
 
 /// Waits (up to 10 s) for vCPU `vcpu` to print a pass above `pass`.
 fn passes_beyond(vm: &Vm, vcpu: usize, pass: u64) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if last_pass(&vm.lines(), vcpu).is_some_and(|p| p > pass) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    wait_until(Duration::from_secs(10), || {
+        last_pass(vm.lines(), vcpu).is_some_and(|p| p > pass)
+    })
 }
 
 /// A target waiting at `incoming`, paused after the migration.
@@ -477,7 +464,7 @@ fn source_runs_on(src_vm: &Vm, src: &mut Qmp, dst_vm: &Vm, failed_at: Instant) -
         stderr.contains("error") || stderr.contains("Ignored"),
         "{stderr}"
     );
-    let before = last_pass(&src_vm.lines(), 0).unwrap();
+    let before = last_pass(src_vm.lines(), 0).unwrap();
     assert!(
         passes_beyond(src_vm, 0, before),
         "the source's guest does not go on"
@@ -758,7 +745,7 @@ fn migrate_cancel_during_the_transfer_then_a_second_migration_succeeds() {
     );
     assert!(!dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")));
     // The guest runs on, then a second migration goes through.
-    let before = last_pass(&src_vm.lines(), 1).unwrap();
+    let before = last_pass(src_vm.lines(), 1).unwrap();
     assert!(passes_beyond(&src_vm, 1, before));
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -858,7 +845,7 @@ fn a_running_dirtier_migrates_live_in_rounds() {
     );
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst, _) = start("live-dst", &key, "256M", &["--incoming", &uri]);
-    let before = last_pass(&src_vm.lines(), 0).unwrap();
+    let before = last_pass(src_vm.lines(), 0).unwrap();
     migrate(&mut src, &uri);
     // During precopy the guest runs and works.
     std::thread::sleep(Duration::from_millis(300));
@@ -885,7 +872,7 @@ fn a_running_dirtier_migrates_live_in_rounds() {
         "the helpers sealed nothing in the pause: {info}"
     );
     assert!(
-        last_pass(&src_vm.lines(), 0).unwrap() > before,
+        last_pass(src_vm.lines(), 0).unwrap() > before,
         "the guest did not run during precopy"
     );
     println!(
@@ -905,7 +892,7 @@ fn a_running_dirtier_migrates_live_in_rounds() {
         "{lines:?}"
     );
     assert!(
-        last_pass(&lines, 0).unwrap_or(0) > last_pass(&src_vm.lines(), 0).unwrap() + 2,
+        last_pass(&lines, 0).unwrap_or(0) > last_pass(src_vm.lines(), 0).unwrap() + 2,
         "the guest does not go on on the target"
     );
     let _ = std::fs::remove_file(key);
@@ -944,7 +931,7 @@ fn a_target_killed_or_stalled_in_precopy_leaves_the_source_running() {
         info["error-desc"]
     );
     assert_eq!(status(&mut src), "running");
-    let before = last_pass(&src_vm.lines(), 0).unwrap();
+    let before = last_pass(src_vm.lines(), 0).unwrap();
     assert!(passes_beyond(&src_vm, 0, before));
     // And then one that works.
     downtime_limit(&mut src, 60000);
@@ -966,7 +953,7 @@ fn ping_pong_five_hops() {
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         let (next_vm, mut next, _) =
             start(&format!("hop{hop}"), &key, "256M", &["--incoming", &uri]);
-        let before = last_pass(&vm.lines(), 0).unwrap_or(0);
+        let before = last_pass(vm.lines(), 0).unwrap_or(0);
         migrate(&mut q, &uri);
         check_report(&wait_migration(&mut q, Duration::from_secs(30)), false);
         assert_eq!(
@@ -1000,18 +987,10 @@ fn the_migrate_and_demo_commands_report_and_verify() {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let (dst_vm, mut dst, _) = start("cmd-dst", &key, "256M", &["--incoming", &uri]);
     // The source's socket, as `start` named it (tmp_path would remove it).
-    let sock = common::tmp_name("cmd-src.sock");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
-        .args(["migrate", "--qmp", &format!("unix:{}", sock.display())])
-        .args(["--downtime-limit", "60000", &uri])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sock = support::tmp_name("cmd-src.sock");
+    let qmp = format!("unix:{}", sock.display());
+    let (stdout, _) =
+        support::run_ok(["migrate", "--qmp", &qmp, "--downtime-limit", "60000", &uri]);
     for want in [
         "completed",
         "total time",
@@ -1025,7 +1004,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
     assert_eq!(status(&mut dst), "running");
     assert!(passes_beyond(&dst_vm, 0, 0));
     // A refused migration: the error, exit 1.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let out = std::process::Command::new(support::binary())
         .args([
             "migrate",
             "--qmp",
@@ -1037,7 +1016,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("postmigrate"));
     drop(dst_vm);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgsvmm"))
+    let out = std::process::Command::new(support::binary())
         .args([
             "demo",
             "--memory",
@@ -1067,7 +1046,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
 /// this build's binary, a free port and private paths).
 fn the_readme_migration_example_runs_as_pasted() {
     let _one = one_vm();
-    let block = common::readme_block("## Migrating guests");
+    let block = support::readme_block("## Migrating guests");
     let prefix = tmp_path("readme-mig").display().to_string();
     let port = free_port();
     let script = block
@@ -1075,7 +1054,10 @@ fn the_readme_migration_example_runs_as_pasted() {
         .filter(|l| !l.starts_with("cargo build"))
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("./target/release/cgsvmm", env!("CARGO_BIN_EXE_cgsvmm"))
+        .replace(
+            "./target/release/cgsvmm",
+            support::binary().to_str().unwrap(),
+        )
         .replace("/tmp/cgsvmm-", &format!("{prefix}-"))
         .replace("127.0.0.1:4444", &format!("127.0.0.1:{port}"));
     assert!(
@@ -1100,8 +1082,8 @@ fn the_readme_migration_example_runs_as_pasted() {
 }
 
 fn main() {
-    common::run_tests(&[(
-        common::kvm_missing(),
+    support::run_tests(&[(
+        support::kvm_missing(),
         &named!(
             a_stopped_dirtier_migrates_over_tcp_and_verifies_there,
             a_stopped_dirtier_migrates_over_a_unix_socket_and_verifies_there,

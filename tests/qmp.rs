@@ -4,8 +4,7 @@
 //! a process out of file descriptors.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use cgsvmm_test_support::{self as support, named};
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -14,32 +13,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{cpu_ticks, one_vm, tmp_path, Qmp, Vm};
+use support::{cpu_ticks, one_vm, tmp_path, Qmp, Vm};
 
 /// A running guest with a QMP socket and nothing on the serial port.
 fn vm_with_qmp(name: &str) -> (Vm, std::path::PathBuf) {
     let sock = tmp_path(name);
-    let vm = Vm::start(&[
-        "--memory",
-        "64M",
-        "--serial",
-        "null",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let mut vm = Vm::start(&["--memory", "64M", "--serial", "null", "--qmp", &sock.unix()]);
+    let sock = vm.own(sock);
     (vm, sock)
 }
 
-/// A raw connection, once the socket is there.
+/// A raw connection, once the socket is there, reads unbounded.
 fn connect(path: &Path) -> UnixStream {
-    let start = Instant::now();
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return s,
-            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("no QMP socket: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    let s = support::connect_raw(path);
+    s.set_read_timeout(None).unwrap();
+    s
 }
 
 fn a_command_hidden_in_an_oversized_message_never_runs() {
@@ -300,8 +288,8 @@ fn system_powerdown_names_the_host_as_its_cause() {
 }
 
 fn main() {
-    common::run_tests(&[(
-        common::kvm_missing(),
+    support::run_tests(&[(
+        support::kvm_missing(),
         &named!(
             a_command_hidden_in_an_oversized_message_never_runs,
             clients_that_never_read_stall_nobody,

@@ -17,10 +17,8 @@ use cgsvmm_migration::helper::{
     RECORD_STRIDE,
 };
 
-#[macro_use]
-#[path = "../../tests/common.rs"]
-mod common;
-use common::one_vm;
+use cgsvmm_test_support::{self as support, named};
+use support::one_vm;
 
 const KEY: [u8; 32] = [0x42; 32];
 const MEMORY: u64 = 32 * MIB;
@@ -64,16 +62,11 @@ fn vm_sealing(
 fn source() -> Vmm {
     let a = vm(LabGuest::Dirtier, KEY, 2, false);
     a.start().expect("start A");
-    let start = Instant::now();
-    while page(&a, 0x40_0000)[..8] == [0; 8]
-        || u64::from_le_bytes(page(&a, 0x40_0000)[..8].try_into().unwrap()) < 3
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "dirtier made no progress"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let passes = || u64::from_le_bytes(page(&a, 0x40_0000)[..8].try_into().unwrap());
+    assert!(
+        support::wait_until(Duration::from_secs(10), || passes() >= 3),
+        "dirtier made no progress"
+    );
     a.controller().lock().unwrap().stop().expect("pause A");
     a
 }
@@ -639,7 +632,7 @@ fn idle_helpers_leave_the_cpu_and_wake_for_work() {
         start.elapsed()
     );
     // Its vCPU thread is mostly asleep: little CPU over 300 ms.
-    let cpu = |tid: i32| common::cpu_ticks(std::process::id(), tid as u32);
+    let cpu = |tid: i32| support::cpu_ticks(std::process::id(), tid as u32);
     let tids: Vec<i32> = b
         .controller()
         .lock()
@@ -1221,8 +1214,8 @@ fn entropy_missing() -> Option<String> {
 }
 
 fn main() {
-    let kvm = common::kvm_missing();
-    common::run_tests(&[
+    let kvm = support::kvm_missing();
+    support::run_tests(&[
         (
             kvm.clone(),
             &named!(

@@ -1,6 +1,6 @@
 //! In-process tests: real KVM VMs built through the library, running the
 //! embedded bare-metal guests. They need /dev/kvm; without it they are
-//! reported as ignored, with the reason (`common::run_tests`).
+//! reported as ignored, with the reason (`support::run_tests`).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -17,10 +17,8 @@ use cgsvmm::x86::tsc::ClockMoment;
 use cgsvmm::Vmm;
 
 // Shared with the end-to-end tests: one VM at a time, KVM detection.
-#[macro_use]
-#[path = "../../tests/common.rs"]
-mod common;
-use common::one_vm;
+use cgsvmm_test_support::{self as support, named};
+use support::{one_vm, wait_until};
 
 fn serial_file(name: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("cgsvmm-{name}-{}.log", std::process::id()));
@@ -39,17 +37,6 @@ fn lab_config(guest: LabGuest, cpus: usize, serial: &Path) -> VmmConfig {
         helper: None,
         ..Default::default()
     }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    f()
 }
 
 fn ram_word(vmm: &Vmm, gpa: u64) -> u64 {
@@ -241,8 +228,8 @@ fn dirtier_uses_ram_on_both_sides_of_the_hole() {
 }
 
 fn main() {
-    common::run_tests(&[(
-        common::kvm_missing(),
+    support::run_tests(&[(
+        support::kvm_missing(),
         &named!(
             hello_prints_and_powers_off,
             mirror_vm_reads_what_the_main_vm_wrote,

@@ -141,11 +141,8 @@ impl Drop for Vmm {
 }
 
 /// The highest pass vCPU `vcpu` printed in `log`.
-pub fn last_pass(log: &str, vcpu: usize) -> Option<u64> {
-    let prefix = format!("dirtier: vcpu {vcpu} pass ");
-    log.lines()
-        .filter_map(|l| l.strip_prefix(&prefix)?.strip_suffix(" ok")?.parse().ok())
-        .max()
+fn last_pass(log: &str, vcpu: usize) -> Option<u64> {
+    cgsvmm::machine::lab::last_pass(log.lines(), vcpu)
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], DemoError> {

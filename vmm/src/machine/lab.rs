@@ -78,6 +78,22 @@ pub fn write_params(
     Ok(())
 }
 
+/// The highest pass the dirtier's vCPU `vcpu` reported in `lines` (its
+/// serial output: `dirtier: vcpu N pass P ok`).
+pub fn last_pass<S: AsRef<str>>(lines: impl IntoIterator<Item = S>, vcpu: usize) -> Option<u64> {
+    let prefix = format!("dirtier: vcpu {vcpu} pass ");
+    lines
+        .into_iter()
+        .filter_map(|l| {
+            l.as_ref()
+                .strip_prefix(&prefix)?
+                .strip_suffix(" ok")?
+                .parse()
+                .ok()
+        })
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
