@@ -16,7 +16,7 @@ use support::{kvm_missing, Vm};
 fn ring0_unavailable() -> Option<String> {
     if Path::new("/sys/module/kvm_pvm").exists() {
         return Some("this host's KVM is the PVM flavour: ring-0 guest code runs under the instruction emulator \
-                     (no x87; Linux and OVMF cannot finish booting; see shared/design/LAB.md)"
+                     (no x87; Linux and OVMF cannot finish booting; see docs/LAB.md)"
             .into());
     }
     None

@@ -1,7 +1,7 @@
 //! cgsvmm's migration: a VM's whole state leaves one cgsvmm process and
 //! resumes in another, every private page through the migration helpers.
 //!
-//! Module map (ARCHITECTURE.md §7):
+//! Module map (docs/ARCHITECTURE.md in the repository):
 //! - [`protocol`]: the wire format only (frames, kinds, bounds, checksums;
 //!   the sequence diagram);
 //! - [`transport`]: tcp, unix and file, the only module that knows about
@@ -13,7 +13,8 @@
 //! - [`helper`]: the migration-helper client (mailbox, batches, seal);
 //! - [`policy`]: when precopy switches over (a pure function);
 //! - [`source`]: precopy rounds, the switchover, the seal and the
-//!   authenticated answer; [`target`]: the receiver's state machine, which
+//!   authenticated answer; [`target`]: the receiver, the stream in its fixed
+//!   order, which
 //!   verifies the seal before any vCPU runs.
 //!
 //! The crate never depends on `vmm`: what it needs from a VM is the

@@ -1,4 +1,7 @@
-//! The receiving side: an explicit state machine over the stream.
+//! The receiving side: the stream read in its one fixed order, phase after
+//! phase (`Receiver::run`), each frame checked against the kind its place
+//! allows (`expect`); there is no state to go back to, so no state
+//! machine beyond that order:
 //!
 //! ```text
 //! Hello -> Config (checked against this VM before anything is written)

@@ -1,7 +1,7 @@
 //! Entering bare-metal code directly at CPL3 in 64-bit mode.
 //!
 //! The lab host's KVM emulates every CPL0 instruction but runs CPL3 natively
-//! (LAB.md), so the lab guests and the mirror payload start in user mode with
+//! (docs/LAB.md), so the lab guests and the mirror payload start in user mode with
 //! everything a kernel would have set up done by the VMM instead (the same
 //! setup can enter a lab guest at CPL0, [`Ring::Kernel`], on hosts whose ring
 //! 0 runs natively, for what only ring 0 may do: hypercalls):

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! These guests need native ring 0; on the PVM lab host they are loaded and
-//! started but cannot finish booting (LAB.md).
+//! started but cannot finish booting (docs/LAB.md).
 
 use std::fs::File;
 use std::path::PathBuf;

@@ -571,7 +571,7 @@ fn measure(config: BenchConfig, placement: &Placement) -> Result<BenchReport, Be
         .map_or(HostAead::Ring, |(aead, _)| aead);
 
     // Warm-up, not reported: the first touch of each guest page by a helper
-    // vCPU costs a shadow-paging fault on this host (LAB.md), paid once per
+    // vCPU costs a shadow-paging fault on this host (docs/LAB.md), paid once per
     // page whatever the protocol; steady state is what is compared.
     session(&mut src[0], &mut dst[0])?;
     batched_round(&mut src[..], &mut dst[..], &pages, placement)?;

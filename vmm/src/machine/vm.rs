@@ -1,6 +1,6 @@
 //! KVM VMs: the main VM the guest runs in and the mirror VM beside it.
 //!
-//! Both register the same memslots over the same host memory (LAB.md: plain
+//! Both register the same memslots over the same host memory (docs/LAB.md: plain
 //! KVM, same `userspace_addr`). The main VM gets the in-kernel irqchip and
 //! PIT; the mirror VM gets neither, since its vCPUs take no interrupts. With
 //! SEV the mirror would also share the encryption context

@@ -1,6 +1,6 @@
 //! CPUID for a vCPU: KVM's supported list, normalised per vCPU.
 //!
-//! Note (LAB.md): guest code at CPL3 on the PVM host executes CPUID natively
+//! Note (docs/LAB.md): guest code at CPL3 on the PVM host executes CPUID natively
 //! and sees the host's values whatever is set here; the table still matters
 //! for CPL0 guests (Linux, OVMF) on other hosts.
 
