@@ -467,12 +467,7 @@ fn the_readme_qmp_example_runs_as_pasted() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = support::succeeded(&out);
     assert!(stdout.contains("\"status\": \"paused\""), "{stdout}");
     assert!(stdout.contains("\"payload\""), "{stdout}");
 }

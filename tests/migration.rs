@@ -1028,12 +1028,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
         ])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = support::succeeded(&out);
     assert!(
         stdout.contains("verified: the guest checked its memory"),
         "{stdout}"
@@ -1069,9 +1064,7 @@ fn the_readme_migration_example_runs_as_pasted() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, _) = support::succeeded(&out);
     assert!(stdout.contains("\"status\": \"completed\""), "{stdout}");
     assert!(stdout.contains("\"status\": \"running\""), "{stdout}");
     assert!(stdout.contains("dirtier: vcpu"), "{stdout}");

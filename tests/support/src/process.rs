@@ -39,7 +39,11 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let out: Output = cgsvmm(args).output().unwrap();
+    succeeded(&cgsvmm(args).output().unwrap())
+}
+
+/// A finished process's stdout and stderr, asserting it succeeded.
+pub fn succeeded(out: &Output) -> (String, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{}: {stdout}{stderr}", out.status);
