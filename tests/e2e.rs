@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use cgsvmm::machine::lab::last_pass;
+use cgsvmm_vmm::machine::lab::last_pass;
 use support::{one_vm, tmp_path, Qmp, Vm};
 
 fn dirtier_runs_on_both_vcpus_until_quit() {
@@ -612,7 +612,7 @@ fn the_readme_usage_block_matches_the_help() {
         .collect();
     assert!(flags.len() > 10, "{help}");
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let start = readme.find("cgsvmm run [").expect("usage block");
     let usage = &readme[start..start + readme[start..].find("```").unwrap()];
     for flag in flags {

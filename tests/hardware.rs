@@ -26,7 +26,7 @@ fn ring0_unavailable() -> Option<String> {
 fn guest_image(name: &str) -> Option<PathBuf> {
     let dir = std::env::var_os("CGSVMM_IMAGES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/images"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/images"));
     let path = dir.join(name);
     path.exists().then_some(path)
 }

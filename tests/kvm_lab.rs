@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/kvm-lab")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/kvm-lab")
 }
 
 /// Why the lab cannot run here, if it cannot.

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use cgsvmm::machine::lab::last_pass;
 use cgsvmm_migration::protocol::{self, FrameKind};
+use cgsvmm_vmm::machine::lab::last_pass;
 use support::{free_port, one_vm, tmp_path, wait_until, Qmp, Vm};
 
 const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use cgsvmm_fw_abi::GpaRange;
 
-const PAGE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
 
 /// Why a range or a map is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

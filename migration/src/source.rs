@@ -45,7 +45,7 @@ pub const PAGES_PER_FRAME: usize = 256;
 pub const SHARED_PAGE_STRIDE: usize = 8 + PAGE;
 /// Bytes buffered before the socket is written.
 const WRITE_BUFFER: usize = 1 << 20;
-const PAGE: usize = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE as PAGE;
 
 /// Migrates `vm` to `uri`; on success the guest stays paused here. The
 /// guest is paused only once the target has answered the handshake (it

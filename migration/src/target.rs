@@ -40,7 +40,7 @@ use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
 use crate::transport::Channel;
 use crate::{MigratableVm, MigrationError, Progress, SavedState, Side, VmError};
 
-const PAGE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
 /// Bytes read ahead from the channel.
 const READ_BUFFER: usize = 1 << 20;
 

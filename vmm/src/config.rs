@@ -187,6 +187,12 @@ pub const MAX_CPUS: usize = mptable::MAX_CPUS;
 /// Most mirror vCPUs.
 pub const MAX_MIRROR_CPUS: usize = cgsvmm_fw_abi::MAX_MIRROR_VCPUS;
 
+/// Why an SEV guest takes no transport key from the host (the
+/// [`ConfigError::Conflict`] for it).
+pub const SEV_WITH_TRANSPORT_KEY: &str =
+    "with --confidential sev the transport key comes in the guest owner's \
+     launch secret (--sev-secret), not --transport-key-file";
+
 /// Configuration errors; each message is the whole story for the user.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -418,6 +424,10 @@ impl VmmConfig {
                  give --transport-key-file (or --confidential sev)",
             ));
         }
+        let given_key = self.helper.as_ref().is_some_and(|h| h.key.is_some());
+        if matches!(self.confidential, Confidential::Sev(_)) && given_key {
+            return Err(ConfigError::Conflict(SEV_WITH_TRANSPORT_KEY));
+        }
         if !(1..=MAX_CPUS).contains(&self.cpus) {
             return Err(ConfigError::CpuCount {
                 flag: "cpus",
@@ -531,6 +541,23 @@ mod tests {
     fn validation() {
         let ok = VmmConfig::default();
         assert_eq!(ok.validate_with_host_memory(Some(1 << 30)), Ok(()));
+        let sev = VmmConfig {
+            confidential: Confidential::Sev(Default::default()),
+            helper: Some(HelperLaunch::default()),
+            ..ok.clone()
+        };
+        assert_eq!(sev.validate_with_host_memory(None), Ok(()));
+        let keyed = VmmConfig {
+            helper: Some(HelperLaunch {
+                key: Some([7; 32]),
+                ..Default::default()
+            }),
+            ..sev
+        };
+        assert_eq!(
+            keyed.validate_with_host_memory(None),
+            Err(ConfigError::Conflict(SEV_WITH_TRANSPORT_KEY))
+        );
         let c = VmmConfig {
             cpus: 0,
             ..ok.clone()

@@ -7,22 +7,22 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use cgsvmm::boot::cpl3::MIRROR_LAYOUT;
-use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::memory::MIB;
-use cgsvmm::Vmm;
 use cgsvmm_fw_abi::helper::{caps, cmd};
 use cgsvmm_migration::helper::{
     record_header, set_record_header, GpaRange, HelperClient, HelperError, HelperStatus,
     RECORD_STRIDE,
 };
+use cgsvmm_vmm::boot::cpl3::MIRROR_LAYOUT;
+use cgsvmm_vmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm_vmm::memory::MIB;
+use cgsvmm_vmm::Vmm;
 
 use cgsvmm_test_support::{self as support, named};
 use support::one_vm;
 
 const KEY: [u8; 32] = [0x42; 32];
 const MEMORY: u64 = 32 * MIB;
-const PAGE: usize = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE as PAGE;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn vm(guest: LabGuest, key: [u8; 32], helpers: usize, debug: bool) -> Vmm {
@@ -1023,7 +1023,7 @@ fn two_helpers_configured_with_one_index_never_share_a_mailbox() {
 
 fn a_helper_with_unusable_ram_ranges_serves_nothing() {
     let _one = one_vm();
-    let header = cgsvmm::boot::images::HELPER.helper_header().unwrap();
+    let header = cgsvmm_vmm::boot::images::HELPER.helper_header().unwrap();
     let ram = std::mem::offset_of!(cgsvmm_fw_abi::helper::HelperConfig, ram) as u64;
     // More pages than the generation table has entries (the completeness
     // walk would read past it).

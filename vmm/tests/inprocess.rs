@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use cgsvmm::config::{BootConfig, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::control::RunState;
-use cgsvmm::machine::exit::ExitReason;
-use cgsvmm::machine::mirror::PROBE_GPA;
-use cgsvmm::memory::MIB;
-use cgsvmm::x86::tsc::ClockMoment;
-use cgsvmm::Vmm;
+use cgsvmm_vmm::config::{BootConfig, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm_vmm::control::RunState;
+use cgsvmm_vmm::machine::exit::ExitReason;
+use cgsvmm_vmm::machine::mirror::PROBE_GPA;
+use cgsvmm_vmm::memory::MIB;
+use cgsvmm_vmm::x86::tsc::ClockMoment;
+use cgsvmm_vmm::Vmm;
 
 // Shared with the end-to-end tests: one VM at a time, KVM detection.
 use cgsvmm_test_support::{self as support, named};

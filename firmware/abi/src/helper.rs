@@ -119,7 +119,7 @@ pub const MAX_BATCH: u32 = 64;
 /// Requests a mailbox holds at once.
 pub const QUEUE_DEPTH: u32 = 4;
 /// Guest page size the MH moves.
-pub const PAGE_SIZE: usize = 4096;
+pub use crate::PAGE_SIZE;
 
 /// Follows the image header in an MH image.
 #[repr(C)]

@@ -45,6 +45,12 @@ pub mod helper;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// The guest page size: what the helper seals, dirty logging tracks and
+/// the stream moves (the one definition; everything else imports it).
+pub const PAGE_SIZE: usize = 4096;
+/// [`PAGE_SIZE`] for guest-physical arithmetic.
+pub const PAGE_SIZE_U64: u64 = PAGE_SIZE as u64;
+
 /// The KVM hypercall a guest converts pages between private and shared
 /// with (KVM_HC_MAP_GPA_RANGE, Linux's include/uapi/linux/kvm_para.h): the
 /// VMM answers it, the ring-0 dirtier makes it.

@@ -4,8 +4,7 @@
 
 use crate::abi::GpaRange;
 
-/// Guest page size.
-const PAGE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
 
 fn aligned(r: &GpaRange) -> bool {
     r.start.is_multiple_of(PAGE) && r.end.is_multiple_of(PAGE)

@@ -15,7 +15,7 @@ pub const FIRMWARE_END: u64 = 1 << 32;
 /// Largest image: it must stay above the IOAPIC/LAPIC window and the mirror
 /// region (0xff00_0000 and up is free).
 pub const FIRMWARE_MAX: u64 = 16 << 20;
-const PAGE_SIZE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE_SIZE;
 
 /// A firmware image mapped for the guest.
 pub struct Firmware {

@@ -70,7 +70,7 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 /// PVH start info magic and version with a memory map.
 const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 const PVH_VERSION_WITH_MEMMAP: u32 = 1;
-const PAGE_SIZE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE_SIZE;
 
 /// What the user gave to boot Linux.
 #[derive(Debug, Clone, PartialEq, Eq)]

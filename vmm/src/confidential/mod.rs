@@ -23,12 +23,43 @@ pub enum Confidential {
     Sev(SevConfig),
 }
 
+/// Which backend, without its launch data: what the stream's config record
+/// names and both sides must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// No memory encryption.
+    None,
+    /// AMD SEV.
+    Sev,
+}
+
+impl Backend {
+    /// Its name, as `--confidential` takes it and the stream carries it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::None => "none",
+            Backend::Sev => "sev",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Confidential {
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Confidential::None => Backend::None,
+            Confidential::Sev(_) => Backend::Sev,
+        }
+    }
+
     /// The backend's name, as `--confidential` takes it.
     pub fn name(&self) -> &'static str {
-        match self {
-            Confidential::None => "none",
-            Confidential::Sev(_) => "sev",
-        }
+        self.backend().name()
     }
 }

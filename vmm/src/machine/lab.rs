@@ -10,7 +10,7 @@ use crate::boot::cpl3::LAB_LAYOUT;
 use crate::boot::BootError;
 use crate::memory::MemoryLayout;
 
-const PAGE_SIZE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE_SIZE;
 
 /// Splits the lab data area (RAM from `LAB_DATA_GPA`, both sides of the
 /// hole) into `vcpus` contiguous, page-aligned slices of near-equal size.

@@ -19,6 +19,7 @@ use cgsvmm_migration::{dirty, MigratableVm, SavedState, VmError};
 
 use super::devices::MigratableDevices;
 use super::throttle::Throttle;
+use crate::confidential::Backend;
 use crate::control::job::MigrationStatus;
 use crate::control::{Controller, Event};
 use crate::machine::exit::ExitHandle;
@@ -27,8 +28,7 @@ use crate::machine::vm;
 use crate::memory::{slots_of, Memory};
 use crate::x86::tsc::ClockMoment;
 
-/// Bytes of a page.
-const PAGE: u64 = cgsvmm_fw_abi::helper::PAGE_SIZE as u64;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
 
 /// How long a helper may take to answer one request during a migration.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,8 +49,8 @@ pub struct VmLink {
     pub helpers: usize,
     /// Main vCPUs.
     pub vcpus: usize,
-    /// "none" or "sev".
-    pub backend: &'static str,
+    /// The confidential backend.
+    pub backend: Backend,
     /// The CPUID the vCPUs were given.
     pub cpuid: Vec<CpuidEntry>,
     /// The MSRs each vCPU saves.
@@ -95,7 +95,7 @@ impl MigratableVm for VmLink {
             ram: self.memory.layout.ram_ranges(),
             vcpus: self.vcpus as u32,
             helpers: self.helpers as u32,
-            backend: self.backend.to_string(),
+            backend: self.backend.name().to_string(),
             helper_abi: MH_ABI_VERSION,
             cpuid: self.cpuid.clone(),
             msrs: self.msrs.clone(),

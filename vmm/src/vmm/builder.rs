@@ -113,7 +113,7 @@ impl Machine {
             config.mirror_cpus,
             abi::MIRROR_REGION_GPA,
             abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE,
-            backend_name(&config.confidential),
+            config.confidential.name(),
             if config.incoming.is_some() { "; built for an incoming migration" } else { "" }
         );
         let shared = Arc::new(Mutex::new(SharedMap::default()));
@@ -308,7 +308,7 @@ impl Machine {
                 links: links.clone(),
                 helpers: config.mirror_cpus,
                 vcpus: config.cpus,
-                backend: backend_name(&config.confidential),
+                backend: config.confidential.backend(),
                 cpuid: cpuid.as_slice().iter().map(CpuidEntry::from).collect(),
                 msrs: msrs.to_vec(),
                 devices: MigratableDevices {
@@ -368,13 +368,6 @@ impl Machine {
             _firmware: firmware,
             _kvm: kvm,
         })
-    }
-}
-
-fn backend_name(c: &Confidential) -> &'static str {
-    match c {
-        Confidential::None => "none",
-        Confidential::Sev(_) => "sev",
     }
 }
 

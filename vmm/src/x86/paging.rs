@@ -16,7 +16,7 @@ pub const PTE_USER: u64 = 1 << 2;
 /// Large page (2 MiB in a PD entry).
 pub const PTE_HUGE: u64 = 1 << 7;
 
-const PAGE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
 const HUGE_PAGE: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;
 const PML4_SPAN: u64 = 512 * GIB;

@@ -22,7 +22,7 @@ use cgsvmm_guests::{
 
 guest_image!(abi::IMAGE_KIND_LAB, main);
 
-const PAGE_SIZE: u64 = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE_SIZE;
 /// KVM_HC_MAP_GPA_RANGE's `attrs` for shared ("decrypted") 4 KiB pages.
 const MAP_GPA_SHARED_4K: u64 = 0;
 const WORDS_PER_PAGE: u64 = PAGE_SIZE / 8;

@@ -49,6 +49,8 @@ use crate::mailbox::Mailbox;
 use crate::Env;
 
 const PAGE: usize = h::PAGE_SIZE;
+// The AEAD's unit is the guest page.
+const _: () = assert!(cgsvmm_page_gcm::PAGE == PAGE);
 /// Nonce "helper index" of the sealed end record.
 const SEAL_HELPER: u32 = u32::MAX;
 /// Nonce counters: one per helper and one for the seal.

@@ -31,7 +31,7 @@ pub struct QmpArgs {
         long,
         default_value = "10",
         allow_negative_numbers = true,
-        value_parser = cgsvmm::config::parse_seconds
+        value_parser = cgsvmm_vmm::config::parse_seconds
     )]
     timeout: std::time::Duration,
 }

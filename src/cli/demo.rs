@@ -17,7 +17,7 @@ use super::qmp::Session;
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = cgsvmm::config::parse_memory)]
+    #[arg(long, default_value = "256M", value_parser = cgsvmm_vmm::config::parse_memory)]
     memory: u64,
     /// Guest vCPUs (1-8).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -39,7 +39,7 @@ pub struct DemoArgs {
 /// `cgsvmm demo`: the same checks `run` makes on the memory size, before
 /// anything starts; then the demo and its verdict.
 pub fn exec(a: DemoArgs) -> std::process::ExitCode {
-    let probe = cgsvmm::VmmConfig {
+    let probe = cgsvmm_vmm::VmmConfig {
         memory: a.memory,
         ..Default::default()
     };
@@ -142,7 +142,7 @@ impl Drop for Vmm {
 
 /// The highest pass vCPU `vcpu` printed in `log`.
 fn last_pass(log: &str, vcpu: usize) -> Option<u64> {
-    cgsvmm::machine::lab::last_pass(log.lines(), vcpu)
+    cgsvmm_vmm::machine::lab::last_pass(log.lines(), vcpu)
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], DemoError> {

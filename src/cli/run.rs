@@ -7,12 +7,14 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 
-use cgsvmm::boot::linux::LinuxConfig;
-use cgsvmm::confidential::sev::{self, LaunchSecret, SevConfig};
-use cgsvmm::confidential::Confidential;
-use cgsvmm::config::{self, BootConfig, HelperLaunch, Incoming, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::machine::exit::ExitReason;
-use cgsvmm::{Vmm, VmmError};
+use cgsvmm_vmm::boot::linux::LinuxConfig;
+use cgsvmm_vmm::confidential::sev::{self, LaunchSecret, SevConfig};
+use cgsvmm_vmm::confidential::Confidential;
+use cgsvmm_vmm::config::{
+    self, BootConfig, HelperLaunch, Incoming, LabGuest, SerialConfig, VmmConfig,
+};
+use cgsvmm_vmm::machine::exit::ExitReason;
+use cgsvmm_vmm::{Vmm, VmmError};
 
 /// The kernel command line when `--cmdline` is not given.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -126,10 +128,11 @@ impl TryFrom<RunArgs> for VmmConfig {
                 ))
             }
             ConfidentialArg::None => Confidential::None,
+            // Checked before the key file is read (VmmConfig::validate checks
+            // it again for every other caller).
             ConfidentialArg::Sev if a.transport_key_file.is_some() => {
                 return Err(config::ConfigError::Conflict(
-                    "with --confidential sev the transport key comes in the guest owner's \
-                     launch secret (--sev-secret), not --transport-key-file",
+                    config::SEV_WITH_TRANSPORT_KEY,
                 ))
             }
             ConfidentialArg::Sev => {

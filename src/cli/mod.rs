@@ -38,11 +38,11 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 
 /// A running VMM's QMP socket as `run --qmp` took it (`unix:PATH`, the
 /// same parser), or just its path.
-pub fn parse_qmp_socket(s: &str) -> Result<PathBuf, cgsvmm::config::ConfigError> {
+pub fn parse_qmp_socket(s: &str) -> Result<PathBuf, cgsvmm_vmm::config::ConfigError> {
     if s.starts_with('/') || s.starts_with('.') || !s.contains(':') {
         return Ok(PathBuf::from(s));
     }
-    cgsvmm::config::parse_qmp(s)
+    cgsvmm_vmm::config::parse_qmp(s)
 }
 
 #[cfg(test)]

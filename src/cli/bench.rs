@@ -30,9 +30,9 @@ use aes_gcm::Aes256Gcm;
 
 use cgsvmm_migration::helper::{HelperClient, HelperError, RECORD_STRIDE};
 
-use cgsvmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
-use cgsvmm::memory::MIB;
-use cgsvmm::{Vmm, VmmError};
+use cgsvmm_vmm::config::{BootConfig, HelperLaunch, LabGuest, SerialConfig, VmmConfig};
+use cgsvmm_vmm::memory::MIB;
+use cgsvmm_vmm::{Vmm, VmmError};
 
 /// What `cgsvmm bench` measures.
 #[derive(clap::Subcommand)]
@@ -51,7 +51,7 @@ pub enum BenchCommand {
             long,
             default_value = "1.0",
             allow_negative_numbers = true,
-            value_parser = cgsvmm::config::parse_seconds
+            value_parser = cgsvmm_vmm::config::parse_seconds
         )]
         host_seconds: std::time::Duration,
     },
@@ -78,7 +78,7 @@ pub fn exec(what: BenchCommand) -> std::process::ExitCode {
     }
 }
 
-const PAGE: usize = 4096;
+use cgsvmm_fw_abi::PAGE_SIZE as PAGE;
 const SEED: &str = "seed (1 page/round trip)";
 const ONE_HELPER: &str = "batched, 1 helper";
 const TWO_HELPERS: &str = "batched, 2 helpers";
@@ -253,7 +253,7 @@ impl Placement {
         if let Some(cpu) = self.client(i) {
             // A failed pin only costs stability of the numbers, not their
             // truth: carry on unpinned.
-            let _ = cgsvmm::machine::vcpu::pin_thread(0, cpu);
+            let _ = cgsvmm_vmm::machine::vcpu::pin_thread(0, cpu);
         }
     }
 
@@ -468,7 +468,7 @@ impl HostAead {
         std::thread::scope(|s| {
             s.spawn(move || {
                 if let Some(cpu) = cpu {
-                    let _ = cgsvmm::machine::vcpu::pin_thread(0, cpu);
+                    let _ = cgsvmm_vmm::machine::vcpu::pin_thread(0, cpu);
                 }
                 self.rate_here(time, pages)
             })
