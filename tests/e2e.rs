@@ -17,19 +17,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use cgsvmm_vmm::machine::lab::last_pass;
-use support::{one_vm, tmp_path, Qmp, Vm};
+use support::{one_vm, tmp_path, Qmp, VmArgs};
 
 fn dirtier_runs_on_both_vcpus_until_quit() {
     let _one = one_vm();
     let sock = tmp_path("quit.sock");
-    let mut vm = Vm::start(&[
-        "--memory",
-        "256M",
-        "--cpus",
-        "2",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let mut vm = VmArgs::new().memory("256M").cpus(2).qmp(&sock).start();
     let start = Instant::now();
     for vcpu in 0..2 {
         let want = format!("dirtier: vcpu {vcpu} pass ");
@@ -66,7 +59,7 @@ fn dirtier_runs_on_both_vcpus_until_quit() {
 
 fn ctrl_c_exits_cleanly() {
     let _one = one_vm();
-    let mut vm = Vm::start(&["--cpus", "1"]);
+    let mut vm = VmArgs::new().cpus(1).start();
     assert!(vm
         .wait_for_line(Duration::from_secs(5), |l| l
             .starts_with("dirtier: vcpu 0 pass"))
@@ -83,14 +76,7 @@ fn ctrl_c_exits_cleanly() {
 fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
     let _one = one_vm();
     let sock = tmp_path("stop.sock");
-    let vm = Vm::start(&[
-        "--memory",
-        "256M",
-        "--cpus",
-        "2",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let vm = VmArgs::new().memory("256M").cpus(2).qmp(&sock).start();
     for vcpu in 0..2 {
         let want = format!("dirtier: vcpu {vcpu} pass");
         assert!(
@@ -167,14 +153,12 @@ fn stop_pauses_the_guest_while_the_mirror_counts_and_cont_resumes() {
 fn qmp_survives_malformed_input() {
     let _one = one_vm();
     let sock = tmp_path("bad.sock");
-    let mut vm = Vm::start(&[
-        "--guest",
-        "dirtier",
-        "--serial",
-        "null",
-        "--qmp",
-        &format!("unix:{},server,nowait", sock.display()),
-    ]);
+    let mut vm = VmArgs::new()
+        .guest("dirtier")
+        .serial("null")
+        .arg("--qmp")
+        .arg(format!("unix:{},server,nowait", sock.display()))
+        .start();
     let mut qmp = Qmp::connect(&sock);
     let early = qmp.send_raw("{\"execute\": \"stop\"}\n");
     assert_eq!(early["error"]["class"], "CommandNotFound");
@@ -227,7 +211,7 @@ fn sev_on_a_host_without_it_fails_with_the_reason() {
 
 fn hello_exits_zero_after_its_line() {
     let _one = one_vm();
-    let mut vm = Vm::start(&["--guest", "hello"]);
+    let mut vm = VmArgs::new().guest("hello").start();
     assert_eq!(
         vm.wait_exit(Duration::from_secs(20)),
         Some(0),
@@ -476,12 +460,7 @@ fn the_readme_qmp_example_runs_as_pasted() {
 fn the_qmp_subcommand_runs_one_command_and_prints_its_reply() {
     let _one = one_vm();
     let sock = tmp_path("qmp-cli.sock");
-    let mut vm = Vm::start(&[
-        "--serial",
-        "null",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let mut vm = VmArgs::new().serial("null").qmp(&sock).start();
     let qmp = |args: &[&str]| {
         Command::new(support::binary())
             .arg("qmp")
@@ -520,18 +499,14 @@ fn the_migration_helper_runs_on_the_mirror_when_a_key_is_given() {
     let key = tmp_path("transport.key");
     std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
     let sock = tmp_path("helper.sock");
-    let mut vm = Vm::start(&[
-        "--cpus",
-        "2",
-        "--mirror-cpus",
-        "2",
-        "--transport-key-file",
-        key.to_str().unwrap(),
-        "--uuid",
-        "6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let mut vm = VmArgs::new()
+        .cpus(2)
+        .mirror_cpus(2)
+        .transport_key(&key)
+        .arg("--uuid")
+        .arg("6a1d3c52-8f0e-4b6e-9a77-3c2b5d1e0f42")
+        .qmp(&sock)
+        .start();
     assert!(vm
         .wait_for_line(Duration::from_secs(5), |l| l
             .starts_with("dirtier: vcpu 1 pass"))

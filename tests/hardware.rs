@@ -10,7 +10,7 @@ use cgsvmm_test_support::{self as support, named};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{kvm_missing, Vm};
+use support::{kvm_missing, VmArgs};
 
 /// Why this host cannot boot Linux or OVMF guests, if it cannot.
 fn ring0_unavailable() -> Option<String> {
@@ -42,14 +42,11 @@ fn linux_missing() -> Option<String> {
 
 fn linux_boots_to_its_banner() {
     let kernel = guest_image("vmlinuz").unwrap();
-    let vm = Vm::start(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0 panic=-1",
-        "--memory",
-        "512M",
-    ]);
+    let vm = VmArgs::new()
+        .kernel(&kernel)
+        .cmdline("console=ttyS0 panic=-1")
+        .memory("512M")
+        .start();
     let banner = vm.wait_for_line(Duration::from_secs(50), |l| l.contains("Linux version"));
     assert!(banner.is_some(), "no kernel banner: {:?}", vm.lines());
 }
@@ -65,7 +62,7 @@ fn ovmf_missing() -> Option<String> {
 
 fn ovmf_reaches_its_boot_manager() {
     let firmware = guest_image("OVMF.fd").unwrap();
-    let vm = Vm::start(&["--firmware", firmware.to_str().unwrap(), "--memory", "512M"]);
+    let vm = VmArgs::new().firmware(&firmware).memory("512M").start();
     // OVMF's boot manager reports on the serial console once DXE is up.
     let bds = vm.wait_for_line(Duration::from_secs(50), |l| l.contains("BdsDxe"));
     assert!(
@@ -92,14 +89,12 @@ fn sev_unavailable() -> Option<String> {
 /// (its heartbeat grows) and QMP hands out the launch measurement.
 fn sev_launch_runs_the_helper_and_reports_the_measurement() {
     let sock = std::env::temp_dir().join(format!("cgsvmm-sev-{}.sock", std::process::id()));
-    let mut vm = Vm::start(&[
-        "--confidential",
-        "sev",
-        "--guest",
-        "dirtier",
-        "--qmp",
-        &format!("unix:{}", sock.display()),
-    ]);
+    let mut vm = VmArgs::new()
+        .arg("--confidential")
+        .arg("sev")
+        .guest("dirtier")
+        .qmp(&sock)
+        .start();
     let mut qmp = support::Qmp::negotiate(&sock);
     let measure = qmp.cmd("query-sev-launch-measure");
     assert!(

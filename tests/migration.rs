@@ -18,37 +18,27 @@ use serde_json::{json, Value};
 
 use cgsvmm_migration::protocol::{self, FrameKind};
 use cgsvmm_vmm::machine::lab::last_pass;
-use support::{free_port, one_vm, tmp_path, wait_until, Qmp, Vm};
+use support::{free_port, key_file, one_vm, tmp_path, wait_until, Qmp, Vm, VmArgs};
 
 const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
 const OTHER_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const RAM_PAGES: u64 = 256 * 256;
 
-fn key_file(name: &str, key: &str) -> PathBuf {
-    let path = tmp_path(name).path().to_path_buf();
-    std::fs::write(&path, key).unwrap();
-    path
-}
-
-/// `cgsvmm run` with a helper and a QMP socket, plus `extra`.
-fn start(name: &str, key: &Path, memory: &str, extra: &[&str]) -> (Vm, Qmp, PathBuf) {
+/// `cgsvmm run` with a helper and a QMP socket, plus what `extra` adds.
+fn start(
+    name: &str,
+    key: &Path,
+    memory: &str,
+    extra: impl FnOnce(VmArgs) -> VmArgs,
+) -> (Vm, Qmp, PathBuf) {
     let sock = tmp_path(&format!("{name}.sock"));
-    let qmp = format!("unix:{}", sock.display());
-    let key = key.display().to_string();
-    let mut args = vec![
-        "--memory",
-        memory,
-        "--cpus",
-        "2",
-        "--mirror-cpus",
-        "2",
-        "--transport-key-file",
-        &key,
-        "--qmp",
-        &qmp,
-    ];
-    args.extend_from_slice(extra);
-    let mut vm = Vm::start(&args);
+    let args = VmArgs::new()
+        .memory(memory)
+        .cpus(2)
+        .mirror_cpus(2)
+        .transport_key(key)
+        .qmp(&sock);
+    let mut vm = extra(args).start();
     let q = Qmp::negotiate(&sock);
     let sock = vm.own(sock);
     (vm, q, sock)
@@ -58,7 +48,7 @@ fn start(name: &str, key: &Path, memory: &str, extra: &[&str]) -> (Vm, Qmp, Path
 /// switch over as soon as precopy's first round is sent (these tests are
 /// about the stream; the live tests set their own limits).
 fn source(name: &str, key: &Path) -> (Vm, Qmp) {
-    let (vm, mut q, _) = start(name, key, "256M", &[]);
+    let (vm, mut q, _) = start(name, key, "256M", |a| a);
     downtime_limit(&mut q, 60000);
     for vcpu in 0..2 {
         assert!(
@@ -79,7 +69,7 @@ fn passes_beyond(vm: &Vm, vcpu: usize, pass: u64) -> bool {
 
 /// A target waiting at `incoming`, paused after the migration.
 fn target(name: &str, key: &Path, memory: &str, incoming: &str) -> (Vm, Qmp) {
-    let (vm, mut q, _) = start(name, key, memory, &["--incoming", incoming, "--paused"]);
+    let (vm, mut q, _) = start(name, key, memory, |a| a.incoming(incoming).paused());
     assert_eq!(status(&mut q), "inmigrate");
     (vm, q)
 }
@@ -619,7 +609,7 @@ fn a_migrated_guest_migrates_on() {
     let key = key_file("chain.key", KEY);
     let (a_vm, mut a) = source("chain-a", &key);
     let uri_b = format!("tcp:127.0.0.1:{}", free_port());
-    let (b_vm, mut b, _) = start("chain-b", &key, "256M", &["--incoming", &uri_b]);
+    let (b_vm, mut b, _) = start("chain-b", &key, "256M", |a| a.incoming(&uri_b));
     migrate(&mut a, &uri_b);
     check_report(&wait_migration(&mut a, Duration::from_secs(30)), false);
     assert_eq!(
@@ -763,7 +753,7 @@ fn incoming_defer_and_bad_requests() {
     let _one = one_vm();
     let key = key_file("defer.key", KEY);
     let (src_vm, mut src) = source("defer-src", &key);
-    let (dst_vm, mut dst, _) = start("defer-dst", &key, "256M", &["--incoming", "defer"]);
+    let (dst_vm, mut dst, _) = start("defer-dst", &key, "256M", |a| a.incoming("defer"));
     assert_eq!(status(&mut dst), "inmigrate");
     for (cmd, args, want) in [
         ("migrate", json!({}), "'uri' is missing"),
@@ -844,7 +834,7 @@ fn a_running_dirtier_migrates_live_in_rounds() {
         "{r}"
     );
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let (dst_vm, mut dst, _) = start("live-dst", &key, "256M", &["--incoming", &uri]);
+    let (dst_vm, mut dst, _) = start("live-dst", &key, "256M", |a| a.incoming(&uri));
     let before = last_pass(src_vm.lines(), 0).unwrap();
     migrate(&mut src, &uri);
     // During precopy the guest runs and works.
@@ -952,7 +942,7 @@ fn ping_pong_five_hops() {
     for hop in 1..=5 {
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         let (next_vm, mut next, _) =
-            start(&format!("hop{hop}"), &key, "256M", &["--incoming", &uri]);
+            start(&format!("hop{hop}"), &key, "256M", |a| a.incoming(&uri));
         let before = last_pass(vm.lines(), 0).unwrap_or(0);
         migrate(&mut q, &uri);
         check_report(&wait_migration(&mut q, Duration::from_secs(30)), false);
@@ -985,7 +975,7 @@ fn the_migrate_and_demo_commands_report_and_verify() {
     let key = key_file("cmd.key", KEY);
     let (_src_vm, _src) = source("cmd-src", &key);
     let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let (dst_vm, mut dst, _) = start("cmd-dst", &key, "256M", &["--incoming", &uri]);
+    let (dst_vm, mut dst, _) = start("cmd-dst", &key, "256M", |a| a.incoming(&uri));
     // The source's socket, as `start` named it (tmp_path would remove it).
     let sock = support::tmp_name("cmd-src.sock");
     let qmp = format!("unix:{}", sock.display());
@@ -1074,6 +1064,57 @@ fn the_readme_migration_example_runs_as_pasted() {
     }
 }
 
+/// `quit` while the migration cannot connect (a Unix listener whose
+/// backlog is full never completes connect(2)) or waits on a snapshot that
+/// is a FIFO ends the process at once: nothing the VMM joins at exit
+/// blocks.
+fn quit_while_a_migration_is_stuck_connecting_exits_at_once() {
+    let _one = one_vm();
+    let key = key_file("trap.key", KEY);
+    let (mut vm, mut q, _) = start("trap", &key, "256M", |a| a);
+    let trap = tmp_path("trap.mig");
+    let listener =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&socket2::SockAddr::unix(trap.path()).unwrap())
+        .unwrap();
+    listener.listen(0).unwrap();
+    // Backlog 0 holds one connection; the VMM's is the second.
+    let _first = std::os::unix::net::UnixStream::connect(trap.path()).unwrap();
+    let r = call(
+        &mut q,
+        "migrate",
+        json!({"uri": format!("unix:{}", trap.display())}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(q.cmd("query-migrate")["status"], "active");
+    q.cmd("quit");
+    let asked = Instant::now();
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        vm.stderr.lock().unwrap()
+    );
+    eprintln!("quit while connecting: exited in {:?}", asked.elapsed());
+
+    let (mut dst_vm, mut dst, _) = start("fifo-dst", &key, "256M", |a| a.incoming("defer"));
+    let fifo = tmp_path("snapshot.fifo");
+    let path = std::ffi::CString::new(fifo.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let r = call(
+        &mut dst,
+        "migrate-incoming",
+        json!({"uri": format!("file:{}", fifo.display())}),
+    );
+    let desc = r["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("not a regular file"), "{r}");
+    dst.cmd("quit");
+    assert_eq!(dst_vm.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
 fn main() {
     support::run_tests(&[(
         support::kvm_missing(),
@@ -1093,6 +1134,7 @@ fn main() {
             a_target_killed_or_stalled_in_precopy_leaves_the_source_running,
             ping_pong_five_hops,
             the_migrate_and_demo_commands_report_and_verify,
+            quit_while_a_migration_is_stuck_connecting_exits_at_once,
         ),
     )]);
 }

@@ -13,12 +13,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use support::{cpu_ticks, one_vm, tmp_path, Qmp, Vm};
+use support::{cpu_ticks, one_vm, tmp_path, Qmp, Vm, VmArgs};
 
 /// A running guest with a QMP socket and nothing on the serial port.
 fn vm_with_qmp(name: &str) -> (Vm, std::path::PathBuf) {
     let sock = tmp_path(name);
-    let mut vm = Vm::start(&["--memory", "64M", "--serial", "null", "--qmp", &sock.unix()]);
+    let mut vm = VmArgs::new()
+        .memory("64M")
+        .serial("null")
+        .qmp(&sock)
+        .start();
     let sock = vm.own(sock);
     (vm, sock)
 }

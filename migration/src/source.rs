@@ -32,7 +32,7 @@ use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::ranges::SharedMap;
 use crate::state::{self, StreamMode};
 pub use crate::transport::Cancel;
-use crate::transport::{self, Channel, Uri};
+use crate::transport::{self, Channel, TransportError, Uri};
 use crate::{MigratableVm, MigrationError, Progress, SavedState, Side, VmError};
 
 /// Why two sides' session ids differ.
@@ -65,7 +65,10 @@ pub fn send(
     progress
         .max_bandwidth
         .store(params.max_bandwidth, Ordering::Relaxed);
-    let channel = transport::connect(uri)?;
+    let channel = transport::connect_unless(uri, cancel).map_err(|e| match e {
+        TransportError::Cancelled(_) => MigrationError::Cancelled,
+        e => e.into(),
+    })?;
     // A target that stops reading fails the migration, rather than hold
     // the guest paused until someone cancels.
     channel

@@ -10,6 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+
+use socket2::{SockAddr, Socket, Type};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -193,18 +195,45 @@ impl Uri {
 /// The source's side: connects to a waiting target, or creates the
 /// snapshot file (refusing to overwrite one).
 pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
+    connect_unless(uri, &Cancel::default())
+}
+
+/// [`connect`], given up with [`TransportError::Cancelled`] within
+/// [`ACCEPT_POLL`] of `cancel` (a VMM that quits while a connection is
+/// being made: an unanswered SYN, a target whose backlog is full).
+pub fn connect_unless(uri: &Uri, cancel: &Cancel) -> Result<Channel, TransportError> {
     match uri {
         Uri::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).map_err(uri.failed("Cannot connect to"))?;
-            // Frames are written whole; no need to wait for more.
-            stream
-                .set_nodelay(true)
-                .map_err(uri.failed("Cannot set up"))?;
-            Ok(Channel::Tcp(stream))
+            let addrs: Vec<_> = addr
+                .to_socket_addrs()
+                .map_err(uri.failed("Cannot resolve"))?
+                .collect();
+            let mut last = None;
+            for a in addrs {
+                match connect_socket(&SockAddr::from(a), cancel, uri) {
+                    Ok(socket) => {
+                        let stream = TcpStream::from(socket);
+                        // Frames are written whole; no need to wait for more.
+                        stream
+                            .set_nodelay(true)
+                            .map_err(uri.failed("Cannot set up"))?;
+                        return Ok(Channel::Tcp(stream));
+                    }
+                    Err(e @ TransportError::Cancelled(_)) => return Err(e),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                uri.failed("Cannot resolve")(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no address",
+                ))
+            }))
         }
-        Uri::Unix(path) => UnixStream::connect(path)
-            .map(Channel::Unix)
-            .map_err(uri.failed("Cannot connect to")),
+        Uri::Unix(path) => {
+            let addr = SockAddr::unix(path).map_err(uri.failed("Cannot connect to"))?;
+            connect_socket(&addr, cancel, uri).map(|s| Channel::Unix(UnixStream::from(s)))
+        }
         // Owner-only: the snapshot holds the shared pages in plaintext.
         Uri::File(path) => OpenOptions::new()
             .write(true)
@@ -213,6 +242,75 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
             .open(path)
             .map(Channel::File)
             .map_err(uri.failed("Cannot create")),
+    }
+}
+
+/// A stream socket connected to `addr` without blocking in connect(2):
+/// waits in [`ACCEPT_POLL`] slices, watching `cancel`, for the kernel to
+/// finish (TCP) or for room in the listener's backlog (Unix).
+fn connect_socket(addr: &SockAddr, cancel: &Cancel, uri: &Uri) -> Result<Socket, TransportError> {
+    let failed = uri.failed("Cannot connect to");
+    let socket = Socket::new(addr.domain(), Type::STREAM, None)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(uri.failed("Cannot connect to"))?;
+    loop {
+        match socket.connect(addr) {
+            Ok(()) => break,
+            // TCP: under way; done when the socket is writable.
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                wait_for(socket.as_raw_fd(), libc::POLLOUT, cancel, uri)?;
+                match socket.take_error() {
+                    Ok(None) => break,
+                    Ok(Some(e)) | Err(e) => return Err(failed(e)),
+                }
+            }
+            // Unix: the listener's backlog is full; try again.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if cancel.is_cancelled() {
+                    return Err(TransportError::Cancelled(uri.clone()));
+                }
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    socket
+        .set_nonblocking(false)
+        .map_err(uri.failed("Cannot set up"))?;
+    Ok(socket)
+}
+
+/// Waits until `fd` has one of `events`, in [`ACCEPT_POLL`] slices,
+/// watching `cancel`.
+fn wait_for(
+    fd: std::os::unix::io::RawFd,
+    events: libc::c_short,
+    cancel: &Cancel,
+    uri: &Uri,
+) -> Result<(), TransportError> {
+    loop {
+        if cancel.is_cancelled() {
+            return Err(TransportError::Cancelled(uri.clone()));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(ACCEPT_POLL.as_millis()).unwrap_or(100);
+        // SAFETY: one pollfd, live for the call, over a socket the caller
+        // owns for at least as long.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(uri.failed("Cannot wait on")(e));
+            }
+        }
     }
 }
 
@@ -247,6 +345,12 @@ impl Cancel {
         if self.is_cancelled() {
             channel.shutdown();
         }
+    }
+
+    /// Forgets the channel [`Cancel::attach`] kept (the migration is over,
+    /// its connection may close).
+    pub fn detach(&self) {
+        *self.channel.lock().expect("cancel lock poisoned") = None;
     }
 
     /// [`MigrationError::Cancelled`] once cancelled.
@@ -295,14 +399,27 @@ impl Listener {
             Uri::Unix(path) => UnixListener::bind(path)
                 .map(Bound::Unix)
                 .map_err(uri.failed("Cannot listen on"))?,
-            Uri::File(path) => std::fs::metadata(path)
-                .map(|_| Bound::File(path.clone()))
-                .map_err(uri.failed("Cannot read"))?,
+            Uri::File(path) => {
+                let meta = std::fs::metadata(path).map_err(uri.failed("Cannot read"))?;
+                if !meta.is_file() {
+                    return Err(uri.failed("Cannot read")(not_a_file()));
+                }
+                Bound::File(path.clone())
+            }
         };
-        Ok(Listener {
+        let listener = Listener {
             uri: uri.clone(),
             bound,
-        })
+        };
+        // Accepts never block: a connection that goes away between poll
+        // and accept must not stop a cancel.
+        let nonblocking = match &listener.bound {
+            Bound::Tcp(l) => l.set_nonblocking(true),
+            Bound::Unix(l) => l.set_nonblocking(true),
+            Bound::File(_) => Ok(()),
+        };
+        nonblocking.map_err(uri.failed("Cannot listen on"))?;
+        Ok(listener)
     }
 
     /// The TCP port it listens on (for `tcp:HOST:0`).
@@ -322,53 +439,65 @@ impl Listener {
     /// within [`ACCEPT_POLL`] of `cancel` (a VMM that quits while it waits).
     pub fn accept_unless(&self, cancel: &Cancel) -> Result<Channel, TransportError> {
         let uri = &self.uri;
-        let fd = match &self.bound {
-            Bound::Tcp(l) => Some(l.as_raw_fd()),
-            Bound::Unix(l) => Some(l.as_raw_fd()),
-            Bound::File(_) => None,
-        };
-        if let Some(fd) = fd {
-            loop {
-                if cancel.is_cancelled() {
-                    return Err(TransportError::Cancelled(uri.clone()));
+        loop {
+            let got = match &self.bound {
+                Bound::Tcp(l) => {
+                    wait_for(l.as_raw_fd(), libc::POLLIN, cancel, uri)?;
+                    l.accept().map(|(s, _)| {
+                        // Frames are written whole; no need to wait for more.
+                        let _ = s.set_nodelay(true);
+                        Channel::Tcp(s)
+                    })
                 }
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                let ms = libc::c_int::try_from(ACCEPT_POLL.as_millis()).unwrap_or(100);
-                // SAFETY: one pollfd, live for the call, over a listening
-                // socket this listener owns.
-                let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-                if n > 0 {
-                    break;
+                Bound::Unix(l) => {
+                    wait_for(l.as_raw_fd(), libc::POLLIN, cancel, uri)?;
+                    l.accept().map(|(s, _)| Channel::Unix(s))
                 }
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(uri.failed("Cannot accept on")(e));
-                    }
+                Bound::File(path) => return open_snapshot(path).map_err(uri.failed("Cannot read")),
+            };
+            match got {
+                Ok(channel) => {
+                    // Accepted sockets are not the listener's: blocking.
+                    let blocking = match &channel {
+                        Channel::Tcp(s) => s.set_nonblocking(false),
+                        Channel::Unix(s) => s.set_nonblocking(false),
+                        Channel::File(_) => Ok(()),
+                    };
+                    blocking.map_err(uri.failed("Cannot set up"))?;
+                    return Ok(channel);
                 }
+                // Gone between poll and accept, or a signal: wait again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => return Err(uri.failed("Cannot accept on")(e)),
             }
-        }
-        match &self.bound {
-            Bound::Tcp(l) => {
-                let (stream, _) = l.accept().map_err(uri.failed("Cannot accept on"))?;
-                stream
-                    .set_nodelay(true)
-                    .map_err(uri.failed("Cannot set up"))?;
-                Ok(Channel::Tcp(stream))
-            }
-            Bound::Unix(l) => l
-                .accept()
-                .map(|(s, _)| Channel::Unix(s))
-                .map_err(uri.failed("Cannot accept on")),
-            Bound::File(path) => File::open(path)
-                .map(Channel::File)
-                .map_err(uri.failed("Cannot read")),
         }
     }
+}
+
+/// The error for a snapshot path that is not a regular file (a FIFO or a
+/// device would block the reader, or never end).
+fn not_a_file() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
+/// Opens a snapshot for reading without blocking on what is not a regular
+/// file (opened O_NONBLOCK, then refused).
+fn open_snapshot(path: &std::path::Path) -> std::io::Result<Channel> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_a_file());
+    }
+    // O_NONBLOCK means nothing to a regular file's reads.
+    Ok(Channel::File(file))
 }
 
 impl Drop for Listener {

@@ -24,6 +24,9 @@ use crate::x86::paging::Mapping;
 
 /// Bytes in a MiB.
 pub const MIB: u64 = 1 << 20;
+/// How much RAM [`Memory::prefault`] backs between two looks at its stop
+/// flag (tens of milliseconds here).
+pub const PREFAULT_CHUNK: usize = 64 << 20;
 /// Bytes in a GiB.
 pub const GIB: u64 = 1 << 30;
 /// Start of the 32-bit PCI/MMIO hole: RAM below 4 GiB ends here at most.
@@ -146,23 +149,45 @@ const _: () = assert!(
 pub const EBDA_START: u64 = 0x9_fc00;
 
 /// One memslot, registered identically in every VM over the same memory.
-/// Only [`slots_of`] makes one, from a live mapping: its host address is
-/// that mapping's and never leaves it except to KVM.
+/// Only [`slots_of`] makes one, from a live mapping, and nothing changes it
+/// after: its host address is that mapping's and never leaves it except to
+/// KVM (through the `unsafe` registrations, whose callers keep the mapping
+/// alive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemSlot {
     /// KVM slot number.
-    pub slot: u32,
+    slot: u32,
     /// Guest-physical base.
-    pub gpa: u64,
+    gpa: u64,
     /// Length in bytes.
-    pub size: u64,
+    size: u64,
     /// Host virtual address of the first byte.
     host_addr: u64,
     /// The guest may not write it (firmware ROM).
-    pub read_only: bool,
+    read_only: bool,
 }
 
 impl MemSlot {
+    /// Its KVM slot number.
+    pub fn number(&self) -> u32 {
+        self.slot
+    }
+
+    /// Its guest-physical base.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Its length in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the guest may not write it (firmware ROM).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
     /// The host address of `len` bytes at `gpa`, if they lie in this slot
     /// (for KVM commands over guest memory, such as SEV's launch).
     pub fn host_range(&self, gpa: u64, len: u64) -> Option<u64> {
@@ -294,28 +319,35 @@ impl Memory {
     /// an incoming VM does this while it waits, so that the first write of
     /// each page during the migration does not fault (on the lab host a
     /// first touch costs more than the page's decryption). Contents are
-    /// left alone; racing writes are fine. Returns how long it took.
-    pub fn prefault(&self) -> std::time::Duration {
+    /// left alone; racing writes are fine. Works in [`PREFAULT_CHUNK`]s and
+    /// gives up between two once `stop` is set. Returns how long it took.
+    pub fn prefault(&self, stop: &std::sync::atomic::AtomicBool) -> std::time::Duration {
         let began = std::time::Instant::now();
         for region in self.ram.iter() {
             let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
                 continue;
             };
-            // SAFETY: the range is the region's own live anonymous mapping;
-            // populating it changes no byte of it.
-            let ret = unsafe {
-                libc::madvise(
-                    host.cast(),
-                    region.len() as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if ret != 0 {
-                log::debug!(
-                    "madvise(MADV_POPULATE_WRITE) failed: {}",
-                    std::io::Error::last_os_error()
-                );
-                return began.elapsed();
+            let len = region.len() as usize;
+            for at in (0..len).step_by(PREFAULT_CHUNK) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return began.elapsed();
+                }
+                // SAFETY: the range is inside the region's own live
+                // anonymous mapping; populating it changes no byte of it.
+                let ret = unsafe {
+                    libc::madvise(
+                        host.add(at).cast(),
+                        PREFAULT_CHUNK.min(len - at),
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                };
+                if ret != 0 {
+                    log::debug!(
+                        "madvise(MADV_POPULATE_WRITE) failed: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    return began.elapsed();
+                }
             }
         }
         began.elapsed()
@@ -389,10 +421,13 @@ mod tests {
         let slots = mem.slots();
         assert_eq!(slots.len(), 2);
         assert_eq!(
-            (slots[0].slot, slots[0].gpa, slots[0].size),
+            (slots[0].number(), slots[0].gpa(), slots[0].size()),
             (0, 0, 32 * MIB)
         );
-        assert_eq!((slots[1].slot, slots[1].gpa), (1, abi::MIRROR_REGION_GPA));
+        assert_eq!(
+            (slots[1].number(), slots[1].gpa()),
+            (1, abi::MIRROR_REGION_GPA)
+        );
         // The host address is the mapping itself.
         mem.ram
             .write_obj(0xdead_beefu64, GuestAddress(0x1000))

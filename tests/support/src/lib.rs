@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use harness::{kvm_missing, one_vm, run_tests, NamedTest, TestGroup};
-pub use process::{binary, cgsvmm, run_ok, succeeded, Vm};
+pub use process::{binary, cgsvmm, run_ok, succeeded, Vm, VmArgs};
 pub use qmp::connect_raw;
 pub use qmp::Qmp;
 

@@ -1,10 +1,12 @@
 //! A `cgsvmm` child process with its stdout lines and stderr collected,
 //! and one-shot runs of the binary.
 
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The `cgsvmm` binary under test: `CGSVMM_TEST_BIN`, or the one cargo
@@ -50,6 +52,95 @@ pub fn succeeded(out: &Output) -> (String, String) {
     (stdout, stderr)
 }
 
+/// The arguments of `cgsvmm run`, built by name (flags the builder does not
+/// name go in with [`VmArgs::arg`]).
+#[derive(Debug, Clone, Default)]
+pub struct VmArgs(Vec<OsString>);
+
+impl VmArgs {
+    /// No flags: the embedded dirtier with cgsvmm's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn flag(mut self, flag: &str, value: impl AsRef<OsStr>) -> Self {
+        self.0.push(flag.into());
+        self.0.push(value.as_ref().to_owned());
+        self
+    }
+
+    /// `--memory SIZE` ("256M").
+    pub fn memory(self, size: &str) -> Self {
+        self.flag("--memory", size)
+    }
+
+    /// `--cpus N`.
+    pub fn cpus(self, n: u32) -> Self {
+        self.flag("--cpus", n.to_string())
+    }
+
+    /// `--mirror-cpus N`.
+    pub fn mirror_cpus(self, n: u32) -> Self {
+        self.flag("--mirror-cpus", n.to_string())
+    }
+
+    /// `--guest NAME` (an embedded lab guest).
+    pub fn guest(self, name: &str) -> Self {
+        self.flag("--guest", name)
+    }
+
+    /// `--serial SPEC` ("null", "stdio", "file:PATH").
+    pub fn serial(self, spec: &str) -> Self {
+        self.flag("--serial", spec)
+    }
+
+    /// `--qmp unix:SOCKET`.
+    pub fn qmp(self, socket: &Path) -> Self {
+        self.flag("--qmp", format!("unix:{}", socket.display()))
+    }
+
+    /// `--transport-key-file PATH`: the migration helper runs.
+    pub fn transport_key(self, path: &Path) -> Self {
+        self.flag("--transport-key-file", path)
+    }
+
+    /// `--incoming URI` ("tcp:HOST:PORT", "unix:PATH", "defer").
+    pub fn incoming(self, uri: &str) -> Self {
+        self.flag("--incoming", uri)
+    }
+
+    /// `--paused`: the guest waits for QMP `cont`.
+    pub fn paused(self) -> Self {
+        self.arg("--paused")
+    }
+
+    /// `--kernel PATH` (a Linux bzImage or ELF).
+    pub fn kernel(self, path: &Path) -> Self {
+        self.flag("--kernel", path)
+    }
+
+    /// `--cmdline LINE`.
+    pub fn cmdline(self, line: &str) -> Self {
+        self.flag("--cmdline", line)
+    }
+
+    /// `--firmware PATH` (OVMF).
+    pub fn firmware(self, path: &Path) -> Self {
+        self.flag("--firmware", path)
+    }
+
+    /// Any other argument, as it is.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.0.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// `cgsvmm run` with these arguments.
+    pub fn start(&self) -> Vm {
+        Vm::start(self)
+    }
+}
+
 /// A running cgsvmm whose stdout lines are collected; killed when dropped.
 pub struct Vm {
     /// The process.
@@ -59,14 +150,16 @@ pub struct Vm {
     pub stderr: Arc<Mutex<String>>,
     /// Files it uses (its QMP socket, its key), removed after it ends.
     files: Vec<crate::TempPath>,
+    /// The threads reading its stdout and stderr; they end when it does.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Vm {
     /// `cgsvmm run ARGS`, stdout and stderr collected.
-    pub fn start(args: &[&str]) -> Vm {
+    pub fn start(args: &VmArgs) -> Vm {
         let mut child = Command::new(binary())
             .arg("run")
-            .args(args)
+            .args(&args.0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -75,7 +168,7 @@ impl Vm {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let stdout_reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -83,7 +176,7 @@ impl Vm {
         let stderr = Arc::new(Mutex::new(String::new()));
         let err = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap();
                 s.push_str(&line);
@@ -95,6 +188,7 @@ impl Vm {
             lines,
             stderr,
             files: Vec::new(),
+            readers: vec![stdout_reader, stderr_reader],
         }
     }
 
@@ -145,5 +239,10 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its pipes closed as it ended (cgsvmm run starts no children that
+        // could hold them), so the readers are at their end.
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
     }
 }

@@ -253,11 +253,16 @@ impl SevLaunch {
     }
 
     /// Pins the memory of `slot` as encrypted memory of the VM.
-    pub fn register(&self, vm: &VmFd, slot: &MemSlot) -> Result<(), SevError> {
-        let addr = host_range("memory region registration", slot, slot.gpa, slot.size)?;
+    ///
+    /// # Safety
+    ///
+    /// The mapping `slot` was made from must stay mapped for as long as
+    /// `vm` exists: KVM pins and encrypts those pages for it.
+    pub unsafe fn register(&self, vm: &VmFd, slot: &MemSlot) -> Result<(), SevError> {
+        let addr = host_range("memory region registration", slot, slot.gpa(), slot.size())?;
         vm.register_enc_memory_region(&kvm_enc_region {
             addr,
-            size: slot.size,
+            size: slot.size(),
         })
         .map_err(|errno| SevError::Setup {
             what: "memory region registration",
@@ -300,7 +305,18 @@ impl SevLaunch {
 
     /// LAUNCH_UPDATE_DATA: encrypts `len` bytes of guest memory at `gpa`
     /// (in `slot`) in place and adds them to the measurement.
-    pub fn update(&self, vm: &VmFd, slot: &MemSlot, gpa: u64, len: u32) -> Result<(), SevError> {
+    ///
+    /// # Safety
+    ///
+    /// The mapping `slot` was made from must be mapped for the call: the
+    /// firmware encrypts those host pages in place.
+    pub unsafe fn update(
+        &self,
+        vm: &VmFd,
+        slot: &MemSlot,
+        gpa: u64,
+        len: u32,
+    ) -> Result<(), SevError> {
         let uaddr = host_range("LAUNCH_UPDATE_DATA", slot, gpa, u64::from(len))?;
         let mut update = kvm_sev_launch_update_data {
             uaddr,
@@ -343,7 +359,12 @@ impl SevLaunch {
 
     /// LAUNCH_SECRET: the PSP decrypts `secret` into the guest memory at
     /// `gpa` in `slot` (the helper's secret page).
-    pub fn inject(
+    ///
+    /// # Safety
+    ///
+    /// The mapping `slot` was made from must be mapped for the call: the
+    /// firmware writes the secret into those host pages.
+    pub unsafe fn inject(
         &self,
         vm: &VmFd,
         secret: &LaunchSecret,
@@ -388,7 +409,12 @@ fn host_range(command: &'static str, slot: &MemSlot, gpa: u64, len: u64) -> Resu
 /// Runs an SEV launch from LAUNCH_START to LAUNCH_FINISH: `measured` are
 /// the guest memory ranges to encrypt and measure, `secret_page` the
 /// helper's secret page. Returns the measurement.
-pub fn launch(
+///
+/// # Safety
+///
+/// The mappings the ranges' memslots were made from must be mapped for the
+/// call (see [`SevLaunch::update`]).
+pub unsafe fn launch(
     sev: &SevLaunch,
     vm: &VmFd,
     config: &SevConfig,
@@ -401,13 +427,22 @@ pub fn launch(
         let mut done = 0;
         while done < r.len {
             let n = (r.len - done).min(1 << 30);
-            sev.update(vm, r.slot, r.gpa + done, n as u32)?;
+            // SAFETY: the caller keeps the slot's mapping mapped.
+            unsafe { sev.update(vm, r.slot, r.gpa + done, n as u32)? };
             done += n;
         }
     }
     let measurement = sev.measure(vm)?;
     if let (Some(secret), Some(page)) = (&config.secret, secret_page) {
-        sev.inject(vm, secret, page.slot, page.gpa)?;
+        if secret.secret.len() as u64 > page.len {
+            return Err(SevError::Range {
+                command: "LAUNCH_SECRET",
+                gpa: page.gpa,
+                len: secret.secret.len() as u64,
+            });
+        }
+        // SAFETY: the caller keeps the slot's mapping mapped.
+        unsafe { sev.inject(vm, secret, page.slot, page.gpa)? };
     }
     sev.finish(vm)?;
     Ok(measurement)

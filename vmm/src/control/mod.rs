@@ -228,6 +228,9 @@ pub enum ControlError {
     /// The vCPUs did not do what was asked.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The VMM is shutting down: the run state no longer changes.
+    #[error("The VM is shutting down")]
+    ShuttingDown,
 }
 
 impl ControlError {
@@ -324,6 +327,9 @@ pub struct Controller {
     incoming: Option<Incoming>,
     /// How the next migration goes.
     params: Params,
+    /// The VMM is shutting down ([`Controller::take_workers`]): no more
+    /// transitions, so a migration stopped by it leaves the guest as it is.
+    closing: bool,
 }
 
 impl Controller {
@@ -353,6 +359,7 @@ impl Controller {
             workers: Vec::new(),
             incoming: None,
             params: Params::default(),
+            closing: false,
         }
     }
 
@@ -384,6 +391,9 @@ impl Controller {
     /// state changes and its event is raised; a refusal or a vCPU failure
     /// changes nothing.
     fn go(&mut self, t: Transition) -> Result<(), ControlError> {
+        if self.closing {
+            return Err(ControlError::ShuttingDown);
+        }
         let step = self.life.plan(t)?;
         let began = std::time::Instant::now();
         match step.vcpus {
@@ -572,10 +582,13 @@ impl Controller {
             .collect()
     }
 
-    /// The migration under way (if any) asked to stop, and the worker
-    /// threads to join: the caller joins them without holding the
-    /// controller, which a worker takes to finish.
+    /// The VMM is shutting down: the run state stays as it is (a stopped
+    /// migration does not resume the guest), the migration under way (if
+    /// any) is asked to stop, and the worker threads are handed over to
+    /// join: the caller joins them without holding the controller, which a
+    /// worker takes to finish.
     pub fn take_workers(&mut self) -> Vec<JoinHandle<()>> {
+        self.closing = true;
         if let Some(job) = &self.migration {
             if job.is_active() {
                 job.stop();

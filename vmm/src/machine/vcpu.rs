@@ -188,7 +188,15 @@ pub struct Vcpu {
     msr_indices: Arc<Vec<u32>>,
     on_fault: Option<FaultSink>,
     map_gpa: Option<MapGpa>,
+    /// What the VM's memslots map, kept for as long as this vCPU's thread
+    /// lives (one that never answers its Finish is left running, see
+    /// [`VcpuHandle`]'s drop): while a thread can enter the guest, the host
+    /// memory behind the guest stays mapped.
+    _mappings: Option<Mappings>,
 }
+
+/// Whatever owns the host mappings behind a VM's memslots.
+pub type Mappings = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Converts guest pages between private and shared (gpa, pages, shared);
 /// whether it was taken.
@@ -233,7 +241,15 @@ impl Vcpu {
             msr_indices,
             on_fault: None,
             map_gpa: None,
+            _mappings: None,
         }
+    }
+
+    /// Keeps `mappings` (the memory behind the VM's memslots) alive for as
+    /// long as this vCPU's thread.
+    pub fn with_mappings(mut self, mappings: Mappings) -> Self {
+        self._mappings = Some(mappings);
+        self
     }
 
     /// Reports this vCPU's fatal exits to `sink` rather than stopping the
@@ -691,8 +707,10 @@ impl VcpuHandle {
     }
 
     /// [`VcpuHandle::finish`] in place (a dropped handle does it too). A
-    /// thread that does not answer within the timeout is not joined: it is
-    /// stuck in KVM and the process is going away.
+    /// thread that does not answer within the timeout (stuck in KVM, deaf
+    /// to its kick) is the one thread cgsvmm does not join, since joining
+    /// would hang the caller: it is reported, and it keeps the guest's
+    /// memory mapped for as long as it lives (`Vcpu::with_mappings`).
     fn end(&mut self) -> Result<(), VcpuError> {
         if self.thread.is_none() {
             return Ok(());

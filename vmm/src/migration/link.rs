@@ -19,6 +19,7 @@ use cgsvmm_migration::{dirty, MigratableVm, SavedState, VmError};
 
 use super::devices::MigratableDevices;
 use super::throttle::Throttle;
+use crate::boot::firmware::Firmware;
 use crate::confidential::Backend;
 use crate::control::job::MigrationStatus;
 use crate::control::{Controller, Event};
@@ -39,8 +40,11 @@ pub struct VmLink {
     pub controller: Weak<Mutex<Controller>>,
     /// The main VM.
     pub main_vm: Arc<VmFd>,
-    /// Guest memory and the mirror region.
+    /// Guest memory and the mirror region (after the VM: fields drop in
+    /// order).
     pub memory: Arc<Memory>,
+    /// The firmware's mapping, kept as long as the VM above.
+    pub firmware: Option<Arc<Firmware>>,
     /// Where the helpers' mailboxes are.
     pub helper: HelperHeader,
     /// Their doorbells.
@@ -241,10 +245,12 @@ impl MigratableVm for VmLink {
         for slot in slots_of(&self.memory.ram, 0, false) {
             let bitmap = self
                 .main_vm
-                .get_dirty_log(slot.slot, slot.size as usize)
-                .map_err(|e| VmError::new(format!("KVM_GET_DIRTY_LOG of slot {}", slot.slot), e))?;
-            for run in dirty::ranges(&bitmap, slot.size / PAGE) {
-                pages.extend((run.first..run.first + run.count).map(|p| slot.gpa + p * PAGE));
+                .get_dirty_log(slot.number(), slot.size() as usize)
+                .map_err(|e| {
+                    VmError::new(format!("KVM_GET_DIRTY_LOG of slot {}", slot.number()), e)
+                })?;
+            for run in dirty::ranges(&bitmap, slot.size() / PAGE) {
+                pages.extend((run.first..run.first + run.count).map(|p| slot.gpa() + p * PAGE));
             }
         }
         // KVM logs the guest's writes; a conversion between shared and

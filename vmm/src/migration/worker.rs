@@ -74,6 +74,8 @@ fn send(link: &VmLink, job: &MigrationJob, uri: &Uri, params: &Params) {
     let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         source::send(link, uri, params, &job.progress, job.canceller())
     }));
+    // Its connection closes now, not when the job is forgotten.
+    job.canceller().detach();
     let result = sent.unwrap_or_else(|_| {
         // Whatever the worker left half done: the guest at full speed, no
         // dirty log, running again if it was paused here.
@@ -125,7 +127,9 @@ fn receive(link: &VmLink, job: &MigrationJob, listener: &Listener, shown: &Uri) 
         job.canceller().attach(&channel);
         job.restart_clock();
         job.set_status(MigrationStatus::Active);
-        match target::receive(link, channel, &job.progress) {
+        let received = target::receive(link, channel, &job.progress);
+        job.canceller().detach();
+        match received {
             // On a socket, someone who does not speak the protocol (a port
             // scanner, a squatter that says nothing): wait for the real
             // source.

@@ -11,6 +11,7 @@
 //!                     threads (paused), controller, migration link (both)
 //! ```
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{Kvm, VmFd};
@@ -33,7 +34,9 @@ use crate::control::{Controller, Migrator};
 use crate::machine::devices::{self, MainDevices};
 use crate::machine::exit::ExitHandle;
 use crate::machine::helper_link::HelperLinks;
-use crate::machine::vcpu::{msr_index_list, FaultSink, MapGpa, Vcpu, VcpuGroup, VcpuRole};
+use crate::machine::vcpu::{
+    msr_index_list, FaultSink, MapGpa, Mappings, Vcpu, VcpuGroup, VcpuRole,
+};
 use crate::machine::vm::{self, VcpuSetup};
 use crate::machine::{lab, mirror};
 use crate::memory::{slots_of, MemSlot, Memory};
@@ -47,20 +50,22 @@ const FALLBACK_TSC_KHZ: u64 = 2_000_000;
 
 /// The parts every VM has, before its vCPUs exist.
 pub(crate) struct Machine {
+    // Fields drop in this order: a Machine dropped on a failed build drops
+    // its VMs before the memory they map (memory and firmware come last).
+    main_vm: Arc<VmFd>,
+    mirror_vm: VmFd,
     pub(crate) config: VmmConfig,
     sev: Option<SevLaunch>,
     c_bit: u32,
     kvm: Kvm,
-    memory: Arc<Memory>,
-    firmware: Option<Firmware>,
     slots: Vec<MemSlot>,
     exit: ExitHandle,
-    main_vm: Arc<VmFd>,
-    mirror_vm: VmFd,
     shared: Arc<Mutex<SharedMap>>,
     devices: MainDevices,
     links: Arc<HelperLinks>,
     mirror_bus: Arc<Bus>,
+    memory: Arc<Memory>,
+    firmware: Option<Arc<Firmware>>,
 }
 
 impl Machine {
@@ -76,7 +81,7 @@ impl Machine {
         let memory = Arc::new(Memory::new(config.memory)?);
         let firmware = match &config.boot {
             // An incoming VM maps the same firmware: the guest may call it.
-            BootConfig::Firmware { path, .. } => Some(firmware::load(path)?),
+            BootConfig::Firmware { path, .. } => Some(Arc::new(firmware::load(path)?)),
             _ => None,
         };
         let mut slots = memory.slots();
@@ -86,12 +91,15 @@ impl Machine {
         }
         let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
         // SAFETY: the slots are over `memory` and the firmware's mapping,
-        // which the `Vmm` owns and drops after both VMs (its field order).
+        // which the Machine and then the `Vmm` drop after both VMs (their
+        // field order), the migration link keeps beside its VM handle, and
+        // every vCPU thread keeps while it lives (`with_mappings`).
         let main_vm = Arc::new(unsafe { vm::create_main_vm(&kvm, &slots) }?);
         if let Some(launch) = &sev {
             launch.init(&main_vm)?;
             for slot in &slots {
-                launch.register(&main_vm, slot)?;
+                // SAFETY: as for the VM: the slot's mapping outlives it.
+                unsafe { launch.register(&main_vm, slot)? };
             }
         }
         // SAFETY: as for the main VM.
@@ -204,6 +212,7 @@ impl Machine {
             }) as MapGpa
         });
         let msrs = Arc::new(msr_index_list(&kvm));
+        let mappings: Mappings = Arc::new((memory.clone(), firmware.clone()));
         let create = |vm_fd: &VmFd, boots: &[VcpuBoot], role, bus: &Arc<Bus>| {
             let setup = VcpuSetup {
                 cpuid: &cpuid,
@@ -215,14 +224,10 @@ impl Machine {
                 .enumerate()
                 .map(|(i, boot)| {
                     let fd = vm::create_vcpu(vm_fd, i, &setup, boot)?;
-                    Ok(Vcpu::new(
-                        fd,
-                        i,
-                        role,
-                        bus.clone(),
-                        exit.clone(),
-                        msrs.clone(),
-                    ))
+                    Ok(
+                        Vcpu::new(fd, i, role, bus.clone(), exit.clone(), msrs.clone())
+                            .with_mappings(mappings.clone()),
+                    )
                 })
                 .collect::<Result<Vec<_>, VmmError>>()
         };
@@ -304,6 +309,7 @@ impl Machine {
                 controller: Arc::downgrade(&controller),
                 main_vm: main_vm.clone(),
                 memory: memory.clone(),
+                firmware: firmware.clone(),
                 helper,
                 links: links.clone(),
                 helpers: config.mirror_cpus,
@@ -325,14 +331,16 @@ impl Machine {
         let mut prefault = None;
         if config.incoming.is_some() {
             let memory = memory.clone();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop_here = stop.clone();
             let spawned = std::thread::Builder::new()
                 .name("prefault".into())
                 .spawn(move || {
-                    let took = memory.prefault();
+                    let took = memory.prefault(&stop_here);
                     log::debug!("Guest RAM backed in {took:?}, ready for the incoming pages");
                 });
             match spawned {
-                Ok(t) => prefault = Some(t),
+                Ok(t) => prefault = Some((t, stop)),
                 Err(e) => log::debug!("Not prefaulting guest RAM: {e}"),
             }
         }
@@ -384,27 +392,32 @@ fn sev_launch(
     let region = abi::MIRROR_REGION_GPA;
     let mirror = slots
         .iter()
-        .find(|s| s.gpa == region)
+        .find(|s| s.gpa() == region)
         .ok_or_else(|| BootError::DoesNotFit("no mirror region memslot".into()))?;
     let private_end = helper.map_or(region + abi::MIRROR_REGION_SIZE, |h| h.mailbox_gpa);
+    let private_len = private_end
+        .checked_sub(region)
+        .ok_or_else(|| BootError::DoesNotFit("the helper's mailboxes below its region".into()))?;
     let mut measured: Vec<GuestRange<'_>> = slots
         .iter()
-        .filter(|s| s.read_only)
+        .filter(|s| s.read_only())
         .map(|slot| GuestRange {
             slot,
-            gpa: slot.gpa,
-            len: slot.size,
+            gpa: slot.gpa(),
+            len: slot.size(),
         })
         .collect();
     measured.push(GuestRange {
         slot: mirror,
         gpa: region,
-        len: private_end - region,
+        len: private_len,
     });
     let secret_page = helper.map(|h| GuestRange {
         slot: mirror,
         gpa: h.secret_gpa,
         len: abi::helper::PAGE_SIZE as u64,
     });
-    Ok(sev::launch(launch, vm, config, &measured, secret_page)?)
+    // SAFETY: the slots are the VM's, whose mappings (guest memory, the
+    // firmware) the caller holds for the VM's life.
+    Ok(unsafe { sev::launch(launch, vm, config, &measured, secret_page)? })
 }

@@ -11,8 +11,8 @@ mod builder;
 
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -106,9 +106,10 @@ pub struct Vmm {
     pub(crate) tsc_khz: u64,
     /// Written when the controller raises an event (QMP sends it then).
     pub(crate) event_wake: EventFd,
-    /// The thread backing an incoming guest's RAM, until joined.
-    pub(crate) prefault: Mutex<Option<std::thread::JoinHandle<()>>>,
-    pub(crate) _firmware: Option<Firmware>,
+    /// The thread backing an incoming guest's RAM, until joined, and what
+    /// tells it to stop.
+    pub(crate) prefault: Mutex<Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>>,
+    pub(crate) _firmware: Option<Arc<Firmware>>,
     pub(crate) _kvm: Kvm,
 }
 
@@ -283,12 +284,13 @@ impl Vmm {
     /// Stops and joins every thread the VM runs: the migration workers
     /// (asked to stop, and joined without the controller's lock, which
     /// they take to finish), the vCPUs, the prefault. Idempotent; dropping
-    /// the `Vmm` does it too.
+    /// the `Vmm` does it too, so it goes on past a poisoned lock (a panic
+    /// elsewhere) rather than panic again while unwinding.
     pub fn shutdown(&self) {
         let workers = self
             .controller
             .lock()
-            .expect("controller lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .take_workers();
         for worker in workers {
             if worker.join().is_err() {
@@ -297,10 +299,15 @@ impl Vmm {
         }
         self.controller
             .lock()
-            .expect("controller lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .shutdown();
-        let prefault = self.prefault.lock().expect("prefault lock poisoned").take();
-        if let Some(t) = prefault {
+        let prefault = self
+            .prefault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((t, stop)) = prefault {
+            stop.store(true, Ordering::Relaxed);
             let _ = t.join();
         }
     }
