@@ -264,8 +264,12 @@ fn connect_socket(addr: &SockAddr, cancel: &Cancel, uri: &Uri) -> Result<Socket,
                     Ok(Some(e)) | Err(e) => return Err(failed(e)),
                 }
             }
-            // Unix: the listener's backlog is full; try again.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // Unix: the listener's backlog is full; try again. (For TCP
+            // EAGAIN means no local port is free: an error, as before.)
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && addr.domain() == socket2::Domain::UNIX =>
+            {
                 if cancel.is_cancelled() {
                     return Err(TransportError::Cancelled(uri.clone()));
                 }
