@@ -10,7 +10,7 @@
 use cgsvmm_test_support::{self as support, named};
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::Shutdown;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use cgsvmm_migration::protocol::{self, FrameKind};
 use cgsvmm_vmm::machine::lab::last_pass;
+use support::relay::{Back, Relay};
 use support::{free_port, key_file, one_vm, tmp_path, wait_until, Qmp, Vm, VmArgs};
 
 const KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
@@ -280,62 +281,54 @@ enum Damage {
     Stall(u64),
 }
 
-/// Listens on a free port and forwards one connection to `to`, doing
-/// `damage` to the source's direction; returns the port.
-fn proxy(to: u16, damage: Damage) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let (mut from_src, _) = listener.accept().unwrap();
-        let mut to_dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
-        let (mut back_from_dst, mut back_to_src) =
-            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_from_dst, &mut back_to_src);
-            let _ = back_to_src.shutdown(std::net::Shutdown::Both);
-        });
-        let mut buf = vec![0u8; 64 << 10];
-        let mut at = 0u64;
-        let start = Instant::now();
-        loop {
-            let want = match damage {
-                Damage::Throttle(rate) => (rate / 100).min(buf.len() as u64) as usize,
-                _ => buf.len(),
-            };
-            let n = match from_src.read(&mut buf[..want]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            match damage {
-                Damage::Flip(offset, mask) if (at..at + n as u64).contains(&offset) => {
-                    buf[(offset - at) as usize] ^= mask;
-                }
-                Damage::Cut(limit) if at + n as u64 >= limit => {
-                    let keep = (limit - at) as usize;
-                    let _ = to_dst.write_all(&buf[..keep]);
-                    break;
-                }
-                Damage::Stall(limit) if at + n as u64 >= limit => {
-                    std::thread::sleep(Duration::from_secs(30));
-                    break;
-                }
-                Damage::Throttle(rate) => {
-                    let due = Duration::from_secs_f64((at + n as u64) as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait);
+/// A relay to `to` that does `damage` to the source's direction.
+fn proxy(to: u16, damage: Damage) -> Relay {
+    Relay::start(
+        to,
+        Back::ThenClose,
+        move |mut from_src, mut to_dst, stop| {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut at = 0u64;
+            let start = Instant::now();
+            loop {
+                let want = match damage {
+                    Damage::Throttle(rate) => (rate / 100).min(buf.len() as u64) as usize,
+                    _ => buf.len(),
+                };
+                let n = match from_src.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                match damage {
+                    Damage::Flip(offset, mask) if (at..at + n as u64).contains(&offset) => {
+                        buf[(offset - at) as usize] ^= mask;
                     }
+                    Damage::Cut(limit) if at + n as u64 >= limit => {
+                        let keep = (limit - at) as usize;
+                        let _ = to_dst.write_all(&buf[..keep]);
+                        break;
+                    }
+                    Damage::Stall(limit) if at + n as u64 >= limit => {
+                        Relay::pause(stop, Duration::from_secs(30));
+                        break;
+                    }
+                    Damage::Throttle(rate) => {
+                        let due = Duration::from_secs_f64((at + n as u64) as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(start.elapsed()) {
+                            Relay::pause(stop, wait);
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
+                if to_dst.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                at += n as u64;
             }
-            if to_dst.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            at += n as u64;
-        }
-        let _ = to_dst.shutdown(std::net::Shutdown::Both);
-        let _ = from_src.shutdown(std::net::Shutdown::Both);
-    });
-    port
+            let _ = to_dst.shutdown(Shutdown::Both);
+            let _ = from_src.shutdown(Shutdown::Both);
+        },
+    )
 }
 
 /// What a frame-level relay does to the source's frames.
@@ -349,21 +342,11 @@ enum Forge {
     FakeAck,
 }
 
-/// A relay that parses frames between source and target and does `forge`
-/// to them; returns its port.
-fn frame_proxy(to: u16, forge: Forge) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let (from_src, _) = listener.accept().unwrap();
-        let to_dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
-        let (mut back_from_dst, mut back_to_src) =
-            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+/// A relay to `to` that parses the source's frames and does `forge` to
+/// them (the target's go back as they are).
+fn frame_proxy(to: u16, forge: Forge) -> Relay {
+    Relay::start(to, Back::Only, move |from_src, to_dst, stop| {
         let mut to_src = from_src.try_clone().unwrap();
-        // The target's frames (its Hello first) go back as they are.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut back_from_dst, &mut back_to_src);
-        });
         let mut from_src = std::io::BufReader::new(from_src);
         let mut to_dst = std::io::BufWriter::new(to_dst);
         let mut altered = false;
@@ -382,7 +365,7 @@ fn frame_proxy(to: u16, forge: Forge) -> u16 {
                 Forge::FakeAck if frame.kind == FrameKind::Seal => {
                     let _ = to_dst.flush();
                     let _ = protocol::write_frame(&mut to_src, FrameKind::Ack, &[0u8; 16]);
-                    std::thread::sleep(Duration::from_secs(3));
+                    Relay::pause(stop, Duration::from_secs(3));
                     return;
                 }
                 _ => {}
@@ -395,8 +378,7 @@ fn frame_proxy(to: u16, forge: Forge) -> u16 {
             }
         }
         let _ = to_dst.flush();
-    });
-    port
+    })
 }
 
 /// The migration to `uri` fails: the target exits non-zero without ever

@@ -183,7 +183,7 @@ impl Write for Channel {
 
 impl Uri {
     /// Turns an I/O error of doing `what` here into a [`TransportError`].
-    fn failed(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> TransportError + '_ {
+    fn failed(&self, what: &'static str) -> impl Fn(std::io::Error) -> TransportError + '_ {
         move |source| TransportError::Io {
             what,
             uri: self.to_string(),
@@ -200,7 +200,9 @@ pub fn connect(uri: &Uri) -> Result<Channel, TransportError> {
 
 /// [`connect`], given up with [`TransportError::Cancelled`] within
 /// [`ACCEPT_POLL`] of `cancel` (a VMM that quits while a connection is
-/// being made: an unanswered SYN, a target whose backlog is full).
+/// being made: an unanswered SYN, a target whose backlog is full). Name
+/// resolution (getaddrinfo) is not cancellable; a numeric address, as
+/// migration URIs usually give, needs none.
 pub fn connect_unless(uri: &Uri, cancel: &Cancel) -> Result<Channel, TransportError> {
     match uri {
         Uri::Tcp(addr) => {
@@ -252,12 +254,15 @@ fn connect_socket(addr: &SockAddr, cancel: &Cancel, uri: &Uri) -> Result<Socket,
     let failed = uri.failed("Cannot connect to");
     let socket = Socket::new(addr.domain(), Type::STREAM, None)
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .map_err(uri.failed("Cannot connect to"))?;
+        .map_err(&failed)?;
     loop {
         match socket.connect(addr) {
+            // Connected (EISCONN: by the attempt a signal interrupted).
             Ok(()) => break,
-            // TCP: under way; done when the socket is writable.
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            Err(e) if e.raw_os_error() == Some(libc::EISCONN) => break,
+            // TCP: under way (EALREADY: since an interrupted attempt);
+            // done when the socket is writable.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EALREADY)) => {
                 wait_for(socket.as_raw_fd(), libc::POLLOUT, cancel, uri)?;
                 match socket.take_error() {
                     Ok(None) => break,
@@ -500,7 +505,16 @@ fn open_snapshot(path: &std::path::Path) -> std::io::Result<Channel> {
     if !file.metadata()?.is_file() {
         return Err(not_a_file());
     }
-    // O_NONBLOCK means nothing to a regular file's reads.
+    // A regular file: its reads block as usual again.
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no memory is
+    // passed.
+    let cleared = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(Channel::File(file))
 }
 

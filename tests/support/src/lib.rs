@@ -5,6 +5,7 @@
 //!   one-shot runs of the binary;
 //! - [`qmp`]: the QMP client the tests drive the VMM with (and raw
 //!   connections for the tests that misbehave on purpose);
+//! - [`relay`]: a TCP relay the migration tests tamper with;
 //! - [`wait_until`], [`TempPath`], [`free_port`], [`key_file`],
 //!   [`readme_block`].
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
@@ -12,6 +13,7 @@
 pub mod harness;
 pub mod process;
 pub mod qmp;
+pub mod relay;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

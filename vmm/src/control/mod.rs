@@ -391,10 +391,12 @@ impl Controller {
     /// state changes and its event is raised; a refusal or a vCPU failure
     /// changes nothing.
     fn go(&mut self, t: Transition) -> Result<(), ControlError> {
-        if self.closing {
+        let step = self.life.plan(t)?;
+        // At shutdown the guest never runs again; a worker's last word
+        // (failed, completed, outcome unknown) is still recorded.
+        if self.closing && step.vcpus == Vcpus::Resume {
             return Err(ControlError::ShuttingDown);
         }
-        let step = self.life.plan(t)?;
         let began = std::time::Instant::now();
         match step.vcpus {
             Vcpus::Stay => {}
@@ -764,6 +766,9 @@ impl Controller {
                  start it with --transport-key-file (or --confidential sev)",
             ));
         }
+        if self.closing {
+            return Err(ControlError::ShuttingDown);
+        }
         if self.migration_running() {
             return Err(ControlError::MigrationInProgress);
         }
@@ -806,6 +811,9 @@ impl Controller {
     /// Starts listening for the migration `--incoming URI` (or
     /// `migrate-incoming`) named.
     pub fn start_incoming(&mut self, uri: &Uri) -> Result<(), StartError> {
+        if self.closing {
+            return Err(StartError::NoLink);
+        }
         let migrator = self
             .migrator
             .as_ref()

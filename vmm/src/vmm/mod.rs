@@ -287,6 +287,15 @@ impl Vmm {
     /// the `Vmm` does it too, so it goes on past a poisoned lock (a panic
     /// elsewhere) rather than panic again while unwinding.
     pub fn shutdown(&self) {
+        // The prefault stops first: it would only delay the joins below.
+        let prefault = self
+            .prefault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((_, stop)) = &prefault {
+            stop.store(true, Ordering::Relaxed);
+        }
         let workers = self
             .controller
             .lock()
@@ -301,13 +310,7 @@ impl Vmm {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .shutdown();
-        let prefault = self
-            .prefault
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((t, stop)) = prefault {
-            stop.store(true, Ordering::Relaxed);
+        if let Some((t, _)) = prefault {
             let _ = t.join();
         }
     }
