@@ -735,7 +735,7 @@ fn incoming_defer_and_bad_requests() {
     let _one = one_vm();
     let key = key_file("defer.key", KEY);
     let (src_vm, mut src) = source("defer-src", &key);
-    let (dst_vm, mut dst, _) = start("defer-dst", &key, "256M", |a| a.incoming("defer"));
+    let (mut dst_vm, mut dst, _) = start("defer-dst", &key, "256M", |a| a.incoming("defer"));
     assert_eq!(status(&mut dst), "inmigrate");
     for (cmd, args, want) in [
         ("migrate", json!({}), "'uri' is missing"),
@@ -775,6 +775,24 @@ fn incoming_defer_and_bad_requests() {
         r["error"]["desc"].as_str().unwrap().contains("already"),
         "{r}"
     );
+    // What a port scanner does (connect, then reset) or a stray client
+    // (a few bytes, then gone) is ignored: the target waits on.
+    for garbage in [None, Some(&b"GET / HTTP/1.0\r\n\r\n"[..])] {
+        let stray = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        match garbage {
+            Some(bytes) => (&stray).write_all(bytes).unwrap(),
+            None => socket2::SockRef::from(&stray)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap(),
+        }
+        drop(stray);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            dst_vm.child.try_wait().unwrap().is_none(),
+            "a stray connection ended the target: {}",
+            dst_vm.stderr.lock().unwrap()
+        );
+    }
     migrate(&mut src, &uri);
     check_report(&wait_migration(&mut src, Duration::from_secs(30)), false);
     assert_eq!(

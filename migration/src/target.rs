@@ -37,7 +37,7 @@ use crate::protocol::{self, FrameKind, ProtocolError, StreamHash};
 use crate::ranges::SharedMap;
 use crate::source::SHARED_PAGE_STRIDE;
 use crate::state::{self, ConfigRecord, StreamMode, VcpuRecord, VmRecord};
-use crate::transport::Channel;
+use crate::transport::{Cancel, Channel};
 use crate::{MigratableVm, MigrationError, Progress, SavedState, Side, VmError};
 
 use cgsvmm_fw_abi::PAGE_SIZE_U64 as PAGE;
@@ -55,28 +55,34 @@ pub const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 /// acknowledgement. [`MigrationError::NotAMigration`]: the peer never
 /// spoke the protocol (nothing was touched; the caller may wait for
 /// another).
+///
+/// `cancel` is looked at between frames (a snapshot file, which no
+/// shutdown interrupts, is read no further once it is set).
 pub fn receive(
     vm: &dyn MigratableVm,
     channel: Channel,
     progress: &Progress,
+    cancel: &Cancel,
 ) -> Result<(), MigrationError> {
     let live = channel.is_live();
+    // A connection that cannot even be set up is gone already: not a
+    // migration (the caller waits on for one).
+    let gone = |e: std::io::Error| MigrationError::NotAMigration(format!("its connection: {e}"));
     let writer = if live {
-        Some(BufWriter::new(
-            channel.try_clone().map_err(ProtocolError::Io)?,
-        ))
+        Some(BufWriter::new(channel.try_clone().map_err(gone)?))
     } else {
         None
     };
     if live {
         channel
             .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(ProtocolError::Io)?;
+            .map_err(gone)?;
     }
     let mut helpers = Vec::new();
     let mut receiver = Receiver {
         vm,
         progress,
+        cancel,
         mode: if live {
             StreamMode::Live
         } else {
@@ -128,6 +134,7 @@ pub fn receive(
 struct Receiver<'a> {
     vm: &'a dyn MigratableVm,
     progress: &'a Progress,
+    cancel: &'a Cancel,
     mode: StreamMode,
     /// Shuts the stream when a helper fails, so the reader stops waiting.
     stop: Option<Channel>,
@@ -155,6 +162,7 @@ impl Receiver<'_> {
 
     /// The next frame into `self.buf`; the stream may not end here.
     fn next(&mut self) -> Result<FrameKind, MigrationError> {
+        self.cancel.check()?;
         let kind = protocol::read_frame_into(&mut self.input, &mut self.buf)?.ok_or(
             ProtocolError::Truncated {
                 got: 0,
@@ -196,9 +204,12 @@ impl Receiver<'_> {
         let vm = self.vm;
         // Speak first, so that a source that reached something else knows
         // before it pauses its guest.
+        // A peer that hung up at once (a port scanner's reset) was not a
+        // migration either.
         if let Some(out) = self.output.as_mut() {
-            protocol::write_hello(out)?;
-            out.flush().map_err(ProtocolError::Io)?;
+            protocol::write_hello(out)
+                .and_then(|()| out.flush().map_err(ProtocolError::Io))
+                .map_err(|e| MigrationError::NotAMigration(format!("cannot greet it: {e}")))?;
         }
         // Until a well-formed configuration has come, the peer has shown
         // nothing of a cgsvmm source (the Hello is public): whatever goes

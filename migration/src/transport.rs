@@ -495,26 +495,22 @@ fn not_a_file() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
 }
 
-/// Opens a snapshot for reading without blocking on what is not a regular
-/// file (opened O_NONBLOCK, then refused).
+/// Opens a snapshot for reading; what is not a regular file (a FIFO, a
+/// device, a directory) is refused before anything opens it.
 fn open_snapshot(path: &std::path::Path) -> std::io::Result<Channel> {
-    let file = OpenOptions::new()
+    // O_PATH opens nothing (no FIFO waits, no device's open runs): the
+    // file's type is checked first, then that very file is opened to read.
+    let probe = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_PATH)
         .open(path)?;
-    if !file.metadata()?.is_file() {
+    if !probe.metadata()?.is_file() {
         return Err(not_a_file());
     }
-    // A regular file: its reads block as usual again.
-    // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no memory is
-    // passed.
-    let cleared = unsafe {
-        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
-    };
-    if !cleared {
-        return Err(std::io::Error::last_os_error());
-    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", probe.as_raw_fd()))?;
     Ok(Channel::File(file))
 }
 

@@ -91,7 +91,8 @@ fn relay<F>(
         }
     };
     from_src.set_nonblocking(false).unwrap();
-    let Ok(to_dst) = TcpStream::connect(("127.0.0.1", to)) else {
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], to));
+    let Ok(to_dst) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
         return;
     };
     let (mut back_from_dst, mut back_to_src) =
@@ -115,6 +116,8 @@ fn relay<F>(
         });
         forward(from_src, to_dst, stop);
     });
+    // Both directions are done: the connections close now.
+    open.lock().unwrap_or_else(PoisonError::into_inner).clear();
 }
 
 impl std::fmt::Display for Relay {

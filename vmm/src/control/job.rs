@@ -117,6 +117,17 @@ impl MigrationJob {
         self.status.store(s as u8, Ordering::SeqCst);
     }
 
+    /// Setup becomes Active (the worker began; a cancel that came first
+    /// stays).
+    pub fn activate(&self) {
+        let _ = self.status.compare_exchange(
+            MigrationStatus::Setup as u8,
+            MigrationStatus::Active as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
     /// Whether it is still under way.
     pub fn is_active(&self) -> bool {
         matches!(
@@ -129,7 +140,16 @@ impl MigrationJob {
     /// not the target's to cancel (as in QEMU).
     pub fn cancel(&self) {
         if self.outgoing {
-            self.set_status(MigrationStatus::Cancelling);
+            // Only from a state under way: a cancel that comes as the
+            // worker finishes does not overwrite its outcome.
+            for from in [MigrationStatus::Setup, MigrationStatus::Active] {
+                let _ = self.status.compare_exchange(
+                    from as u8,
+                    MigrationStatus::Cancelling as u8,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
             self.cancel.cancel();
         }
     }
@@ -239,4 +259,31 @@ pub struct MigrationInfo {
     pub downtime_private_pages: u64,
     /// How much precopy slowed the guest down at most (percent).
     pub throttle_percent: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_never_overwrites_an_outcome() {
+        let job = MigrationJob::new(1, true);
+        job.activate();
+        assert_eq!(job.status(), MigrationStatus::Active);
+        assert_eq!(job.finish(&Ok(())), MigrationStatus::Completed);
+        job.cancel();
+        assert_eq!(job.status(), MigrationStatus::Completed);
+        assert!(!job.is_active());
+        // Cancelled before the worker began: it stays cancelling, and the
+        // worker's start does not make it active again.
+        let early = MigrationJob::new(1, true);
+        early.cancel();
+        early.activate();
+        assert_eq!(early.status(), MigrationStatus::Cancelling);
+        assert!(early.canceller().is_cancelled());
+        // An incoming job is not the target's to cancel.
+        let incoming = MigrationJob::new(1, false);
+        incoming.cancel();
+        assert_eq!(incoming.status(), MigrationStatus::Setup);
+    }
 }

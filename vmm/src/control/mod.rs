@@ -445,8 +445,15 @@ impl Controller {
     }
 
     /// Undoes [`Controller::pause_for_migration`] after a failure.
+    /// At shutdown the guest stays paused, as it is meant to.
     pub fn resume_after_migration(&mut self) -> Result<(), ControlError> {
-        self.go(Transition::MigrationFailed)
+        match self.go(Transition::MigrationFailed) {
+            Err(ControlError::ShuttingDown) => {
+                log::debug!("The migration ended at shutdown: the guest stays paused");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// The migration worker died: whatever it paused runs again.

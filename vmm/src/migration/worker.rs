@@ -68,7 +68,7 @@ impl Migrator for VmLink {
 /// run state.
 fn send(link: &VmLink, job: &MigrationJob, uri: &Uri, params: &Params) {
     link.raise_migration(MigrationStatus::Setup);
-    job.set_status(MigrationStatus::Active);
+    job.activate();
     link.raise_migration(MigrationStatus::Active);
     log::info!("Migrating to {uri}");
     let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -126,8 +126,8 @@ fn receive(link: &VmLink, job: &MigrationJob, listener: &Listener, shown: &Uri) 
         };
         job.canceller().attach(&channel);
         job.restart_clock();
-        job.set_status(MigrationStatus::Active);
-        let received = target::receive(link, channel, &job.progress);
+        job.activate();
+        let received = target::receive(link, channel, &job.progress, job.canceller());
         job.canceller().detach();
         match received {
             // On a socket, someone who does not speak the protocol (a port
