@@ -425,16 +425,22 @@ fn source_runs_on(src_vm: &Vm, src: &mut Qmp, dst_vm: &Vm, failed_at: Instant) -
     }
     let info = wait_migration(src, Duration::from_secs(5));
     assert_eq!(info["status"], "failed", "{info}");
-    std::thread::sleep(Duration::from_millis(100));
+    // The target says why (it may be a moment behind the source, which
+    // saw its connection close first).
+    let said = || {
+        let stderr = dst_vm.stderr.lock().unwrap();
+        stderr.contains("error") || stderr.contains("Ignored")
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), said),
+        "the target said nothing; the source: {}",
+        info["error-desc"]
+    );
     let stderr = dst_vm.stderr.lock().unwrap().clone();
     assert!(
         !dst_vm.lines().iter().any(|l| l.starts_with("dirtier:")),
         "the target ran the guest: {:?}",
         dst_vm.lines()
-    );
-    assert!(
-        stderr.contains("error") || stderr.contains("Ignored"),
-        "{stderr}"
     );
     let before = last_pass(src_vm.lines(), 0).unwrap();
     assert!(

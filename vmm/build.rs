@@ -1,6 +1,7 @@
 //! Builds the bare-metal guest images in `firmware/guests` (their own cargo
-//! workspace, release profile, flags from LAB.md) and turns each into a flat
-//! image that `src/images.rs` embeds with `include_bytes!`.
+//! workspace, release profile, the flags below: docs/LAB.md's recipe, with
+//! position-independent code and no AVX2) and turns each into a flat image
+//! that `vmm/src/boot/images.rs` embeds with `include_bytes!`.
 
 use std::env;
 use std::path::{Path, PathBuf};

@@ -337,9 +337,11 @@ pub fn read_transport_key(path: &std::path::Path) -> Result<[u8; 32], ConfigErro
         path: path.to_path_buf(),
         why,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    parse_transport_key(text.trim())
-        .ok_or_else(|| fail("expected 64 hex digits (a 256-bit key)".into()))
+    const FORM: &str = "expected 64 hex digits (a 256-bit key)";
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    // A raw binary key is not text: say what the file should hold.
+    let text = String::from_utf8(bytes).map_err(|_| fail(FORM.into()))?;
+    parse_transport_key(text.trim()).ok_or_else(|| fail(FORM.into()))
 }
 
 /// Parses an SEV policy: hexadecimal with `0x`, or decimal.
@@ -423,6 +425,19 @@ impl VmmConfig {
                 "--incoming needs the migration helper, which receives the private pages: \
                  give --transport-key-file (or --confidential sev)",
             ));
+        }
+        // Only QMP can say the word these wait for.
+        if self.qmp.is_none() {
+            if matches!(self.incoming, Some(Incoming::Defer)) {
+                return Err(ConfigError::Conflict(
+                    "--incoming defer waits for QMP migrate-incoming: give --qmp unix:PATH",
+                ));
+            }
+            if self.paused {
+                return Err(ConfigError::Conflict(
+                    "--paused waits for QMP cont: give --qmp unix:PATH",
+                ));
+            }
         }
         let given_key = self.helper.as_ref().is_some_and(|h| h.key.is_some());
         if matches!(self.confidential, Confidential::Sev(_)) && given_key {
@@ -558,6 +573,28 @@ mod tests {
             keyed.validate_with_host_memory(None),
             Err(ConfigError::Conflict(SEV_WITH_TRANSPORT_KEY))
         );
+        let deaf = VmmConfig {
+            helper: Some(HelperLaunch::default()),
+            incoming: Some(Incoming::Defer),
+            ..ok.clone()
+        };
+        assert!(matches!(
+            deaf.validate_with_host_memory(None),
+            Err(ConfigError::Conflict(why)) if why.contains("--qmp")
+        ));
+        let heard = VmmConfig {
+            qmp: Some("/tmp/q.sock".into()),
+            ..deaf
+        };
+        assert_eq!(heard.validate_with_host_memory(None), Ok(()));
+        let waits = VmmConfig {
+            paused: true,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            waits.validate_with_host_memory(None),
+            Err(ConfigError::Conflict(why)) if why.contains("cont")
+        ));
         let c = VmmConfig {
             cpus: 0,
             ..ok.clone()

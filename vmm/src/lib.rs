@@ -6,12 +6,13 @@
 //! [`vmm::Vmm`] (`Vmm::try_from`), whose [`control::Controller`] pauses and
 //! resumes the guest's vCPUs while the mirror vCPUs keep running.
 //!
-//! Module map, each room importing only those before it (a test below
-//! checks it; docs/ARCHITECTURE.md walks a run and a migration through
-//! them): `x86`, `confidential` → `memory` (guest RAM, layout, memslots) →
-//! `boot` (first instructions) → `config` (what to build) → `machine`
-//! (VMs, vCPU threads, devices, mirror and lab payloads) → `control` (the
-//! run state and the control API) and `qmp` → `migration` (the glue to
+//! Module map, each room importing only rooms before it in this order (a
+//! test below checks it; docs/ARCHITECTURE.md walks a run and a migration
+//! through them): `x86` (CPU state) → `memory` (guest RAM, layout,
+//! memslots) → `confidential` (SEV over memslots) → `boot` (first
+//! instructions) → `config` (what to build) → `machine` (VMs, vCPU
+//! threads, devices, mirror and lab payloads) → `control` (the run state
+//! and the control API) → `qmp` → `migration` (the glue to
 //! `cgsvmm-migration`) → `vmm` (assembly and event loop).
 //! Devices live in the `cgsvmm-devices` crate, migration in
 //! `cgsvmm-migration`, the guest ABI in `cgsvmm-fw-abi`.
@@ -102,27 +103,35 @@ mod tests {
 
     #[test]
     fn the_rooms_import_each_other_one_way_only() {
+        // The order the module map gives: each room imports only rooms
+        // before it.
         let rooms = [
-            "boot",
-            "confidential",
-            "config",
-            "control",
-            "machine",
-            "memory",
-            "migration",
-            "qmp",
-            "vmm",
             "x86",
+            "memory",
+            "confidential",
+            "boot",
+            "config",
+            "machine",
+            "control",
+            "qmp",
+            "migration",
+            "vmm",
         ];
         let graph = imports(&rooms);
-        // The layering the docs draw, seen in the code.
-        assert!(graph["migration"].contains("control"));
-        assert!(!graph["control"].contains("migration"));
-        assert!(graph["machine"].contains("memory"));
-        for room in rooms {
+        for (i, room) in rooms.iter().enumerate() {
+            for import in &graph[*room] {
+                let at = rooms.iter().position(|r| r == import);
+                assert!(
+                    at.is_some_and(|at| at < i),
+                    "{room} imports {import}, which the module map puts after it"
+                );
+            }
             if let Some(c) = cycle(&graph, room, &mut Vec::new()) {
                 panic!("import cycle: {}", c.join(" -> "));
             }
         }
+        // What the layering is for, seen in the code.
+        assert!(graph["migration"].contains("control"));
+        assert!(graph["machine"].contains("memory"));
     }
 }

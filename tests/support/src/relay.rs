@@ -92,8 +92,13 @@ fn relay<F>(
     };
     from_src.set_nonblocking(false).unwrap();
     let target = std::net::SocketAddr::from(([127, 0, 0, 1], to));
-    let Ok(to_dst) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
-        return;
+    let to_dst = match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => {
+            // The source sees its connection close; say why here.
+            eprintln!("relay: cannot connect to {target}: {e}");
+            return;
+        }
     };
     let (mut back_from_dst, mut back_to_src) =
         (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
