@@ -457,7 +457,12 @@ fn damaged_cut_short_or_mismatched_streams_fail_closed() {
     let key = key_file("bad.key", KEY);
     let other = key_file("bad-other.key", OTHER_KEY);
     let (src_vm, mut src) = source("bad-src", &key);
-    let seed = std::process::id() as u64;
+    // CGSVMM_TEST_SEED repeats a run's offsets (it prints them).
+    let seed = std::env::var("CGSVMM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::from(std::process::id()));
+    println!("seed {seed}");
     // A flipped byte somewhere in the first 200 MiB of the stream (~272 MiB
     // long), and one in its first KiB (the configuration and session).
     for (i, offset) in [(seed * 7919) % (200 << 20), (seed * 31) % 1024]
