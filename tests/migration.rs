@@ -332,11 +332,17 @@ fn proxy(to: u16, damage: Damage) -> Relay {
 }
 
 /// What a frame-level relay does to the source's frames.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Forge {
     /// Changes one byte of the first frame of this kind, with a good
     /// checksum (what a man in the middle can do).
     Alter(FrameKind),
+    /// Changes a reserved byte of the first helper record's header (one
+    /// the helpers' AEAD does not cover), with a good checksum.
+    RecordPad,
+    /// Holds the first helper-record frame back and forwards it after the
+    /// next shared-pages frame: every byte arrives, in another order.
+    Reorder,
     /// Keeps the seal and what follows from the target and answers the
     /// source with an acknowledgement of its own.
     FakeAck,
@@ -350,8 +356,30 @@ fn frame_proxy(to: u16, forge: Forge) -> Relay {
         let mut from_src = std::io::BufReader::new(from_src);
         let mut to_dst = std::io::BufWriter::new(to_dst);
         let mut altered = false;
+        let mut held: Option<protocol::Frame> = None;
         while let Ok(Some(mut frame)) = protocol::read_frame(&mut from_src) {
+            let mut after = None;
             match forge {
+                Forge::RecordPad if frame.kind == FrameKind::HelperRecords && !altered => {
+                    // RecordHeader: gpa, generation, nonce, reserved, tag, pad.
+                    frame.payload[48] ^= 0x01;
+                    altered = true;
+                }
+                Forge::Reorder if frame.kind == FrameKind::HelperRecords && !altered => {
+                    held = Some(frame);
+                    altered = true;
+                    continue;
+                }
+                Forge::Reorder if held.is_some() => {
+                    // Right after a shared-pages frame, or (if none came)
+                    // before the state, where it belonged anyway.
+                    if frame.kind == FrameKind::SharedPages {
+                        after = held.take();
+                    } else if frame.kind == FrameKind::DeviceState {
+                        let early = held.take().unwrap();
+                        let _ = protocol::write_frame(&mut to_dst, early.kind, &early.payload);
+                    }
+                }
                 Forge::Alter(kind) if frame.kind == kind && !altered => {
                     // Inside the first page's bytes, or mid-record.
                     let at = if kind == FrameKind::SharedPages {
@@ -372,6 +400,11 @@ fn frame_proxy(to: u16, forge: Forge) -> Relay {
             }
             if protocol::write_frame(&mut to_dst, frame.kind, &frame.payload).is_err() {
                 break;
+            }
+            if let Some(late) = after {
+                if protocol::write_frame(&mut to_dst, late.kind, &late.payload).is_err() {
+                    break;
+                }
             }
             if matches!(frame.kind, FrameKind::End | FrameKind::SessionOffer) {
                 let _ = to_dst.flush();
@@ -530,17 +563,21 @@ fn damaged_cut_short_or_mismatched_streams_fail_closed() {
     let _ = std::fs::remove_file(other);
 }
 
-/// A man in the middle who rewrites a frame the helpers do not see (with
-/// a good checksum) is caught by the seal; the target proves its refusal
-/// and the source runs on.
-fn state_and_shared_pages_altered_on_the_way_are_refused() {
+/// A man in the middle who rewrites a frame the helpers do not see or a
+/// helper record's reserved bytes (with good checksums), or who moves a
+/// helper record past shared pages, is caught by the seal: the stream hash
+/// binds every frame in order. The target proves its refusal and the
+/// source runs on.
+fn frames_altered_or_moved_on_the_way_are_refused() {
     let _one = one_vm();
     let key = key_file("forge.key", KEY);
     let (src_vm, mut src) = source("forge-src", &key);
-    for (i, kind) in [
-        FrameKind::VcpuState,
-        FrameKind::SharedPages,
-        FrameKind::DeviceState,
+    for (i, forge) in [
+        Forge::Alter(FrameKind::VcpuState),
+        Forge::Alter(FrameKind::SharedPages),
+        Forge::Alter(FrameKind::DeviceState),
+        Forge::RecordPad,
+        Forge::Reorder,
     ]
     .into_iter()
     .enumerate()
@@ -552,14 +589,14 @@ fn state_and_shared_pages_altered_on_the_way_are_refused() {
             "256M",
             &format!("tcp:127.0.0.1:{port}"),
         );
-        let via = frame_proxy(port, Forge::Alter(kind));
+        let via = frame_proxy(port, forge);
         let why = fails_closed(
             &src_vm,
             &mut src,
             &mut dst_vm,
             &format!("tcp:127.0.0.1:{via}"),
         );
-        assert!(why.contains("SealMismatch"), "{kind:?}: {why}");
+        assert!(why.contains("SealMismatch"), "{forge:?}: {why}");
     }
     let _ = std::fs::remove_file(key);
 }
@@ -1137,7 +1174,7 @@ fn main() {
             a_damaged_or_truncated_snapshot_is_refused,
             migrate_cancel_during_the_transfer_then_a_second_migration_succeeds,
             incoming_defer_and_bad_requests,
-            state_and_shared_pages_altered_on_the_way_are_refused,
+            frames_altered_or_moved_on_the_way_are_refused,
             a_forged_acknowledgement_is_not_believed,
             a_migrated_guest_migrates_on,
             the_readme_migration_example_runs_as_pasted,

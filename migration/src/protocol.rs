@@ -57,10 +57,14 @@
 //!  SEAL gave the source): without one the source leaves its guest paused
 //! ```
 //!
-//! The stream hash ([`StreamHash`]) covers every frame the helpers do not
-//! see (configuration, session offer, shared map and pages, device, VM and
-//! vCPU state), so a man in the middle who recomputes checksums still
-//! cannot change any of it.
+//! The stream hash ([`StreamHash`]) covers every frame from the Config to
+//! the Seal in order: whole the frames the helpers do not see
+//! (configuration, session offer, shared map and pages, device, VM and
+//! vCPU state), and each helper record's header with its tag. The seal
+//! carries it, so a man in the middle who recomputes checksums still
+//! cannot change, drop, add, split or move any frame: the order in which
+//! plaintext and helper records of a page that changed hands arrive is
+//! the order the source sent. Frame headers' reserved bytes must be 0.
 //!
 //! A snapshot file holds the same frames without the answers: the session
 //! is the source helpers' nonce alone (`SESSION_BEGIN(SNAPSHOT_*)`), and a
@@ -77,7 +81,7 @@
 //! | SharedMap | `GpaRange` {start, end: u64 LE} per range, ascending |
 //! | SharedPages | per page: gpa (u64 LE) + 4096 bytes |
 //! | HelperRecords | helper records, `RECORD_STRIDE` (4160) bytes each, as the helpers made them |
-//! | Seal | `SealRecord` (72) |
+//! | Seal | `SealRecord` (136) |
 //! | End | empty |
 //! | Ack | the ack token (16) |
 //! | Nack | the nack token (16) + UTF-8 text |
@@ -87,10 +91,12 @@ use std::io::{ErrorKind, Read, Write};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use cgsvmm_fw_abi::helper::RECORD_STRIDE;
+
 /// First bytes of a stream's Hello payload.
 pub const MAGIC: [u8; 8] = *b"CGSVMIG\0";
 /// Version of this format (the Hello payload carries it).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of a [`FrameHeader`].
 pub const HEADER_SIZE: usize = 16;
 
@@ -259,11 +265,15 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
 }
 
-/// SHA-256 over the frames the helpers do not see (configuration,
-/// session offer, shared map and pages, device, VM and vCPU state), each
-/// as kind (u16 LE), length (u32 LE) and payload, in stream order. Source
-/// and target compute it over what they sent and received; the helpers
-/// seal and compare it, so none of those frames can be altered on the way.
+/// SHA-256 over the stream in its order: every frame between the Hello
+/// and the Seal, each as kind (u16 LE), length (u32 LE) and what it
+/// carries: the whole payload of the frames the helpers do not see
+/// (configuration, session offer, shared map and pages, device, VM and
+/// vCPU state), and of a HelperRecords frame each record's 64-byte header
+/// (page, generation, nonce, tag and the reserved bytes; the tag binds the
+/// ciphertext). Source and target compute it over what they sent and
+/// received; the helpers seal and compare it, so no frame can be altered,
+/// dropped, added, split or moved on the way, helper records included.
 #[derive(Clone, Default)]
 pub struct StreamHash(sha2::Sha256);
 
@@ -272,13 +282,22 @@ impl StreamHash {
     pub fn frame(&mut self, kind: FrameKind, payload: &[u8]) {
         use sha2::Digest;
         use FrameKind::*;
-        if matches!(
+        let whole = matches!(
             kind,
             Config | SessionOffer | SharedMap | SharedPages | DeviceState | VmState | VcpuState
-        ) {
-            self.0.update((kind as u16).to_le_bytes());
-            self.0.update((payload.len() as u32).to_le_bytes());
+        );
+        if !whole && kind != HelperRecords {
+            return;
+        }
+        self.0.update((kind as u16).to_le_bytes());
+        self.0.update((payload.len() as u32).to_le_bytes());
+        if whole || !payload.len().is_multiple_of(RECORD_STRIDE) {
+            // (Records of another size are refused; hash them whole.)
             self.0.update(payload);
+        } else {
+            for record in payload.chunks(RECORD_STRIDE) {
+                self.0.update(&record[..RECORD_HEADER]);
+            }
         }
     }
 
@@ -288,6 +307,9 @@ impl StreamHash {
         self.0.clone().finalize().into()
     }
 }
+
+/// Bytes of a helper record's header (before its page of ciphertext).
+const RECORD_HEADER: usize = RECORD_STRIDE - cgsvmm_fw_abi::PAGE_SIZE;
 
 /// The checksum of a frame: CRC32C over the header with its checksum zero,
 /// then the payload.
@@ -546,7 +568,9 @@ mod tests {
             read_frame(&mut &raw[..]),
             Err(ProtocolError::Reserved)
         ));
-        write_frame(&mut s, FrameKind::Hello, b"CGSVMIG\0\x02\0\0\0").unwrap();
+        // Another version.
+        let other = [&MAGIC[..], &(VERSION + 1).to_le_bytes()].concat();
+        write_frame(&mut s, FrameKind::Hello, &other).unwrap();
         assert!(matches!(
             read_hello(&mut &s[..]),
             Err(ProtocolError::BadHello)
@@ -627,14 +651,13 @@ mod tests {
     }
 
     #[test]
-    fn the_stream_hash_covers_what_the_helpers_do_not_see_and_only_that() {
+    fn the_stream_hash_binds_every_frame_in_order() {
         let mut a = StreamHash::default();
         a.frame(FrameKind::Config, b"config");
         a.frame(FrameKind::SharedPages, b"pages");
         let base = a.value();
-        // Helper records, the seal and the answers are not hashed.
+        // The Hello, the seal and what follows are not hashed.
         for kind in [
-            FrameKind::HelperRecords,
             FrameKind::Seal,
             FrameKind::End,
             FrameKind::Ack,
@@ -653,5 +676,52 @@ mod tests {
         c.frame(FrameKind::Config, b"config");
         c.frame(FrameKind::SharedPages, b"pageS");
         assert_ne!(c.value(), base);
+        // Helper records: their headers (every byte of them, tag and
+        // reserved bytes included), where they sit and how they are cut
+        // into frames; not their ciphertext, which the tag binds.
+        let records =
+            |n: usize| -> Vec<u8> { (0..n * RECORD_STRIDE).map(|i| (i % 251) as u8).collect() };
+        let with = |frames: &[(FrameKind, &[u8])]| {
+            let mut h = StreamHash::default();
+            for (kind, payload) in frames {
+                h.frame(*kind, payload);
+            }
+            h.value()
+        };
+        let two = records(2);
+        let plain: &[u8] = b"pages";
+        let sent = with(&[
+            (FrameKind::HelperRecords, &two),
+            (FrameKind::SharedPages, plain),
+        ]);
+        assert_ne!(sent, base);
+        let moved = with(&[
+            (FrameKind::SharedPages, plain),
+            (FrameKind::HelperRecords, &two),
+        ]);
+        assert_ne!(moved, sent, "a record frame moved past a page frame");
+        let (first, second) = two.split_at(RECORD_STRIDE);
+        let split = with(&[
+            (FrameKind::HelperRecords, first),
+            (FrameKind::HelperRecords, second),
+            (FrameKind::SharedPages, plain),
+        ]);
+        assert_ne!(split, sent, "the records cut into two frames");
+        for at in 0..RECORD_HEADER {
+            let mut changed = two.clone();
+            changed[RECORD_STRIDE + at] ^= 1;
+            let h = with(&[
+                (FrameKind::HelperRecords, &changed),
+                (FrameKind::SharedPages, plain),
+            ]);
+            assert_ne!(h, sent, "header byte {at} of the second record");
+        }
+        let mut ciphertext = two.clone();
+        ciphertext[RECORD_HEADER + 7] ^= 1;
+        let h = with(&[
+            (FrameKind::HelperRecords, &ciphertext),
+            (FrameKind::SharedPages, plain),
+        ]);
+        assert_eq!(h, sent, "the ciphertext is the tag's to bind");
     }
 }
