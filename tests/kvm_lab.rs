@@ -163,6 +163,7 @@ scenarios! {
     a_damaged_stream_fails_closed_and_the_source_resumes = "mig-damaged", 300;
     a_running_linux_guest_migrates_live = "linux-live", 400;
     a_linux_snapshot_restores_in_a_new_process = "linux-snapshot", 400;
+    root_in_the_guest_cannot_read_the_transport_key = "linux-isolation", 300;
     map_gpa_range_hypercalls_feed_the_shared_map = "hypercall", 300;
 }
 

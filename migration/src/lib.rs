@@ -90,6 +90,12 @@ pub trait MigratableVm: Send + Sync {
     fn ram_ranges(&self) -> Vec<(u64, u64)>;
     /// What the guest declared shared.
     fn shared_map(&self) -> SharedMap;
+    /// Keeps of `gpas` only the pages the guest shares now (the live map,
+    /// not a copy: a page it made private since the copy is dropped).
+    fn keep_shared(&self, gpas: &mut Vec<u64>) {
+        let map = self.shared_map();
+        gpas.retain(|&g| map.is_shared(g));
+    }
     /// Replaces the shared map (the target, from the stream).
     fn set_shared_map(&self, map: SharedMap);
     /// One client per migration helper, each having answered HELLO.

@@ -719,7 +719,13 @@ impl Sender<'_> {
         result
     }
 
-    /// One SharedPages frame of `batch` (at most [`PAGES_PER_FRAME`]).
+    /// One SharedPages frame of `batch` (at most [`PAGES_PER_FRAME`]), of
+    /// the pages the live map still shares once they are copied. The guest
+    /// makes a page private (the VMM's map changes) before it writes
+    /// anything private into it, so a page still shared after its copy held
+    /// nothing private when copied; one made private since the round began
+    /// is dropped here and goes in a later round, through the helpers (its
+    /// conversion makes it dirty).
     fn shared_frame(&mut self, batch: &[u64], buf: &mut [u8]) -> Result<(), MigrationError> {
         for (i, &gpa) in batch.iter().enumerate() {
             let at = i * SHARED_PAGE_STRIDE;
@@ -730,14 +736,44 @@ impl Sender<'_> {
                 &mut buf[at + 8..at + SHARED_PAGE_STRIDE],
             )?;
         }
-        self.frame(
-            FrameKind::SharedPages,
-            &buf[..batch.len() * SHARED_PAGE_STRIDE],
-        )?;
-        Progress::add(&self.progress.shared_pages, batch.len() as u64);
-        Progress::sub(&self.progress.remaining, (batch.len() * PAGE) as u64);
+        let mut live = batch.to_vec();
+        self.vm.keep_shared(&mut live);
+        let n = keep_pages(batch, &live, buf);
+        if n < batch.len() {
+            log::debug!(
+                "{} of {} shared pages went private during the round: sent later",
+                batch.len() - n,
+                batch.len()
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.frame(FrameKind::SharedPages, &buf[..n * SHARED_PAGE_STRIDE])?;
+        Progress::add(&self.progress.shared_pages, n as u64);
+        Progress::sub(&self.progress.remaining, (n * PAGE) as u64);
         Ok(())
     }
+}
+
+/// Moves the entries of `buf` (one per page of `batch`, in its order) whose
+/// page is in `live` (a subsequence of `batch`) to its front; how many.
+fn keep_pages(batch: &[u64], live: &[u64], buf: &mut [u8]) -> usize {
+    let mut keep = live.iter().peekable();
+    let mut n = 0;
+    for (i, gpa) in batch.iter().enumerate() {
+        if keep.peek() == Some(&gpa) {
+            keep.next();
+            if i != n {
+                buf.copy_within(
+                    i * SHARED_PAGE_STRIDE..(i + 1) * SHARED_PAGE_STRIDE,
+                    n * SHARED_PAGE_STRIDE,
+                );
+            }
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Copies one guest page out.
@@ -762,4 +798,33 @@ pub(crate) fn parse_answer(payload: &[u8]) -> Result<([u8; 32], [u8; 16]), Migra
     let nonce = payload[..32].try_into().expect("32 bytes");
     let id = payload[32..].try_into().expect("16 bytes");
     Ok((nonce, id))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_made_private_during_a_round_leave_the_frame() {
+        let batch = [0x1000u64, 0x2000, 0x3000, 0x4000];
+        let mut buf = vec![0u8; batch.len() * SHARED_PAGE_STRIDE];
+        for (i, entry) in buf.chunks_mut(SHARED_PAGE_STRIDE).enumerate() {
+            entry.fill(i as u8 + 1);
+        }
+        let original = buf.clone();
+        // All still shared: nothing moves.
+        assert_eq!(keep_pages(&batch, &batch, &mut buf), 4);
+        assert_eq!(buf, original);
+        // The first and third went private.
+        let n = keep_pages(&batch, &[0x2000, 0x4000], &mut buf);
+        assert_eq!(n, 2);
+        assert!(buf[..SHARED_PAGE_STRIDE].iter().all(|&b| b == 2));
+        assert!(buf[SHARED_PAGE_STRIDE..2 * SHARED_PAGE_STRIDE]
+            .iter()
+            .all(|&b| b == 4));
+        // None left.
+        let mut buf = original.clone();
+        assert_eq!(keep_pages(&batch, &[], &mut buf), 0);
+    }
 }

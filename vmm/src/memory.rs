@@ -4,7 +4,8 @@
 //! the mirror region that holds the mirror vCPUs' code outside guest RAM,
 //! the host mappings behind both (anonymous, `MADV_HUGEPAGE`: first touch of
 //! a 4 KiB page costs ~10 µs on the lab host, ~1 µs with huge pages), the
-//! memslot table registered identically in the main and the mirror VM, and
+//! memslot tables (the mirror VM's: RAM and the mirror region; the main
+//! VM's: the same RAM slots, never the mirror region), and
 //! the E820 map the guest is told about (which never names the mirror region).
 //!
 //! ```text
@@ -353,12 +354,20 @@ impl Memory {
         began.elapsed()
     }
 
-    /// Every memslot, in the order both VMs register them.
+    /// The mirror VM's memslots: RAM, then the mirror region.
     pub fn slots(&self) -> Vec<MemSlot> {
-        let mut slots = slots_of(&self.ram, 0, false);
+        let mut slots = self.main_slots();
         let next = slots.len() as u32;
         slots.extend(slots_of(&self.mirror, next, false));
         slots
+    }
+
+    /// The main VM's memslots: RAM only, numbered as in [`Memory::slots`].
+    /// The mirror region (the helper's code, its key, its counters and the
+    /// mailboxes) is never mapped into the main VM, so nothing the guest
+    /// runs can read or write it.
+    pub fn main_slots(&self) -> Vec<MemSlot> {
+        slots_of(&self.ram, 0, false)
     }
 }
 
@@ -418,6 +427,13 @@ mod tests {
     #[test]
     fn slots_cover_ram_then_the_mirror_region() {
         let mem = Memory::new(32 * MIB).unwrap();
+        // The main VM's: RAM alone, nothing of the mirror region.
+        let main = mem.main_slots();
+        assert_eq!(main.len(), 1);
+        let mirror = abi::MIRROR_REGION_GPA..abi::MIRROR_REGION_GPA + abi::MIRROR_REGION_SIZE;
+        assert!(main
+            .iter()
+            .all(|s| s.gpa() + s.size() <= mirror.start || s.gpa() >= mirror.end));
         let slots = mem.slots();
         assert_eq!(slots.len(), 2);
         assert_eq!(

@@ -122,6 +122,11 @@ impl MigratableVm for VmLink {
             .clone()
     }
 
+    fn keep_shared(&self, gpas: &mut Vec<u64>) {
+        let map = self.shared.lock().expect("shared map lock poisoned");
+        gpas.retain(|&g| map.is_shared(g));
+    }
+
     fn set_shared_map(&self, map: SharedMap) {
         *self.shared.lock().expect("shared map lock poisoned") = map;
     }

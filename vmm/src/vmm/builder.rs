@@ -84,9 +84,13 @@ impl Machine {
             BootConfig::Firmware { path, .. } => Some(Arc::new(firmware::load(path)?)),
             _ => None,
         };
-        let mut slots = memory.slots();
+        // The main VM: RAM and the firmware; the mirror VM: RAM and the
+        // mirror region, which the guest never sees (its key lives there).
+        let mirror_slots = memory.slots();
+        let mut slots = memory.main_slots();
+        let ram_slots = slots.len();
         if let Some(fw) = &firmware {
-            let next = slots.len() as u32;
+            let next = mirror_slots.len() as u32;
             slots.extend(slots_of(&fw.memory, next, true));
         }
         let exit = ExitHandle::new().map_err(|e| VmmError::Setup("exit eventfd", e))?;
@@ -97,13 +101,15 @@ impl Machine {
         let main_vm = Arc::new(unsafe { vm::create_main_vm(&kvm, &slots) }?);
         if let Some(launch) = &sev {
             launch.init(&main_vm)?;
-            for slot in &slots {
+            // The mirror region too: the helper runs in the guest's
+            // encryption context (registration is by host address).
+            for slot in slots.iter().chain(&mirror_slots[ram_slots..]) {
                 // SAFETY: as for the VM: the slot's mapping outlives it.
                 unsafe { launch.register(&main_vm, slot)? };
             }
         }
         // SAFETY: as for the main VM.
-        let mirror_vm = unsafe { vm::create_mirror_vm(&kvm, &slots) }?;
+        let mirror_vm = unsafe { vm::create_mirror_vm(&kvm, &mirror_slots) }?;
         if sev.is_some() {
             SevLaunch::share_with_mirror(&mirror_vm, &main_vm)?;
         }

@@ -36,8 +36,12 @@
 //!   crate's key schedules);
 //! - VERIFY_SEAL succeeds only if every RAM page outside the shared ranges
 //!   was written in this session, the source sealed every such page too,
-//!   both sides declared the same shared ranges, and the target applied
-//!   exactly the records the source sealed (count and keyed digest);
+//!   both sides declared the same shared ranges, the target applied
+//!   exactly the records the source sealed (count and keyed digest), and
+//!   the host's stream hash matches the one the source's helper sealed (the
+//!   VMMs hash every frame from the configuration to the seal in order,
+//!   helper records by their headers and tags: a stream whose frames were
+//!   altered, moved, split, dropped or added on the way does not verify);
 //! - session nonces come from RDSEED/RDRAND or there is no session (no TSC
 //!   fallback; all-0, all-1 and repeated words are refused);
 //! - sessions are bound to the VM's identity (`vm_id`, the owner's UUID, and
@@ -48,6 +52,11 @@
 //!   single loads (`cgsvmm-page-gcm` reads through an `asm!` load per 32
 //!   bytes; the general path through one `rep movsb` into private memory),
 //!   shared ranges once each, hashed as read.
+//!
+//! The guest is not trusted with the transport key either: the mirror
+//! region (this image, its key page, counters, generation table and the
+//! mailboxes) is mapped only into the mirror VM, so nothing the guest runs,
+//! at any privilege, can read or write it (the VMM's `Memory::main_slots`).
 //!
 //! **What the host learns**: which GPAs it asked for and when, their
 //! generations, record and seal sizes (constant), how long the helper took
