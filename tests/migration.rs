@@ -602,8 +602,8 @@ fn frames_altered_or_moved_on_the_way_are_refused() {
 }
 
 /// An acknowledgement the target's helpers did not make is not believed:
-/// the guest stays paused (it may run on the target), the operator
-/// decides.
+/// the guest stays paused in `outcome-unknown` (it may run on the target),
+/// where only the operator's forced `cont` or `migrate` takes it on.
 fn a_forged_acknowledgement_is_not_believed() {
     let _one = one_vm();
     let key = key_file("fakeack.key", KEY);
@@ -626,8 +626,31 @@ fn a_forged_acknowledgement_is_not_believed() {
             .contains("No authenticated answer"),
         "{info}"
     );
-    assert_eq!(status(&mut src), "paused");
-    src.cmd("cont");
+    assert_eq!(status(&mut src), "outcome-unknown");
+    for (cmd, args) in [
+        ("cont", json!({})),
+        ("migrate", json!({"uri": "tcp:127.0.0.1:1"})),
+    ] {
+        let r = call(&mut src, cmd, args);
+        let desc = r["error"]["desc"].as_str().unwrap_or_default();
+        assert!(
+            desc.contains("outcome is unknown") && desc.contains("x-force"),
+            "{cmd}: {r}"
+        );
+    }
+    assert_eq!(status(&mut src), "outcome-unknown");
+    // A forced migration that fails leaves it so.
+    let r = call(
+        &mut src,
+        "migrate",
+        json!({"uri": "tcp:127.0.0.1:1", "x-force": true}),
+    );
+    assert!(r.get("return").is_some(), "{r}");
+    let info = wait_migration(&mut src, Duration::from_secs(15));
+    assert_eq!(info["status"], "failed", "{info}");
+    assert_eq!(status(&mut src), "outcome-unknown");
+    let r = call(&mut src, "cont", json!({"x-force": true}));
+    assert!(r.get("return").is_some(), "{r}");
     assert_eq!(status(&mut src), "running");
     let _ = std::fs::remove_file(key);
 }

@@ -357,7 +357,14 @@ impl Receiver<'_> {
             "State, seal verification, restore and start in {:?}",
             t.elapsed()
         );
-        self.send(FrameKind::Ack, &ack)?;
+        // The guest runs here now: whatever happens to the answer, it is
+        // not failed (a source that never hears it stays paused in
+        // outcome-unknown, so the guest never runs twice).
+        if let Err(e) = self.send(FrameKind::Ack, &ack) {
+            log::warn!(
+                "The guest runs here, but its acknowledgement did not reach the source                  (which stays paused, its outcome unknown): {e}"
+            );
+        }
         Ok(())
     }
 

@@ -8,19 +8,30 @@
 //! asks of the vCPUs and commits it only then, so a failed pause or resume
 //! leaves the state as it was.
 //!
-//! | from \ transition | start | stop | cont | migrate pause | failed | done | unknown | arrived |
-//! |---|---|---|---|---|---|---|---|---|
-//! | built (paused) | running, or prelaunch (`-S`) | – | – | – | – | – | – | – |
-//! | prelaunch | – | = | running | finish-migrate | – | – | – | – |
-//! | running | – | paused | = | finish-migrate | – | – | – | – |
-//! | paused | – | = | running | finish-migrate | – | – | – | – |
-//! | inmigrate | = (mirror only) | autostart off | autostart on | refused | – | – | – | running or paused |
-//! | finish-migrate | – | refused | refused | – | back as before | postmigrate | paused | – |
-//! | postmigrate | – | = | refused (snapshot: running) | snapshot only | – | – | – | – |
+//! | from \ transition | start | stop | cont | forced cont | migrate pause | failed | done | unknown | arrived |
+//! |---|---|---|---|---|---|---|---|---|---|
+//! | built (paused) | running, or prelaunch (`-S`) | – | – | – | – | – | – | – | – |
+//! | prelaunch | – | = | running | running | finish-migrate | – | – | – | – |
+//! | running | – | paused | = | = | finish-migrate | – | – | – | – |
+//! | paused | – | = | running | running | finish-migrate | – | – | – | – |
+//! | inmigrate | = (mirror only) | autostart off | autostart on | autostart on | refused | – | – | – | running or paused |
+//! | finish-migrate | – | refused | refused | refused | – | back as before | postmigrate | outcome-unknown | – |
+//! | postmigrate | – | = | refused (snapshot: running) | as cont | snapshot only | – | – | – | – |
+//! | outcome-unknown | – | = | refused | running | forced only | – | – | – | – |
 //!
 //! ("=": no change; "–": cannot happen, and refused if asked.)
+//!
+//! `outcome-unknown`: everything went to the target but no answer its
+//! helpers made came back, so the guest may already run there. It stays
+//! paused here until the operator, who can find out, says otherwise: a
+//! plain `cont` or `migrate` is refused, a forced one (`"x-force": true`)
+//! goes ahead; a forced migration that fails comes back here.
 
 use super::{ControlError, Event};
+
+/// What a refusal after an unknown outcome says first.
+const UNKNOWN: &str = "The last migration's outcome is unknown (the target's answer never \
+     came): the guest may be running on the target";
 
 /// The VM's run state, as `query-status` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +50,9 @@ pub enum RunState {
     /// Built, never run: waits for `cont` (`--paused` without
     /// `--incoming`, QEMU's `-S`).
     Prelaunch,
+    /// Paused after a migration whose outcome is unknown: the guest may
+    /// run on the target.
+    OutcomeUnknown,
 }
 
 impl RunState {
@@ -51,6 +65,7 @@ impl RunState {
             RunState::FinishMigrate => "finish-migrate",
             RunState::PostMigrate => "postmigrate",
             RunState::Prelaunch => "prelaunch",
+            RunState::OutcomeUnknown => "outcome-unknown",
         }
     }
 }
@@ -64,6 +79,8 @@ enum Before {
     Prelaunch,
     /// Postmigrate after a snapshot (the guest may go on here).
     Snapshotted,
+    /// After an unknown outcome (a forced migration).
+    Unknown,
 }
 
 /// The run state with what each state needs to know.
@@ -91,6 +108,8 @@ enum Phase {
     PostMigrate {
         snapshot: bool,
     },
+    /// A migration ended without the target's answer.
+    OutcomeUnknown,
 }
 
 /// A change of the run state someone asks for.
@@ -102,6 +121,8 @@ pub enum Transition {
     Stop,
     /// QMP `cont`.
     Cont,
+    /// QMP `cont` with `x-force`: also after an unknown outcome.
+    ForceCont,
     /// An outgoing migration pauses the guest.
     PauseForMigration,
     /// It failed or was cancelled: back to where it was.
@@ -110,7 +131,7 @@ pub enum Transition {
     /// go on here).
     MigrationDone { snapshot: bool },
     /// Everything was sent but the target's answer never came: the guest
-    /// stays paused here, and `cont` resumes it.
+    /// stays paused here until a forced `cont` or `migrate`.
     OutcomeUnknown,
     /// The arriving guest's state is restored; it ran on its source or not.
     Restored { source_running: bool },
@@ -170,6 +191,7 @@ impl Lifecycle {
             Phase::InMigrate { .. } => RunState::InMigrate,
             Phase::FinishMigrate { .. } => RunState::FinishMigrate,
             Phase::PostMigrate { .. } => RunState::PostMigrate,
+            Phase::OutcomeUnknown => RunState::OutcomeUnknown,
         }
     }
 
@@ -181,11 +203,16 @@ impl Lifecycle {
             }
     }
 
-    /// Whether an outgoing migration may start now.
-    pub fn may_migrate(&self) -> Result<(), ControlError> {
+    /// Whether an outgoing migration may start now (`force`: also after
+    /// an unknown outcome).
+    pub fn may_migrate(&self, force: bool) -> Result<(), ControlError> {
         match self.phase {
             Phase::Running | Phase::Paused | Phase::Prelaunch => Ok(()),
             Phase::PostMigrate { snapshot: true } => Ok(()),
+            Phase::OutcomeUnknown if force => Ok(()),
+            Phase::OutcomeUnknown => Err(ControlError::WrongState(format!(
+                "{UNKNOWN}: migrate it from here only if it does not (\"x-force\": true)"
+            ))),
             _ => Err(self.cannot_migrate()),
         }
     }
@@ -209,27 +236,38 @@ impl Lifecycle {
             (p @ P::InMigrate { .. }, T::Start) => stay(p),
 
             (P::Running, T::Stop) => to(Vcpus::Pause, P::Paused, Some(Event::Stop)),
-            (P::Paused | P::Prelaunch, T::Cont) => {
+            (P::Paused | P::Prelaunch, T::Cont | T::ForceCont) => {
                 to(Vcpus::Resume, P::Running, Some(Event::Resume))
             }
-            (P::PostMigrate { snapshot: true }, T::Cont) => {
+            (P::OutcomeUnknown, T::ForceCont) => to(Vcpus::Resume, P::Running, Some(Event::Resume)),
+            (P::OutcomeUnknown, T::Cont) => Err(ControlError::WrongState(format!(
+                "{UNKNOWN}: resume it here only if it does not (\"x-force\": true)"
+            ))),
+            (P::PostMigrate { snapshot: true }, T::Cont | T::ForceCont) => {
                 to(Vcpus::Resume, P::Running, Some(Event::Resume))
             }
-            (p @ (P::Paused | P::Prelaunch | P::PostMigrate { .. }), T::Stop) => stay(p),
-            (P::Running, T::Cont) => stay(P::Running),
-            (P::InMigrate { source_running, .. }, T::Stop | T::Cont) => stay(P::InMigrate {
-                autostart: t == T::Cont,
-                source_running,
-            }),
+            (
+                p @ (P::Paused | P::Prelaunch | P::PostMigrate { .. } | P::OutcomeUnknown),
+                T::Stop,
+            ) => stay(p),
+            (P::Running, T::Cont | T::ForceCont) => stay(P::Running),
+            (P::InMigrate { source_running, .. }, T::Stop | T::Cont | T::ForceCont) => {
+                stay(P::InMigrate {
+                    autostart: t != T::Stop,
+                    source_running,
+                })
+            }
             (P::FinishMigrate { .. }, T::Stop) => Err(ControlError::WrongState(
                 "The guest is being migrated".into(),
             )),
-            (P::FinishMigrate { .. }, T::Cont) => Err(ControlError::WrongState(
+            (P::FinishMigrate { .. }, T::Cont | T::ForceCont) => Err(ControlError::WrongState(
                 "The guest is being migrated; it resumes here if the migration fails".into(),
             )),
-            (P::PostMigrate { snapshot: false }, T::Cont) => Err(ControlError::WrongState(
-                "The guest was migrated and runs on the target; it cannot resume here".into(),
-            )),
+            (P::PostMigrate { snapshot: false }, T::Cont | T::ForceCont) => {
+                Err(ControlError::WrongState(
+                    "The guest was migrated and runs on the target; it cannot resume here".into(),
+                ))
+            }
 
             (p, T::PauseForMigration) => {
                 let before = match p {
@@ -237,6 +275,7 @@ impl Lifecycle {
                     P::Paused => Before::Paused,
                     P::Prelaunch => Before::Prelaunch,
                     P::PostMigrate { snapshot: true } => Before::Snapshotted,
+                    P::OutcomeUnknown => Before::Unknown,
                     _ => return Err(self.cannot_migrate()),
                 };
                 let vcpus = if before == Before::Running {
@@ -252,11 +291,12 @@ impl Lifecycle {
                 Before::Paused => stay(P::Paused),
                 Before::Prelaunch => stay(P::Prelaunch),
                 Before::Snapshotted => stay(P::PostMigrate { snapshot: true }),
+                Before::Unknown => stay(P::OutcomeUnknown),
             },
             (P::FinishMigrate { .. }, T::MigrationDone { snapshot }) => {
                 stay(P::PostMigrate { snapshot })
             }
-            (P::FinishMigrate { .. }, T::OutcomeUnknown) => stay(P::Paused),
+            (P::FinishMigrate { .. }, T::OutcomeUnknown) => stay(P::OutcomeUnknown),
 
             (P::InMigrate { autostart, .. }, T::Restored { source_running }) => {
                 stay(P::InMigrate {
@@ -342,7 +382,7 @@ mod tests {
             assert_eq!(l.ran_before_migration(), !stop_first);
             assert!(l.plan(Transition::Stop).is_err());
             assert!(l.plan(Transition::Cont).is_err());
-            assert!(l.may_migrate().is_err());
+            assert!(l.may_migrate(false).is_err());
             assert_eq!(go(&mut l, Transition::MigrationFailed).unwrap(), vcpus);
             assert_eq!(l.state(), state);
         }
@@ -356,16 +396,34 @@ mod tests {
             go(&mut l, Transition::PauseForMigration).unwrap();
             go(&mut l, Transition::MigrationDone { snapshot }).unwrap();
             assert_eq!(l.state(), RunState::PostMigrate);
-            assert_eq!(l.may_migrate().is_ok(), snapshot);
+            assert_eq!(l.may_migrate(false).is_ok(), snapshot);
             assert_eq!(l.plan(Transition::Cont).is_ok(), snapshot);
         }
-        // An unknown outcome leaves the guest paused; cont resumes it.
+        // An unknown outcome leaves the guest paused in its own state:
+        // only a forced cont or migration takes it on, and a forced
+        // migration that fails comes back to it.
         let mut l = Lifecycle::new(false, true);
         go(&mut l, Transition::Start).unwrap();
         go(&mut l, Transition::PauseForMigration).unwrap();
         go(&mut l, Transition::OutcomeUnknown).unwrap();
-        assert_eq!(l.state(), RunState::Paused);
-        assert_eq!(go(&mut l, Transition::Cont).unwrap(), Vcpus::Resume);
+        assert_eq!(l.state(), RunState::OutcomeUnknown);
+        assert_eq!(l.state().name(), "outcome-unknown");
+        let refused = l.plan(Transition::Cont).unwrap_err().to_string();
+        assert!(refused.contains("x-force"), "{refused}");
+        assert!(l.may_migrate(false).is_err());
+        assert!(l.may_migrate(true).is_ok());
+        assert_eq!(go(&mut l, Transition::Stop).unwrap(), Vcpus::Stay);
+        assert_eq!(
+            go(&mut l, Transition::PauseForMigration).unwrap(),
+            Vcpus::Stay
+        );
+        assert_eq!(
+            go(&mut l, Transition::MigrationFailed).unwrap(),
+            Vcpus::Stay
+        );
+        assert_eq!(l.state(), RunState::OutcomeUnknown);
+        assert_eq!(go(&mut l, Transition::ForceCont).unwrap(), Vcpus::Resume);
+        assert_eq!(l.state(), RunState::Running);
     }
 
     #[test]
@@ -378,7 +436,7 @@ mod tests {
             let mut l = Lifecycle::new(true, true);
             assert_eq!(l.state(), RunState::InMigrate);
             assert_eq!(go(&mut l, Transition::Start).unwrap(), Vcpus::Stay);
-            assert!(l.may_migrate().is_err());
+            assert!(l.may_migrate(false).is_err());
             if stop {
                 go(&mut l, Transition::Stop).unwrap();
             }

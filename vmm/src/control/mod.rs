@@ -64,8 +64,12 @@ pub enum Command {
     QueryStatus,
     /// Pause the main vCPUs.
     Stop,
-    /// Resume them.
-    Cont,
+    /// Resume them (`force`: also after a migration whose outcome is
+    /// unknown).
+    Cont {
+        /// `x-force`.
+        force: bool,
+    },
     /// End the VMM.
     Quit,
     /// Power the VM off (no ACPI: at once).
@@ -80,6 +84,8 @@ pub enum Command {
     Migrate {
         /// Where.
         uri: Uri,
+        /// `x-force`: also after a migration whose outcome is unknown.
+        force: bool,
     },
     /// Receive the VM from `uri` (`--incoming defer` only).
     MigrateIncoming {
@@ -554,6 +560,12 @@ impl Controller {
         self.go(Transition::Cont)
     }
 
+    /// [`Controller::cont`], also after a migration whose outcome is
+    /// unknown (the operator knows the guest does not run elsewhere).
+    pub fn force_cont(&mut self) -> Result<(), ControlError> {
+        self.go(Transition::ForceCont)
+    }
+
     /// The main vCPU group.
     pub fn main_vcpus(&self) -> &VcpuGroup {
         &self.main
@@ -629,7 +641,8 @@ impl Controller {
         match command {
             Command::QueryStatus => Ok(Reply::Status(self.life.state())),
             Command::Stop => self.stop().map(|()| Reply::Done),
-            Command::Cont => self.cont().map(|()| Reply::Done),
+            Command::Cont { force: false } => self.cont().map(|()| Reply::Done),
+            Command::Cont { force: true } => self.force_cont().map(|()| Reply::Done),
             Command::Quit => {
                 self.exit.request(ExitReason::Quit);
                 Ok(Reply::Done)
@@ -645,7 +658,7 @@ impl Controller {
                 Some(m) => Ok(Reply::SevMeasurement(m.clone())),
                 None => Err(ControlError::Unavailable("SEV is not enabled for this VM")),
             },
-            Command::Migrate { uri } => self.migrate(uri),
+            Command::Migrate { uri, force } => self.migrate(uri, force),
             Command::MigrateIncoming { uri } => self.migrate_incoming(&uri),
             Command::MigrateCancel => {
                 self.cancel_migration();
@@ -766,7 +779,7 @@ impl Controller {
         self.migration = Some(worker.job);
     }
 
-    fn migrate(&mut self, uri: Uri) -> Result<Reply, ControlError> {
+    fn migrate(&mut self, uri: Uri, force: bool) -> Result<Reply, ControlError> {
         if self.helper.is_none() {
             return Err(ControlError::Unavailable(
                 "This VM runs no migration helper, so its private pages cannot leave it: \
@@ -779,7 +792,7 @@ impl Controller {
         if self.migration_running() {
             return Err(ControlError::MigrationInProgress);
         }
-        self.life.may_migrate()?;
+        self.life.may_migrate(force)?;
         if let Uri::File(path) = &uri {
             if path.exists() {
                 return Err(ControlError::SnapshotExists(path.clone()));

@@ -44,7 +44,12 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
     match command {
         "query-status" => plain(Command::QueryStatus),
         "stop" => plain(Command::Stop),
-        "cont" => plain(Command::Cont),
+        "cont" => {
+            only(args, &["x-force"])?;
+            Ok(Some(Command::Cont {
+                force: force_arg(args)?,
+            }))
+        }
         "quit" => plain(Command::Quit),
         "system_powerdown" => plain(Command::SystemPowerdown),
         "query-cpus-fast" => plain(Command::QueryCpus),
@@ -55,7 +60,8 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
         "x-query-ram-digest" => plain(Command::QueryRamDigest),
         // QEMU's deprecated flags are accepted and mean nothing here.
         "migrate" => Ok(Some(Command::Migrate {
-            uri: uri_arg(args, &["uri", "detach", "resume"])?,
+            uri: uri_arg(args, &["uri", "detach", "resume", "x-force"])?,
+            force: force_arg(args)?,
         })),
         "migrate-incoming" => Ok(Some(Command::MigrateIncoming {
             uri: uri_arg(args, &["uri", "exit-on-error"])?,
@@ -75,11 +81,29 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
     }
 }
 
+/// Every argument must be one of `allowed`.
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+/// `x-force` (cgsvmm's: go ahead after a migration whose outcome is
+/// unknown), false when absent.
+fn force_arg(args: &Map<String, Value>) -> Result<bool, QmpError> {
+    match args.get("x-force") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(QmpError::generic(
+            "Invalid parameter type for 'x-force', expected: boolean",
+        )),
+    }
+}
+
 /// The `uri` argument; every other argument must be one of `allowed`.
 fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError> {
-    if let Some(k) = args.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-    }
+    only(args, allowed)?;
     match args.get("uri") {
         Some(Value::String(u)) => u
             .parse()
@@ -295,9 +319,20 @@ mod tests {
         assert_eq!(
             parse("migrate", &args(json!({"uri": "tcp:h:1", "detach": true}))).unwrap(),
             Some(Command::Migrate {
-                uri: Uri::Tcp("h:1".into())
+                uri: Uri::Tcp("h:1".into()),
+                force: false,
             })
         );
+        assert_eq!(
+            parse("cont", &args(json!({"x-force": true}))).unwrap(),
+            Some(Command::Cont { force: true })
+        );
+        assert_eq!(
+            parse("cont", &Map::new()).unwrap(),
+            Some(Command::Cont { force: false })
+        );
+        assert!(parse("cont", &args(json!({"x-force": 1}))).is_err());
+        assert!(parse("cont", &args(json!({"force": true}))).is_err());
         for (bad, want) in [
             (json!({}), "missing"),
             (json!({"uri": 1}), "expected: string"),
