@@ -47,10 +47,11 @@
 //!  |                                                           |   must have arrived
 //!  | DeviceState, VmState, VcpuState x vCPUs ---------------->| decoded, bounded, versioned
 //!  | Seal {the source helpers' seal, over the stream hash} --->|
-//!  | End ----------------------------------------------------->| VERIFY_SEAL (every private page
+//!  | End ----------------------------------------------------->| state restored (not run), then
+//!  |                                                           |   VERIFY_SEAL (every private page
 //!  |                                                           |   written, stream hash equal),
-//!  |<------------------------------------ Ack {ack token}      |   state restored, guest may run
-//!  |   or <------------------------- Nack {nack token, reason} |   (or stays paused)
+//!  |<------------------------------------ Ack {ack token}      |   guest may run (or stays paused)
+//!  |   or <------------------------- Nack {nack token, reason} |   (a refused restore: nack too)
 //!  | postmigrate (ack) / running again (nack)                  |
 //!  either side may send Error {reason} instead of its next frame and hang up; after the
 //!  Seal only a token the target's helpers revealed counts (checked against the commitments

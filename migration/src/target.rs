@@ -11,9 +11,10 @@
 //!                 | HelperRecords (to the helpers, in parallel)
 //!       -> DeviceState -> VmState -> VcpuState x vCPUs (index order)
 //!       -> Seal -> End
-//!       => every shared page arrived, the helpers verify the seal (every
-//!          private page written in this session), state restored, the
-//!          guest may run, Ack (live)
+//!       => every shared page arrived, state restored (the guest still
+//!          cannot run), the helpers verify the seal (every private page
+//!          written in this session), the guest may run, Ack (live; a
+//!          guest that runs is never failed for an Ack that did not go)
 //! ```
 //!
 //! Any other frame, any frame out of its place, a damaged or short stream,
@@ -289,21 +290,16 @@ impl Receiver<'_> {
         log::debug!("Received the pages in {:?}", t.elapsed());
         let t = std::time::Instant::now();
 
-        // DeviceState ended the pages.
+        // DeviceState ended the pages. The state is decoded only once the
+        // seal is in: whatever is wrong with it is then refused with the
+        // helpers' authenticated nack (`receive`).
         let devices = self.buf.clone();
         self.expect(FrameKind::VmState)?;
-        let vm_state: VmRecord = state::decode(&self.buf)?;
-        let mut vcpus = Vec::with_capacity(theirs.vcpus as usize);
-        for index in 0..theirs.vcpus {
+        let vm_bytes = self.buf.clone();
+        let mut vcpu_bytes = Vec::with_capacity(theirs.vcpus as usize);
+        for _ in 0..theirs.vcpus {
             self.expect(FrameKind::VcpuState)?;
-            let vcpu: VcpuRecord = state::decode(&self.buf)?;
-            if vcpu.index != index {
-                return Err(MigrationError::Sequence(format!(
-                    "the state of vCPU {} where vCPU {index}'s belongs",
-                    vcpu.index
-                )));
-            }
-            vcpus.push(vcpu);
+            vcpu_bytes.push(self.buf.clone());
         }
         let hash = self.hash.value();
         self.expect(FrameKind::Seal)?;
@@ -312,6 +308,29 @@ impl Receiver<'_> {
         self.seal = Some(seal);
         self.expect(FrameKind::End)?;
 
+        let vm_state: VmRecord = state::decode(&vm_bytes)?;
+        let mut vcpus = Vec::with_capacity(vcpu_bytes.len());
+        for (index, bytes) in (0..).zip(&vcpu_bytes) {
+            let vcpu: VcpuRecord = state::decode(bytes)?;
+            if vcpu.index != index {
+                return Err(MigrationError::Sequence(format!(
+                    "the state of vCPU {} where vCPU {index}'s belongs",
+                    vcpu.index
+                )));
+            }
+            vcpus.push(vcpu);
+        }
+        // Restored (decoded, checked, applied) before the helpers verify:
+        // a state that does not restore is refused with their authenticated
+        // nack, never after they revealed the ack token. The guest cannot
+        // run before `start`, and a VM that does not verify exits.
+        let saved = SavedState {
+            vm: vm_state,
+            vcpus,
+            devices,
+        };
+        vm.set_shared_map(map);
+        vm.restore(saved)?;
         let (verified, answer) = helpers[0].verify_stream(&seal, &self.shared, hash);
         let ack = match answer {
             Some(Answer::Ack(t)) => Some(t),
@@ -345,13 +364,6 @@ impl Receiver<'_> {
                 "the helpers verified the seal but gave no token",
             ))
         })?;
-        let saved = SavedState {
-            vm: vm_state,
-            vcpus,
-            devices,
-        };
-        vm.set_shared_map(map);
-        vm.restore(saved)?;
         vm.start()?;
         log::debug!(
             "State, seal verification, restore and start in {:?}",
