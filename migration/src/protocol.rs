@@ -359,6 +359,30 @@ pub fn write_hello(w: &mut impl Write) -> Result<(), ProtocolError> {
     write_frame(w, FrameKind::Hello, &payload)
 }
 
+/// The text a peer sent (an Error or Nack reason), fit for a terminal or
+/// a log: invalid UTF-8 replaced, control characters (escape sequences,
+/// carriage returns, bells) shown escaped, at most [`PEER_TEXT_MAX`]
+/// characters.
+pub fn peer_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == PEER_TEXT_MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Most characters of a peer's text that are shown.
+pub const PEER_TEXT_MAX: usize = 1024;
+
 /// Whether a read failed because its timeout passed.
 pub fn timed_out(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
@@ -649,6 +673,20 @@ mod tests {
                 prop_assert!(f.payload.len() <= f.kind.max_length() as usize);
             }
         }
+    }
+
+    #[test]
+    fn a_peers_text_cannot_drive_a_terminal() {
+        assert_eq!(peer_text(b"plain reason"), "plain reason");
+        let hostile = b"ok\x1b[2J\x1b]0;owned\x07\rdone\n\xff";
+        let shown = peer_text(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(
+            shown.contains("\\u{1b}[2J") && shown.contains('\u{fffd}'),
+            "{shown:?}"
+        );
+        let long = vec![b'a'; 5000];
+        assert_eq!(peer_text(&long).chars().count(), PEER_TEXT_MAX + 1);
     }
 
     #[test]

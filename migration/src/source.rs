@@ -286,7 +286,7 @@ impl Sender<'_> {
             Some(f) if f.kind == want => Ok(f.payload),
             Some(f) if f.kind == FrameKind::Error => Err(MigrationError::Peer {
                 side: Side::Target,
-                why: String::from_utf8_lossy(&f.payload).into_owned(),
+                why: protocol::peer_text(&f.payload),
             }),
             Some(f) => Err(MigrationError::Sequence(format!(
                 "{:?} from the target where {want:?} belongs",
@@ -312,7 +312,7 @@ impl Sender<'_> {
         match protocol::read_frame(reader) {
             Ok(Some(f)) if f.kind == FrameKind::Error => MigrationError::Peer {
                 side: Side::Target,
-                why: String::from_utf8_lossy(&f.payload).into_owned(),
+                why: protocol::peer_text(&f.payload),
             },
             _ => e,
         }
@@ -614,12 +614,12 @@ impl Sender<'_> {
                 self.nacked = true;
                 Err(MigrationError::Peer {
                     side: Side::Target,
-                    why: String::from_utf8_lossy(&frame.payload[16..]).into_owned(),
+                    why: protocol::peer_text(&frame.payload[16..]),
                 })
             }
             (FrameKind::Error, _) => Err(MigrationError::Peer {
                 side: Side::Target,
-                why: String::from_utf8_lossy(&frame.payload).into_owned(),
+                why: protocol::peer_text(&frame.payload),
             }),
             (kind, _) => Err(MigrationError::Sequence(format!(
                 "{kind:?} from the target whose token its helpers did not make"

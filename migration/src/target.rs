@@ -178,7 +178,7 @@ impl Receiver<'_> {
         if kind == FrameKind::Error {
             return Err(MigrationError::Peer {
                 side: Side::Source,
-                why: String::from_utf8_lossy(&self.buf).into_owned(),
+                why: protocol::peer_text(&self.buf),
             });
         }
         Ok(kind)
