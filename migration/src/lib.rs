@@ -164,6 +164,10 @@ pub struct Progress {
     pub downtime_limit_ms: AtomicU64,
     /// `max-bandwidth` in force (bytes/s, 0: none); changeable too.
     pub max_bandwidth: AtomicU64,
+    /// The seal may have left (a live target may run the guest from here
+    /// on): whatever goes wrong after, the source's guest must not simply
+    /// resume.
+    pub sealed: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {

@@ -460,6 +460,11 @@ impl Sender<'_> {
         let saved = vm.save()?;
         self.state(&saved)?;
         let sealed = helpers[0].seal_stream(&map.ranges(), self.hash.value())?;
+        if self.live {
+            self.progress
+                .sealed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         self.frame(FrameKind::Seal, sealed.record.as_bytes())?;
         self.frame(FrameKind::End, &[])?;
         if !self.live {

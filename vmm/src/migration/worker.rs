@@ -78,9 +78,21 @@ fn send(link: &VmLink, job: &MigrationJob, uri: &Uri, params: &Params) {
     job.canceller().detach();
     let result = sent.unwrap_or_else(|_| {
         // Whatever the worker left half done: the guest at full speed, no
-        // dirty log, running again if it was paused here.
+        // dirty log, running again if it was paused here; but once the
+        // seal may have left, the target may run it: its outcome is
+        // unknown, and it stays paused.
         link.throttle(0);
         link.stop_dirty_log();
+        if job
+            .progress
+            .sealed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // (The run state follows below, as for any unknown outcome.)
+            return Err(MigrationError::OutcomeUnknown(
+                "the migration thread failed after the seal went out".into(),
+            ));
+        }
         link.with_controller(|c| {
             c.worker_failed()
                 .map_err(|e| VmError::new("Cannot resume the guest", e))
