@@ -93,15 +93,14 @@ pub fn send(
         buffers: Buffers::default(),
     };
     let result = sender.run(&mut helpers);
-    for h in &mut helpers {
-        let _ = h.end();
-    }
     vm.throttle(0);
     if sender.logging {
         vm.stop_dirty_log();
     }
     let paused = sender.paused;
-    match result {
+    // The guest goes on (or its outcome is settled) before the helper
+    // sessions end: a hung helper must not keep it paused for its timeout.
+    let outcome = match result {
         Ok(()) => {
             if let Some((at, _)) = paused {
                 progress
@@ -129,7 +128,11 @@ pub fn send(
             }
             Err(e)
         }
+    };
+    for h in &mut helpers {
+        let _ = h.end();
     }
+    outcome
 }
 
 /// Longest the guest may stay paused before the seal goes out (a live
