@@ -116,7 +116,9 @@ pub fn receive(
         let _ = h.end();
     }
     if let Err(e) = &result {
-        if !matches!(e, MigrationError::Peer { .. }) {
+        // A source that gave up needs no reason back, but an earned nack
+        // always goes: it lets the source resume for sure.
+        if !matches!(e, MigrationError::Peer { .. }) || receiver.nack.is_some() {
             let msg = e.to_string();
             let cut = msg.len().min(FrameKind::Error.max_length() as usize);
             let _ = match receiver.nack {
@@ -374,7 +376,8 @@ impl Receiver<'_> {
         // outcome-unknown, so the guest never runs twice).
         if let Err(e) = self.send(FrameKind::Ack, &ack) {
             log::warn!(
-                "The guest runs here, but its acknowledgement did not reach the source                  (which stays paused, its outcome unknown): {e}"
+                "The guest runs here, but its acknowledgement did not reach the source \
+                 (which stays paused, its outcome unknown): {e}"
             );
         }
         Ok(())

@@ -17,7 +17,7 @@
 //! | inmigrate | = (mirror only) | autostart off | autostart on | autostart on | refused | – | – | – | running or paused |
 //! | finish-migrate | – | refused | refused | refused | – | back as before | postmigrate | outcome-unknown | – |
 //! | postmigrate | – | = | refused (snapshot: running) | as cont | snapshot only | – | – | – | – |
-//! | outcome-unknown | – | = | refused | running | forced only | – | – | – | – |
+//! | outcome-unknown | – | = | refused | running | forced only (back here if it fails, or after a snapshot) | – | – | – | – |
 //!
 //! ("=": no change; "–": cannot happen, and refused if asked.)
 //!
@@ -293,6 +293,14 @@ impl Lifecycle {
                 Before::Snapshotted => stay(P::PostMigrate { snapshot: true }),
                 Before::Unknown => stay(P::OutcomeUnknown),
             },
+            // A snapshot taken after an unknown outcome does not make the
+            // guest's own copy safe to run again.
+            (
+                P::FinishMigrate {
+                    before: Before::Unknown,
+                },
+                T::MigrationDone { snapshot: true },
+            ) => stay(P::OutcomeUnknown),
             (P::FinishMigrate { .. }, T::MigrationDone { snapshot }) => {
                 stay(P::PostMigrate { snapshot })
             }
@@ -422,8 +430,22 @@ mod tests {
             Vcpus::Stay
         );
         assert_eq!(l.state(), RunState::OutcomeUnknown);
+        // A forced snapshot leaves it so too; a forced live migration that
+        // completes moves the guest away.
+        go(&mut l, Transition::PauseForMigration).unwrap();
+        go(&mut l, Transition::MigrationDone { snapshot: true }).unwrap();
+        assert_eq!(l.state(), RunState::OutcomeUnknown);
+        assert!(l.plan(Transition::Cont).is_err());
         assert_eq!(go(&mut l, Transition::ForceCont).unwrap(), Vcpus::Resume);
         assert_eq!(l.state(), RunState::Running);
+        let mut away = Lifecycle::new(false, true);
+        go(&mut away, Transition::Start).unwrap();
+        go(&mut away, Transition::PauseForMigration).unwrap();
+        go(&mut away, Transition::OutcomeUnknown).unwrap();
+        go(&mut away, Transition::PauseForMigration).unwrap();
+        go(&mut away, Transition::MigrationDone { snapshot: false }).unwrap();
+        assert_eq!(away.state(), RunState::PostMigrate);
+        assert!(away.plan(Transition::Cont).is_err());
     }
 
     #[test]

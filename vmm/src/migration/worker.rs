@@ -139,7 +139,15 @@ fn receive(link: &VmLink, job: &MigrationJob, listener: &Listener, shown: &Uri) 
         job.canceller().attach(&channel);
         job.restart_clock();
         job.activate();
-        let received = target::receive(link, channel, &job.progress, job.canceller());
+        // A panic in the receiver (restore reaches KVM and the device
+        // models) fails the incoming migration like any error: the
+        // process exits instead of waiting in inmigrate for ever.
+        let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            target::receive(link, channel, &job.progress, job.canceller())
+        }))
+        .unwrap_or_else(|_| {
+            Err(VmError::refused("the incoming migration thread failed unexpectedly").into())
+        });
         job.canceller().detach();
         match received {
             // On a socket, someone who does not speak the protocol (a port

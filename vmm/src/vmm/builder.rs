@@ -58,6 +58,7 @@ pub(crate) struct Machine {
     sev: Option<SevLaunch>,
     c_bit: u32,
     kvm: Kvm,
+    /// Every memslot either VM maps (the SEV launch's ranges).
     slots: Vec<MemSlot>,
     exit: ExitHandle,
     shared: Arc<Mutex<SharedMap>>,
@@ -99,11 +100,13 @@ impl Machine {
         // field order), the migration link keeps beside its VM handle, and
         // every vCPU thread keeps while it lives (`with_mappings`).
         let main_vm = Arc::new(unsafe { vm::create_main_vm(&kvm, &slots) }?);
+        // What the SEV launch covers: the main VM's slots and the mirror
+        // region, where the helper runs in the guest's encryption context
+        // (registration and launch updates go by host address).
+        slots.extend_from_slice(&mirror_slots[ram_slots..]);
         if let Some(launch) = &sev {
             launch.init(&main_vm)?;
-            // The mirror region too: the helper runs in the guest's
-            // encryption context (registration is by host address).
-            for slot in slots.iter().chain(&mirror_slots[ram_slots..]) {
+            for slot in &slots {
                 // SAFETY: as for the VM: the slot's mapping outlives it.
                 unsafe { launch.register(&main_vm, slot)? };
             }
