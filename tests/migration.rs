@@ -12,6 +12,8 @@ use cgsvmm_test_support::{self as support, named};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -412,6 +414,39 @@ fn frame_proxy(to: u16, forge: Forge) -> Relay {
         }
         let _ = to_dst.flush();
     })
+}
+
+/// A relay to `to` that forwards every frame as it is and counts the
+/// plaintext pages that carry the converter guest's private mark (word 1
+/// of the page is `LAB_SECRET_MARK`): what a host sniffing the stream
+/// would see of a page while it was private.
+fn sniff_proxy(to: u16) -> (Relay, Arc<AtomicU64>) {
+    let leaks = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&leaks);
+    let relay = Relay::start(to, Back::Only, move |from_src, to_dst, _| {
+        let mut from_src = std::io::BufReader::new(from_src);
+        let mut to_dst = std::io::BufWriter::new(to_dst);
+        let mark = cgsvmm_fw_abi::LAB_SECRET_MARK.to_le_bytes();
+        while let Ok(Some(frame)) = protocol::read_frame(&mut from_src) {
+            if frame.kind == FrameKind::SharedPages {
+                // Per page: gpa (8), then the page; word 1 at page + 8.
+                let marked = frame
+                    .payload
+                    .chunks(8 + 4096)
+                    .filter(|p| p.len() >= 24 && p[16..24] == mark)
+                    .count();
+                seen.fetch_add(marked as u64, Ordering::SeqCst);
+            }
+            if protocol::write_frame(&mut to_dst, frame.kind, &frame.payload).is_err() {
+                break;
+            }
+            if matches!(frame.kind, FrameKind::End | FrameKind::SessionOffer) {
+                let _ = to_dst.flush();
+            }
+        }
+        let _ = to_dst.flush();
+    });
+    (relay, leaks)
 }
 
 /// The migration to `uri` fails: the target exits non-zero without ever
@@ -970,6 +1005,49 @@ fn a_running_dirtier_migrates_live_in_rounds() {
     let _ = std::fs::remove_file(key);
 }
 
+/// A guest that turns a block private and back all through precopy (and
+/// marks it while private): no page of it ever leaves as plaintext while
+/// private (the sender checks the live map once it copied a page), and
+/// the guest verifies on the target.
+fn a_block_converted_during_precopy_never_leaves_as_plaintext() {
+    let _one = one_vm();
+    let key = key_file("conv.key", KEY);
+    let (src_vm, mut src, _) = start("conv-src", &key, "256M", |a| a.guest("converter"));
+    assert!(
+        passes_beyond(&src_vm, 0, 4),
+        "{}",
+        src_vm.stderr.lock().unwrap()
+    );
+    // One round while the guest runs (it converts the block many times
+    // meanwhile), then the switchover.
+    downtime_limit(&mut src, 60000);
+    let port = free_port();
+    let (dst_vm, mut dst) = target("conv-dst", &key, "256M", &format!("tcp:127.0.0.1:{port}"));
+    let (via, leaks) = sniff_proxy(port);
+    let before = last_pass(src_vm.lines(), 0).unwrap();
+    migrate(&mut src, &format!("tcp:127.0.0.1:{via}"));
+    let info = wait_migration(&mut src, Duration::from_secs(60));
+    check_report(&info, false);
+    let during = last_pass(src_vm.lines(), 0).unwrap() - before;
+    println!(
+        "converter: {during} passes (as many conversions) during the migration, {} rounds; \
+         marked plaintext pages seen: {}",
+        info["ram"]["dirty-sync-count"],
+        leaks.load(Ordering::SeqCst)
+    );
+    assert!(
+        during >= 2,
+        "the guest converted nothing during precopy: {info}"
+    );
+    assert_eq!(
+        leaks.load(Ordering::SeqCst),
+        0,
+        "pages of the block left as plaintext while private"
+    );
+    verifies_on(&dst_vm, &mut dst, &src_vm.lines());
+    let _ = std::fs::remove_file(key);
+}
+
 /// A target that dies, or stops reading, in the middle of precopy: the
 /// source's guest never stopped running, the migration fails, and the
 /// next one goes through.
@@ -1213,6 +1291,7 @@ fn main() {
             a_migrated_guest_migrates_on,
             the_readme_migration_example_runs_as_pasted,
             a_running_dirtier_migrates_live_in_rounds,
+            a_block_converted_during_precopy_never_leaves_as_plaintext,
             a_target_killed_or_stalled_in_precopy_leaves_the_source_running,
             ping_pong_five_hops,
             the_migrate_and_demo_commands_report_and_verify,

@@ -96,6 +96,11 @@ pub trait MigratableVm: Send + Sync {
         let map = self.shared_map();
         gpas.retain(|&g| map.is_shared(g));
     }
+    /// How many conversions the live map has seen (a sender copying pages
+    /// knows no page changed hands while it copied if this did not move).
+    fn conversions(&self) -> u64 {
+        self.shared_map().conversions()
+    }
     /// Replaces the shared map (the target, from the stream).
     fn set_shared_map(&self, map: SharedMap);
     /// One client per migration helper, each having answered HELLO.

@@ -39,6 +39,8 @@ pub struct SharedMap {
     converted: Vec<GpaRange>,
     /// More conversions than are kept: take them all as converted.
     overflowed: bool,
+    /// Conversions ever made (a sender copying pages watches it).
+    conversions: u64,
 }
 
 /// Conversions kept before they count as "everything".
@@ -104,7 +106,13 @@ impl SharedMap {
         } else {
             self.overflowed = true;
         }
+        self.conversions += 1;
         Ok(())
+    }
+
+    /// How many conversions this map has seen.
+    pub fn conversions(&self) -> u64 {
+        self.conversions
     }
 
     /// The ranges converted (either way) since the last call, or `None`

@@ -734,18 +734,31 @@ impl Sender<'_> {
     /// nothing private when copied; one made private since the round began
     /// is dropped here and goes in a later round, through the helpers (its
     /// conversion makes it dirty).
+    ///
+    /// A page can also turn private and back while it is copied: if any
+    /// conversion came during the copy, the batch is copied again (up to
+    /// [`COPY_TRIES`] times; for a guest that converts without pause the
+    /// check after the copy stands alone).
     fn shared_frame(&mut self, batch: &[u64], buf: &mut [u8]) -> Result<(), MigrationError> {
-        for (i, &gpa) in batch.iter().enumerate() {
-            let at = i * SHARED_PAGE_STRIDE;
-            buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-            read_page(
-                self.vm.ram(),
-                gpa,
-                &mut buf[at + 8..at + SHARED_PAGE_STRIDE],
-            )?;
+        let mut live = Vec::with_capacity(batch.len());
+        for _ in 0..COPY_TRIES {
+            let before = self.vm.conversions();
+            for (i, &gpa) in batch.iter().enumerate() {
+                let at = i * SHARED_PAGE_STRIDE;
+                buf[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+                read_page(
+                    self.vm.ram(),
+                    gpa,
+                    &mut buf[at + 8..at + SHARED_PAGE_STRIDE],
+                )?;
+            }
+            live.clear();
+            live.extend_from_slice(batch);
+            self.vm.keep_shared(&mut live);
+            if self.vm.conversions() == before {
+                break;
+            }
         }
-        let mut live = batch.to_vec();
-        self.vm.keep_shared(&mut live);
         let n = keep_pages(batch, &live, buf);
         if n < batch.len() {
             log::debug!(
@@ -763,6 +776,10 @@ impl Sender<'_> {
         Ok(())
     }
 }
+
+/// How often a batch of shared pages is copied again when the guest
+/// converted pages during its copy.
+const COPY_TRIES: usize = 4;
 
 /// Moves the entries of `buf` (one per page of `batch`, in its order) whose
 /// page is in `live` (a subsequence of `batch`) to its front; how many.

@@ -28,6 +28,10 @@ enum GuestArg {
     /// The dirtier entered at CPL0, declaring its shared blocks with
     /// KVM_HC_MAP_GPA_RANGE (needs a host whose ring 0 runs natively).
     DirtierRing0,
+    /// The dirtier, and its vCPU 0 turns a shared block private and back
+    /// once a pass, writing a marker into it while private (tests of
+    /// conversions during a migration).
+    Converter,
 }
 
 #[derive(clap::Args)]
@@ -203,6 +207,7 @@ impl TryFrom<RunArgs> for VmmConfig {
             (None, Some(linux), _) => BootConfig::Linux(linux),
             (None, None, Some(GuestArg::Hello)) => BootConfig::Lab(LabGuest::Hello),
             (None, None, Some(GuestArg::DirtierRing0)) => BootConfig::Lab(LabGuest::DirtierRing0),
+            (None, None, Some(GuestArg::Converter)) => BootConfig::Lab(LabGuest::Converter),
             (None, None, _) => BootConfig::Lab(LabGuest::Dirtier),
         };
         Ok(VmmConfig {

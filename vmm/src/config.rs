@@ -55,6 +55,10 @@ pub enum LabGuest {
     /// with KVM_HC_MAP_GPA_RANGE as a real guest would (hosts whose ring 0
     /// runs natively only).
     DirtierRing0,
+    /// The dirtier whose vCPU 0 also turns a shared block private and back
+    /// once a pass, marking it while private (`LAB_FLAG_CONVERT`): the
+    /// tests of conversions during precopy.
+    Converter,
 }
 
 impl LabGuest {
@@ -64,13 +68,14 @@ impl LabGuest {
             LabGuest::Dirtier => "dirtier",
             LabGuest::Hello => "hello",
             LabGuest::DirtierRing0 => "dirtier-ring0",
+            LabGuest::Converter => "converter",
         }
     }
 
     /// The embedded image it runs.
     pub fn image(self) -> &'static str {
         match self {
-            LabGuest::Dirtier | LabGuest::DirtierRing0 => "dirtier",
+            LabGuest::Dirtier | LabGuest::DirtierRing0 | LabGuest::Converter => "dirtier",
             LabGuest::Hello => "hello",
         }
     }
@@ -78,6 +83,14 @@ impl LabGuest {
     /// Whether it starts at CPL0 (else CPL3).
     pub fn ring0(self) -> bool {
         self == LabGuest::DirtierRing0
+    }
+
+    /// Its `LabParams::flags`.
+    pub fn flags(self) -> u32 {
+        match self {
+            LabGuest::Converter => cgsvmm_fw_abi::LAB_FLAG_CONVERT,
+            _ => 0,
+        }
     }
 }
 

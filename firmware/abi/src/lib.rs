@@ -164,6 +164,15 @@ pub struct GpaRange {
     pub end: u64,
 }
 
+/// [`LabParams::flags`]: the dirtier's vCPU 0 also turns the last block
+/// it shared private and back again, once a pass, and while the block is
+/// private writes [`LAB_SECRET_MARK`] into word 1 of each of its pages (the
+/// stand-in for data a real guest keeps private: a host that ever sends it
+/// as plaintext leaked it).
+pub const LAB_FLAG_CONVERT: u32 = 1;
+/// What [`LAB_FLAG_CONVERT`] writes into a block while it is private.
+pub const LAB_SECRET_MARK: u64 = u64::from_le_bytes(*b"PRIVATE!");
+
 /// Most RAM ranges a lab vCPU is given (one below and one above the 32-bit hole).
 pub const LAB_MAX_RANGES: usize = 2;
 
@@ -180,7 +189,9 @@ pub struct LabParams {
     /// TSC frequency in kHz (the guest reads the host TSC at CPL3).
     pub tsc_khz: u64,
     /// Number of valid entries in `ranges`.
-    pub range_count: u64,
+    pub range_count: u32,
+    /// `LAB_FLAG_*`.
+    pub flags: u32,
     /// The guest RAM this vCPU owns (for the dirtier: its slice).
     pub ranges: [GpaRange; LAB_MAX_RANGES],
 }
@@ -256,6 +267,7 @@ mod tests {
         assert_eq!(size_of::<LabParams>(), 64);
         assert_eq!(offset_of!(LabParams, tsc_khz), 16);
         assert_eq!(offset_of!(LabParams, range_count), 24);
+        assert_eq!(offset_of!(LabParams, flags), 28);
         assert_eq!(offset_of!(LabParams, ranges), 32);
         assert_eq!(size_of::<MirrorParams>(), 32);
         assert_eq!(offset_of!(MirrorParams, probe_gpa), 24);

@@ -51,12 +51,13 @@ pub fn data_slices(layout: &MemoryLayout, vcpus: usize) -> Vec<Vec<GpaRange>> {
     slices
 }
 
-/// Writes every main vCPU's [`LabParams`].
+/// Writes every main vCPU's [`LabParams`] (`flags`: `LAB_FLAG_*`).
 pub fn write_params(
     mem: &GuestMemoryMmap,
     layout: &MemoryLayout,
     vcpus: usize,
     tsc_khz: u64,
+    flags: u32,
 ) -> Result<(), BootError> {
     for (i, slice) in data_slices(layout, vcpus).into_iter().enumerate() {
         let mut params = LabParams {
@@ -64,7 +65,8 @@ pub fn write_params(
             vcpu_index: i as u32,
             vcpu_count: vcpus as u32,
             tsc_khz,
-            range_count: slice.len() as u64,
+            range_count: slice.len() as u32,
+            flags,
             ..Default::default()
         };
         params.ranges[..slice.len()].copy_from_slice(&slice);

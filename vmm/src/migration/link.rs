@@ -122,6 +122,13 @@ impl MigratableVm for VmLink {
             .clone()
     }
 
+    fn conversions(&self) -> u64 {
+        self.shared
+            .lock()
+            .expect("shared map lock poisoned")
+            .conversions()
+    }
+
     fn keep_shared(&self, gpas: &mut Vec<u64>) {
         let map = self.shared.lock().expect("shared map lock poisoned");
         gpas.retain(|&g| map.is_shared(g));

@@ -264,8 +264,14 @@ impl Machine {
             .get_tsc_khz()
             .map(u64::from)
             .unwrap_or(FALLBACK_TSC_KHZ);
-        if lab_params && matches!(config.boot, BootConfig::Lab(_)) {
-            lab::write_params(&memory.ram, &memory.layout, config.cpus, tsc_khz)?;
+        if let (true, BootConfig::Lab(guest)) = (lab_params, &config.boot) {
+            lab::write_params(
+                &memory.ram,
+                &memory.layout,
+                config.cpus,
+                tsc_khz,
+                guest.flags(),
+            )?;
         }
         let helper_header = match &config.helper {
             Some(launch) => {

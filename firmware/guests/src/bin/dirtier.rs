@@ -13,6 +13,12 @@
 //! KVM_HC_MAP_GPA_RANGE, it declares them with that hypercall, as a real
 //! guest does; otherwise through the lab port, which stands in for it on the
 //! PVM lab host (where hypercalls cannot exit).
+//!
+//! With `LAB_FLAG_CONVERT` (`--guest converter`) vCPU 0 also turns the
+//! last block it shared private after every odd pass and shared again
+//! after every even one, marking its pages with `LAB_SECRET_MARK` while they
+//! are private: a migration that ever carries the mark as plaintext sent a
+//! private page through the host.
 #![no_std]
 #![no_main]
 
@@ -74,8 +80,9 @@ fn visit_page(vcpu: u32, gpa: u64, pass: u64) {
 
 /// Declares every fourth 2 MiB block that lies wholly inside this vCPU's
 /// slice shared: by hypercall where it may (CPL0, and KVM answers it),
-/// else through the lab port.
-fn share_some_blocks(params: &abi::LabParams) {
+/// else through the lab port. Returns the last of them (the one a sender
+/// that goes in address order copies latest).
+fn share_some_blocks(params: &abi::LabParams) -> Option<u64> {
     let block = abi::LAB_SHARE_BLOCK;
     let vcpu = params.vcpu_index;
     let hypercall = cpl() == 0 && kvm_feature(abi::KVM_FEATURE_HC_MAP_GPA_RANGE);
@@ -83,11 +90,13 @@ fn share_some_blocks(params: &abi::LabParams) {
     if vcpu == 0 && hypercall {
         sprint!("dirtier: shares blocks through KVM_HC_MAP_GPA_RANGE\n");
     }
+    let mut last = None;
     for range in &params.ranges[..params.range_count as usize] {
         let mut start = range.start.div_ceil(block) * block;
         let mut n = 0u64;
         while start + block <= range.end {
             if n.is_multiple_of(4) {
+                last = Some(start);
                 if hypercall {
                     let ret = kvm_hypercall3(
                         abi::KVM_HC_MAP_GPA_RANGE,
@@ -107,6 +116,29 @@ fn share_some_blocks(params: &abi::LabParams) {
             n += 1;
         }
     }
+    last
+}
+
+/// `LAB_FLAG_CONVERT`: after pass `pass`, the block at `start` turns
+/// private (odd passes), and its pages get the secret mark in word 1 (the
+/// next pass's writes overwrite it), or shared again (even passes; the
+/// pass just rewrote it without the mark). Through the lab port, whatever
+/// the ring: the VMM's map changes before the guest writes a private byte.
+fn convert(start: u64, pass: u64) {
+    let block = abi::LAB_SHARE_BLOCK;
+    let index = ((start / block) as u32) << 16;
+    if pass % 2 == 1 {
+        lab_command(abi::LAB_CMD_PRIVATE_2M | index);
+        let mut gpa = start;
+        while gpa < start + block {
+            // SAFETY: the block lies inside this vCPU's slice (see
+            // `visit_page`); word 1 is not one the checks read.
+            unsafe { (gpa as *mut u64).add(1).write_volatile(abi::LAB_SECRET_MARK) };
+            gpa += PAGE_SIZE;
+        }
+    } else {
+        lab_command(abi::LAB_CMD_SHARE_2M | index);
+    }
 }
 
 extern "C" fn main(params: &abi::LabParams) -> ! {
@@ -119,7 +151,11 @@ extern "C" fn main(params: &abi::LabParams) -> ! {
     // Print at least twice a second (the VMM passes the TSC rate).
     let report_every = params.tsc_khz.max(1) * 1000 / 2;
     let mut last_report = rdtsc();
-    share_some_blocks(&params);
+    let shared = share_some_blocks(&params);
+    let converting = match shared {
+        Some(start) if vcpu == 0 && params.flags & abi::LAB_FLAG_CONVERT != 0 => Some(start),
+        _ => None,
+    };
     let mut pass: u64 = 1;
     loop {
         for range in &params.ranges[..params.range_count as usize] {
@@ -133,6 +169,9 @@ extern "C" fn main(params: &abi::LabParams) -> ! {
         if pass == 1 || now.wrapping_sub(last_report) >= report_every {
             sprint!("dirtier: vcpu {vcpu} pass {pass} ok\n");
             last_report = now;
+        }
+        if let Some(start) = converting {
+            convert(start, pass);
         }
         pass += 1;
     }
