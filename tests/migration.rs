@@ -51,7 +51,12 @@ fn start(
 /// switch over as soon as precopy's first round is sent (these tests are
 /// about the stream; the live tests set their own limits).
 fn source(name: &str, key: &Path) -> (Vm, Qmp) {
-    let (vm, mut q, _) = start(name, key, "256M", |a| a);
+    source_of(name, key, "dirtier")
+}
+
+/// [`source`], running the lab guest `guest`.
+fn source_of(name: &str, key: &Path, guest: &str) -> (Vm, Qmp) {
+    let (vm, mut q, _) = start(name, key, "256M", |a| a.guest(guest));
     downtime_limit(&mut q, 60000);
     for vcpu in 0..2 {
         assert!(
@@ -600,13 +605,15 @@ fn damaged_cut_short_or_mismatched_streams_fail_closed() {
 
 /// A man in the middle who rewrites a frame the helpers do not see or a
 /// helper record's reserved bytes (with good checksums), or who moves a
-/// helper record past shared pages, is caught by the seal: the stream hash
+/// helper record past shared pages (of a guest that converts a block
+/// during precopy), is caught by the seal: the stream hash
 /// binds every frame in order. The target proves its refusal and the
 /// source runs on.
 fn frames_altered_or_moved_on_the_way_are_refused() {
     let _one = one_vm();
     let key = key_file("forge.key", KEY);
-    let (src_vm, mut src) = source("forge-src", &key);
+    // Its guest converts a block all the while: the map changes mid-stream.
+    let (src_vm, mut src) = source_of("forge-src", &key, "converter");
     for (i, forge) in [
         Forge::Alter(FrameKind::VcpuState),
         Forge::Alter(FrameKind::SharedPages),
