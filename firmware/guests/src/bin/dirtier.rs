@@ -133,7 +133,11 @@ fn convert(start: u64, pass: u64) {
         while gpa < start + block {
             // SAFETY: the block lies inside this vCPU's slice (see
             // `visit_page`); word 1 is not one the checks read.
-            unsafe { (gpa as *mut u64).add(1).write_volatile(abi::LAB_SECRET_MARK) };
+            unsafe {
+                (gpa as *mut u64)
+                    .add(1)
+                    .write_volatile(abi::LAB_SECRET_MARK)
+            };
             gpa += PAGE_SIZE;
         }
     } else {
