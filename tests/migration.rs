@@ -692,15 +692,33 @@ fn a_forged_acknowledgement_is_not_believed() {
         );
     }
     assert_eq!(status(&mut src), "outcome-unknown");
-    // A forced migration that fails leaves it so.
-    let r = call(
-        &mut src,
-        "migrate",
-        json!({"uri": "tcp:127.0.0.1:1", "x-force": true}),
+    // `cgsvmm migrate` is refused as well; with --force it tries, and a
+    // forced migration that fails leaves the state as it was.
+    let qmp = format!("unix:{}", support::tmp_name("fakeack-src.sock").display());
+    let nowhere = "tcp:127.0.0.1:1";
+    let plain = support::cgsvmm(["migrate", "--qmp", &qmp, "--no-progress", nowhere])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        plain.status.code() == Some(1) && said.contains("outcome is unknown"),
+        "{plain:?}"
     );
-    assert!(r.get("return").is_some(), "{r}");
-    let info = wait_migration(&mut src, Duration::from_secs(15));
-    assert_eq!(info["status"], "failed", "{info}");
+    let forced = support::cgsvmm([
+        "migrate",
+        "--qmp",
+        &qmp,
+        "--no-progress",
+        "--force",
+        nowhere,
+    ])
+    .output()
+    .unwrap();
+    let said = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        forced.status.code() == Some(1) && said.contains("migration failed"),
+        "{forced:?}"
+    );
     assert_eq!(status(&mut src), "outcome-unknown");
     let r = call(&mut src, "cont", json!({"x-force": true}));
     assert!(r.get("return").is_some(), "{r}");

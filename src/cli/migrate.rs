@@ -35,6 +35,11 @@ pub struct MigrateArgs {
     /// No progress bar (only the summary).
     #[arg(long = "no-progress")]
     no_progress: bool,
+    /// Migrate even after a migration whose outcome is unknown (the source
+    /// in `outcome-unknown`; QMP's `x-force`): only when you know the
+    /// target of that migration does not run the guest.
+    #[arg(long)]
+    force: bool,
 }
 
 fn parse_bandwidth(s: &str) -> Result<u64, String> {
@@ -65,6 +70,7 @@ pub fn exec(a: MigrateArgs) -> std::process::ExitCode {
         max_bandwidth: a.max_bandwidth,
         helpers: a.helpers,
         progress: !a.no_progress,
+        force: a.force,
     };
     match migrate(&a.qmp, &request) {
         Ok(summary) => {
@@ -93,6 +99,8 @@ pub struct MigrateRequest {
     pub helpers: Option<u64>,
     /// Draw the progress bar (else only the summary).
     pub progress: bool,
+    /// `x-force`: also from `outcome-unknown`.
+    pub force: bool,
 }
 
 /// Errors of `cgsvmm migrate`.
@@ -180,6 +188,9 @@ pub fn migrate(qmp: &Path, request: &MigrateRequest) -> Result<Summary, MigrateC
     let limit = session.call("query-migrate-parameters", None)?["downtime-limit"].as_u64();
     let mut args = Map::new();
     args.insert("uri".into(), json!(request.uri));
+    if request.force {
+        args.insert("x-force".into(), json!(true));
+    }
     session.call("migrate", Some(args))?;
 
     let bar = ProgressBar::new(1);
