@@ -696,28 +696,26 @@ fn a_forged_acknowledgement_is_not_believed() {
     // forced migration that fails leaves the state as it was.
     let qmp = format!("unix:{}", support::tmp_name("fakeack-src.sock").display());
     let nowhere = "tcp:127.0.0.1:1";
-    let plain = support::cgsvmm(["migrate", "--qmp", &qmp, "--no-progress", nowhere])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&plain.stderr);
+    // `cgsvmm migrate` with `extra` flags: its exit code and stderr.
+    let migrate_cli = |extra: &[&str]| {
+        let mut args = vec!["migrate", "--qmp", &qmp, "--no-progress"];
+        args.extend_from_slice(extra);
+        args.push(nowhere);
+        let out = support::cgsvmm(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, said) = migrate_cli(&[]);
     assert!(
-        plain.status.code() == Some(1) && said.contains("outcome is unknown"),
-        "{plain:?}"
+        code == Some(1) && said.contains("outcome is unknown"),
+        "{code:?}: {said}"
     );
-    let forced = support::cgsvmm([
-        "migrate",
-        "--qmp",
-        &qmp,
-        "--no-progress",
-        "--force",
-        nowhere,
-    ])
-    .output()
-    .unwrap();
-    let said = String::from_utf8_lossy(&forced.stderr);
+    let (code, said) = migrate_cli(&["--force"]);
     assert!(
-        forced.status.code() == Some(1) && said.contains("migration failed"),
-        "{forced:?}"
+        code == Some(1) && said.contains("migration failed"),
+        "{code:?}: {said}"
     );
     assert_eq!(status(&mut src), "outcome-unknown");
     let r = call(&mut src, "cont", json!({"x-force": true}));

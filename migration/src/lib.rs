@@ -92,15 +92,10 @@ pub trait MigratableVm: Send + Sync {
     fn shared_map(&self) -> SharedMap;
     /// Keeps of `gpas` only the pages the guest shares now (the live map,
     /// not a copy: a page it made private since the copy is dropped).
-    fn keep_shared(&self, gpas: &mut Vec<u64>) {
-        let map = self.shared_map();
-        gpas.retain(|&g| map.is_shared(g));
-    }
+    fn keep_shared(&self, gpas: &mut Vec<u64>);
     /// How many conversions the live map has seen (a sender copying pages
     /// knows no page changed hands while it copied if this did not move).
-    fn conversions(&self) -> u64 {
-        self.shared_map().conversions()
-    }
+    fn conversions(&self) -> u64;
     /// Replaces the shared map (the target, from the stream).
     fn set_shared_map(&self, map: SharedMap);
     /// One client per migration helper, each having answered HELLO.

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A running relay; its port is what the source migrates to.
+/// A running relay; its port (what it displays as) is what the source
+/// migrates to.
 pub struct Relay {
     port: u16,
     stop: Arc<AtomicBool>,
@@ -52,11 +53,6 @@ impl Relay {
             open,
             thread: Some(thread),
         }
-    }
-
-    /// The port the relay listens on.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     /// Sleeps for `time`, or less if the relay is being dropped.

@@ -120,12 +120,14 @@ impl MigrationJob {
     /// Setup becomes Active (the worker began; a cancel that came first
     /// stays).
     pub fn activate(&self) {
-        let _ = self.status.compare_exchange(
-            MigrationStatus::Setup as u8,
-            MigrationStatus::Active as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        self.advance(MigrationStatus::Setup, MigrationStatus::Active);
+    }
+
+    /// Moves the status from `from` to `to`, and only from `from`.
+    fn advance(&self, from: MigrationStatus, to: MigrationStatus) {
+        let _ =
+            self.status
+                .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Whether it is still under way.
@@ -143,12 +145,7 @@ impl MigrationJob {
             // Only from a state under way: a cancel that comes as the
             // worker finishes does not overwrite its outcome.
             for from in [MigrationStatus::Setup, MigrationStatus::Active] {
-                let _ = self.status.compare_exchange(
-                    from as u8,
-                    MigrationStatus::Cancelling as u8,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
+                self.advance(from, MigrationStatus::Cancelling);
             }
             self.cancel.cancel();
         }

@@ -10,7 +10,7 @@ use cgsvmm_migration::transport::{TransportError, Uri};
 use crate::control::job::{MigrationInfo, MigrationStatus};
 use crate::control::{CapabilityName, Command, Controller, CpuInfo, Event, ParamsChange, Reply};
 
-use super::{event_message_at, no_args, QmpBackend, QmpError};
+use super::{event_message_at, no_args, only_args, QmpBackend, QmpError};
 
 /// Every command, for `query-commands` (`qmp_capabilities` is the
 /// session's own).
@@ -45,7 +45,7 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
         "query-status" => plain(Command::QueryStatus),
         "stop" => plain(Command::Stop),
         "cont" => {
-            only(args, &["x-force"])?;
+            only_args(args, &["x-force"])?;
             Ok(Some(Command::Cont {
                 force: force_arg(args)?,
             }))
@@ -81,29 +81,25 @@ pub fn parse(command: &str, args: &Map<String, Value>) -> Result<Option<Command>
     }
 }
 
-/// Every argument must be one of `allowed`.
-fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
-    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
-        None => Ok(()),
-    }
-}
-
 /// `x-force` (cgsvmm's: go ahead after a migration whose outcome is
 /// unknown), false when absent.
 fn force_arg(args: &Map<String, Value>) -> Result<bool, QmpError> {
-    match args.get("x-force") {
-        None => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(QmpError::generic(
-            "Invalid parameter type for 'x-force', expected: boolean",
-        )),
-    }
+    args.get("x-force")
+        .map_or(Ok(false), |v| boolean("x-force", v))
+}
+
+/// Argument `name`'s value `v`, which must be a boolean.
+fn boolean(name: &str, v: &Value) -> Result<bool, QmpError> {
+    v.as_bool().ok_or_else(|| {
+        QmpError::generic(format!(
+            "Invalid parameter type for '{name}', expected: boolean"
+        ))
+    })
 }
 
 /// The `uri` argument; every other argument must be one of `allowed`.
 fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError> {
-    only(args, allowed)?;
+    only_args(args, allowed)?;
     match args.get("uri") {
         Some(Value::String(u)) => u
             .parse()
@@ -117,9 +113,7 @@ fn uri_arg(args: &Map<String, Value>, allowed: &[&str]) -> Result<Uri, QmpError>
 
 /// `migrate-set-capabilities`' `capabilities`: [{"capability", "state"}].
 fn caps_arg(args: &Map<String, Value>) -> Result<Vec<(CapabilityName, bool)>, QmpError> {
-    if let Some(k) = args.keys().find(|k| *k != "capabilities") {
-        return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
-    }
+    only_args(args, &["capabilities"])?;
     let list = args
         .get("capabilities")
         .and_then(Value::as_array)
@@ -139,11 +133,7 @@ fn params_arg(args: &Map<String, Value>) -> Result<ParamsChange, QmpError> {
     let mut change = ParamsChange::default();
     for (k, v) in args {
         if k == "x-auto-converge" {
-            change.auto_converge = Some(v.as_bool().ok_or_else(|| {
-                QmpError::generic(format!(
-                    "Invalid parameter type for '{k}', expected: boolean"
-                ))
-            })?);
+            change.auto_converge = Some(boolean(k, v)?);
             continue;
         }
         let n = v.as_u64().ok_or_else(|| {

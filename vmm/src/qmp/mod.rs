@@ -80,7 +80,12 @@ pub trait QmpBackend: Send {
 
 /// Rejects any argument: for commands that take none.
 pub fn no_args(args: &Map<String, Value>) -> Result<(), QmpError> {
-    match args.keys().next() {
+    only_args(args, &[])
+}
+
+/// Every argument must be one of `allowed`.
+pub fn only_args(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), QmpError> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
         None => Ok(()),
     }
